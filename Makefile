@@ -1,0 +1,60 @@
+# make build | make test | make demo | make bench | make clean
+#
+# Each target creates .venv when it is absent, installs the tools, torch and triton into it once, and
+# (re)builds fastddpm into it, in place, whenever setup.py, pyproject.toml or a file under csrc/ changes.
+# torch: with no NVIDIA GPU, the CPU build torch==2.13.0 (an unpinned torch pulls a multi-GB CUDA build);
+# with one, whatever CUDA torch the venv already has (plain `torch` if none). `make TORCH=torch==X.Y.Z`
+# overrides either.
+
+PYTHON ?= python3
+VENV ?= .venv
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAVE_NVIDIA_GPU := $(shell nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(HAVE_NVIDIA_GPU),,torch==2.13.0)
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+
+DEPS := $(VENV)/.deps
+INSTALLED := $(VENV)/.installed
+
+.PHONY: build test demo bench clean distclean
+
+build: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+demo: $(INSTALLED)
+	$(VENV)/bin/fastddpm demo
+
+# pytest exits 5 when it collects no test: no benchmark yet is not a failure.
+bench: $(INSTALLED)
+	if [ -d benchmarks ]; then $(PY) -m pytest benchmarks/ -q || [ $$? -eq 5 ]; else echo "no benchmarks/"; fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The stamp holds the torch requirement it installed: asking for another one reinstalls.
+ifneq ($(shell cat $(DEPS) 2>/dev/null),$(TORCH))
+.PHONY: $(DEPS)
+endif
+$(DEPS): | $(PY)
+	$(PIP) install -U pip setuptools wheel ninja
+	if [ -n '$(TORCH)' ]; then $(PIP) install '$(TORCH)'; \
+	elif ! $(PY) -c 'import torch' 2>/dev/null; then $(PIP) install torch; fi
+	$(PIP) install triton
+	echo '$(TORCH)' > $@
+
+$(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
+	$(PIP) install -e '.[test]' --no-build-isolation
+	touch $@
+
+clean:
+	rm -rf build *.egg-info fastddpm/_C*.so $(INSTALLED)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,136 @@
+// q_sample on the CPU: the forward process of DDPM, eq. 4 reparameterised, with t per sample b:
+//   x_t[b] = sqrt_alphas_cumprod[t[b]] * x_start[b] + sqrt_one_minus_alphas_cumprod[t[b]] * noise[b]
+//
+// Math in float (double for double inputs), output in x_start's dtype and memory format. Each element
+// is computed on its own by the same code whatever the thread count, so results never depend on it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastddpm {
+namespace {
+
+// Elements per task of the parallel loop: a fixed split of each sample, independent of thread count.
+constexpr int64_t kChunk = 4096;
+// Fewest elements worth a thread (ATen's own GRAIN_SIZE for elementwise kernels).
+constexpr int64_t kGrainElements = 32768;
+
+bool is_float_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+void check_cpu(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "q_sample: ", name, " must be a CPU tensor, got one on ", x.device());
+}
+
+void check_table(const at::Tensor& table, const char* name) {
+  check_cpu(table, name);
+  TORCH_CHECK(table.dim() == 1, "q_sample: ", name, " must be 1-D [T], got shape ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble, "q_sample: ", name,
+              " must be float32 or float64, got ", table.scalar_type());
+}
+
+void check_inputs(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
+                  const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
+  check_cpu(x_start, "x_start");
+  check_cpu(t, "t");
+  check_cpu(noise, "noise");
+  TORCH_CHECK(is_float_dtype(x_start.scalar_type()),
+              "q_sample: x_start must be a floating tensor (float32, float64, float16 or bfloat16), got ",
+              x_start.scalar_type());
+  TORCH_CHECK(x_start.dim() >= 1, "q_sample: x_start must have at least 1 dimension (the batch)");
+  TORCH_CHECK(noise.sizes() == x_start.sizes(), "q_sample: noise shape ", noise.sizes(),
+              " must match x_start shape ", x_start.sizes());
+  TORCH_CHECK(noise.scalar_type() == x_start.scalar_type(), "q_sample: noise dtype ", noise.scalar_type(),
+              " must match x_start dtype ", x_start.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "q_sample: t must be int64 (torch.long), got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x_start.size(0),
+              "q_sample: t must be 1-D of size x_start.size(0) = ", x_start.size(0), ", got shape ",
+              t.sizes());
+  check_table(sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
+  check_table(sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0),
+              "q_sample: sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length, ",
+              "got ", sqrt_alphas_cumprod.size(0), " and ", sqrt_one_minus_alphas_cumprod.size(0));
+}
+
+// table[t[b]] for every sample b; checks every t in [0, T).
+std::vector<double> gather(const at::Tensor& table, const at::Tensor& t) {
+  const at::Tensor table64 = table.to(at::kDouble);
+  const auto tab = table64.accessor<double, 1>();
+  const auto ts = t.accessor<int64_t, 1>();
+  const int64_t T = table.size(0);
+  std::vector<double> out(ts.size(0));
+  for (int64_t b = 0; b < ts.size(0); ++b) {
+    TORCH_CHECK(0 <= ts[b] && ts[b] < T, "q_sample: t[", b, "] = ", ts[b], " is out of range [0, ", T, ")");
+    out[b] = tab[ts[b]];
+  }
+  return out;
+}
+
+// Non-overlapping and dense with the batch outermost, so that sample b is the b-th block of
+// numel/B elements in memory: true for contiguous and channels_last tensors.
+bool batch_outermost_dense(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() && (x.size(0) == 1 || x.stride(0) * x.size(0) == x.numel());
+}
+
+at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
+                        const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
+  check_inputs(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise);
+  const std::vector<double> coef_x = gather(sqrt_alphas_cumprod, t);
+  const std::vector<double> coef_n = gather(sqrt_one_minus_alphas_cumprod, t);
+
+  // The output keeps x_start's layout when the kernel can walk it as raw memory (empty_like preserves
+  // the strides of a dense tensor), else takes the suggested one (contiguous or channels_last).
+  at::Tensor out = batch_outermost_dense(x_start)
+                       ? at::empty_like(x_start)
+                       : at::empty(x_start.sizes(), x_start.options(), x_start.suggest_memory_format());
+  // Fast path: inputs already share the output's strides. Otherwise copy them into that layout.
+  auto in_out_layout = [&](const at::Tensor& x) {
+    return x.strides() == out.strides() ? x : at::empty_like(out).copy_(x);
+  };
+  const at::Tensor x = in_out_layout(x_start);
+  const at::Tensor n = in_out_layout(noise);
+
+  const int64_t B = x.size(0);
+  const int64_t S = B == 0 ? 0 : x.numel() / B;  // elements per sample
+  if (S == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "q_sample_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* n_ptr = n.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    // Tasks are (sample, chunk) pairs; a thread takes a run of them, at least kGrainElements' worth.
+    const int64_t chunks = (S + kChunk - 1) / kChunk;
+    at::parallel_for(0, B * chunks, kGrainElements / kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks;
+        const int64_t lo = b * S + (task % chunks) * kChunk;
+        const int64_t hi = std::min(lo + kChunk, (b + 1) * S);
+        const auto a = static_cast<opmath_t>(coef_x[b]), s = static_cast<opmath_t>(coef_n[b]);
+        for (int64_t i = lo; i < hi; ++i) {
+          out_ptr[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(x_ptr[i]) +
+                                             s * static_cast<opmath_t>(n_ptr[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,45 @@
+"""The C++ extension fastddpm._C: loaded on first use, never compiled at import.
+
+setup.py builds it (``pip install -e . --no-build-isolation`` or ``make``); importing it registers the C++
+ops as torch.ops.fastddpm.<op>. When it is missing, :func:`load` warns once and the ops fall back to the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """fastddpm._C, or None (with one RuntimeWarning per process) when it is not built or does not load."""
+    import torch  # noqa: F401  (loads libtorch, which fastddpm._C links against)
+
+    try:
+        from fastddpm import _C
+    except ImportError as e:
+        warnings.warn(
+            f"fastddpm: the C++ extension fastddpm._C is not built or does not load ({e}); its ops fall back "
+            "to the PyTorch reference. Build it with `pip install -e . --no-build-isolation` or `make`.",
+            RuntimeWarning, stacklevel=2)
+        return None
+    return _C
+
+
+def cpu_built() -> bool:
+    """Whether the C++ CPU kernels are available."""
+    return load() is not None
+
+
+def cuda_built() -> bool:
+    """Whether fastddpm._C was compiled with its CUDA sources."""
+    ext = load()
+    return ext is not None and bool(ext.with_cuda)
+
+
+def cuda_archs() -> list[str]:
+    """The GPU architectures fastddpm._C was compiled for, e.g. ['8.0', '9.0']; [] without CUDA."""
+    ext = load()
+    return [a for a in ext.cuda_archs.split(";") if a] if ext is not None else []

@@ -1,0 +1,295 @@
+"""Diffusion: the DDPM training loss, the forward process and sampling around a user's network.
+
+Names follow ``GaussianDiffusion`` of denoising-diffusion-pytorch so that swapping the import is enough;
+the defaults are the DDPM paper's (see the README for where they differ from that package).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastddpm import reference, sampling
+from fastddpm.ops import check_backend
+from fastddpm.ops.q_sample import q_sample as _q_sample_op
+from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+ModelPrediction = namedtuple("ModelPrediction", ["pred_noise", "pred_x_start"])
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def normalize_to_neg_one_to_one(img):
+    return img * 2 - 1
+
+
+def unnormalize_to_zero_to_one(x):
+    return (x + 1) * 0.5
+
+
+class Diffusion(nn.Module):
+    """DDPM around ``model(x_t, t)`` (t: int64 [B] in [0, T)).
+
+    ``loss = diffusion(images)`` draws t and ε and returns L_simple; ``diffusion.sample(16)`` runs the
+    reverse process (ancestral, or DDIM when ``sampling_timesteps < timesteps``) and returns images in
+    [0, 1] (with ``auto_normalize``).
+    """
+
+    def __init__(self, model: nn.Module, *, image_size, timesteps: int = 1000, sampling_timesteps=None,
+                 objective: str = "pred_noise", beta_schedule="linear", schedule_fn_kwargs=None,
+                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True, min_snr_loss_weight: bool = False,
+                 min_snr_gamma: float = 5, variance: str = "fixed_small", clip_denoised: bool = True,
+                 backend: str = "auto", channels: int | None = None, check_inputs: bool = True):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module called as model(x_t, t), got {type(model).__name__}")
+        if objective not in reference.OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(reference.OBJECTIVES)}")
+        if variance not in reference.VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(reference.VARIANCES)}")
+        self.model = model
+        self.channels = int(channels if channels is not None
+                            else getattr(model, "channels", getattr(model, "in_channels", 3)))
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        image_size = tuple(int(s) for s in image_size)
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}")
+        self.image_size = image_size
+        self.objective = objective
+        self.variance = variance
+        self.clip_denoised = bool(clip_denoised)
+        self.auto_normalize = bool(auto_normalize)
+        self.backend = check_backend(backend)
+        self.check_inputs = bool(check_inputs)
+        self.schedule_fn_kwargs = dict(schedule_fn_kwargs or {})
+        self.beta_schedule = beta_schedule if isinstance(beta_schedule, str) else [
+            float(b) for b in torch.as_tensor(beta_schedule, dtype=torch.float64).flatten()]
+        self.schedule = NoiseSchedule(get_beta_schedule(self.beta_schedule, timesteps, **self.schedule_fn_kwargs))
+        self.num_timesteps = self.schedule.num_timesteps
+        if self.schedule.zero_terminal_snr and objective == "pred_noise":
+            raise ValueError("this schedule reaches ᾱ = 0 at its last step (zero terminal SNR), where x_0 cannot "
+                             "be recovered from a noise prediction; use objective='pred_v' or 'pred_x0'")
+        self.sampling_timesteps = self.num_timesteps if sampling_timesteps is None else int(sampling_timesteps)
+        if not 1 <= self.sampling_timesteps <= self.num_timesteps:
+            raise ValueError(f"sampling_timesteps must lie in [1, timesteps={self.num_timesteps}], "
+                             f"got {sampling_timesteps}")
+        self.ddim_sampling_eta = float(ddim_sampling_eta)
+        self.min_snr_loss_weight = bool(min_snr_loss_weight)
+        self.min_snr_gamma = float(min_snr_gamma)
+
+    @property
+    def device(self) -> torch.device:
+        return self.schedule.betas.device
+
+    @property
+    def is_ddim_sampling(self) -> bool:
+        return self.sampling_timesteps < self.num_timesteps
+
+    def normalize(self, img):
+        return normalize_to_neg_one_to_one(img) if self.auto_normalize else img
+
+    def unnormalize(self, x):
+        return unnormalize_to_zero_to_one(x) if self.auto_normalize else x
+
+    @property
+    def config(self) -> dict:
+        return {
+            "image_size": list(self.image_size), "timesteps": self.num_timesteps,
+            "sampling_timesteps": self.sampling_timesteps, "objective": self.objective,
+            "beta_schedule": self.beta_schedule, "schedule_fn_kwargs": self.schedule_fn_kwargs,
+            "ddim_sampling_eta": self.ddim_sampling_eta, "auto_normalize": self.auto_normalize,
+            "min_snr_loss_weight": self.min_snr_loss_weight, "min_snr_gamma": self.min_snr_gamma,
+            "variance": self.variance, "clip_denoised": self.clip_denoised, "channels": self.channels,
+        }
+
+    # ------------------------------------------------------------------ input checks
+    def _check_images(self, img: torch.Tensor, what: str = "images") -> None:
+        if not isinstance(img, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(img).__name__}")
+        if not img.is_floating_point():
+            raise TypeError(f"{what} must be floating point (got {img.dtype}); convert integer images with "
+                            f"img.float() / 255")
+        expected = (self.channels, *self.image_size)
+        if img.dim() != 4 or tuple(img.shape[1:]) != expected:
+            raise ValueError(f"{what} must have shape [B, {', '.join(map(str, expected))}], got {list(img.shape)}")
+        if img.shape[0] == 0:
+            raise ValueError(f"{what} is an empty batch")
+
+    def _check_finite_range(self, img: torch.Tensor) -> None:
+        if not self.check_inputs:
+            return
+        lo, hi = (v.item() for v in torch.aminmax(img.detach()))  # one host sync for both checks
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("training batch contains NaN or Inf")
+        if self.auto_normalize and (lo < 0 or hi > 1):
+            raise ValueError(f"images must lie in [0, 1] with auto_normalize=True, got values in [{lo:.4g}, {hi:.4g}]; "
+                             f"pass auto_normalize=False for data already in [-1, 1]")
+
+    def _check_t(self, t, batch: int) -> torch.Tensor:
+        if isinstance(t, int):
+            t = torch.full((batch,), t, dtype=torch.long, device=self.device)
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"t must be an int64 tensor of shape [{batch}], got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
+        if self.check_inputs:
+            lo, hi = (v.item() for v in torch.aminmax(t))
+            if lo < 0 or hi >= self.num_timesteps:
+                raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")
+        return t.long()
+
+    def _model_output(self, x, t):
+        out = self.model(x, t)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model(x_t, t) must return a tensor of x_t's shape {list(x.shape)}, got {shape}")
+        return out
+
+    # ------------------------------------------------------------------ forward process and loss
+    def q_sample(self, x_start, t, noise=None):
+        """x_t ~ q(x_t | x_0) (eq. 4); x_start in the model's range ([-1, 1] with auto_normalize)."""
+        t = self._check_t(t, x_start.shape[0])
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend)
+
+    def _p_losses(self, x_start, t, noise=None, reduction="mean"):
+        noise = torch.randn_like(x_start) if noise is None else noise
+        if noise.shape != x_start.shape:
+            raise ValueError(f"noise must have x_start's shape {list(x_start.shape)}, got {list(noise.shape)}")
+        x_t = _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend)
+        out = self._model_output(x_t, t)
+        gamma = self.min_snr_gamma if self.min_snr_loss_weight else None
+        return reference.diffusion_loss(self.schedule, out, x_start, t, noise, self.objective, gamma, reduction)
+
+    def p_losses(self, x_start, t, noise=None, reduction="mean"):
+        """L_simple (eq. 14) at the given timesteps; x_start in the model's range."""
+        return self._p_losses(x_start, self._check_t(t, x_start.shape[0]), noise, reduction)
+
+    def forward(self, img, *args, **kwargs):
+        """Training loss for a batch of images ([0, 1] with auto_normalize): t ~ U{0..T−1}, ε ~ N(0, I)."""
+        self._check_images(img)
+        self._check_finite_range(img)
+        t = torch.randint(0, self.num_timesteps, (img.shape[0],), device=img.device)
+        return self._p_losses(self.normalize(img), t, *args, **kwargs)
+
+    # ------------------------------------------------------------------ reverse process
+    def predict_start_from_noise(self, x_t, t, noise):
+        return reference.predict_start_from_noise(self.schedule, x_t, t, noise)
+
+    def predict_noise_from_start(self, x_t, t, x0):
+        return reference.predict_noise_from_start(self.schedule, x_t, t, x0)
+
+    def predict_v(self, x_start, t, noise):
+        return reference.predict_v(self.schedule, x_start, t, noise)
+
+    def predict_start_from_v(self, x_t, t, v):
+        return reference.predict_start_from_v(self.schedule, x_t, t, v)
+
+    def q_posterior(self, x_start, x_t, t):
+        return reference.q_posterior(self.schedule, x_start, x_t, t)
+
+    def model_predictions(self, x, t, clip_x_start=False, rederive_pred_noise=False):
+        eps, x0 = reference.model_predictions(self.schedule, self._model_output(x, t), x, t, self.objective,
+                                              clip_x_start, rederive_pred_noise)
+        return ModelPrediction(eps, x0)
+
+    def p_mean_variance(self, x, t, clip_denoised=True):
+        _, x0 = self.model_predictions(x, t, clip_x_start=clip_denoised)
+        mean, var, log_var = self.q_posterior(x0, x, t)
+        return mean, var, log_var, x0
+
+    @torch.no_grad()
+    def p_sample(self, x, t: int, generator: torch.Generator | None = None):
+        """One ancestral step from x_t at the integer step t; returns (x_{t−1}, x̂_0)."""
+        if isinstance(t, torch.Tensor) and t.dim() == 0:
+            t = int(t)
+        if not isinstance(t, int) or not 0 <= t < self.num_timesteps:
+            raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t!r}")
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return reference.p_sample_step(self.schedule, self._model_output(x, tt), x, tt, noise, self.objective,
+                                       self.variance, self.clip_denoised)
+
+    @torch.no_grad()
+    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False,
+               generator: torch.Generator | None = None, progress: bool = True):
+        """Images from the reverse process, [B, C, H, W] ([0, 1] with auto_normalize).
+
+        With ``return_all_timesteps`` the result is [B, steps + 1, C, H, W], x_T first. A ``generator``
+        (on the model's device) makes the samples reproducible; without one torch's global RNG is used.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        shape = (batch_size, self.channels, *self.image_size)
+        loop = sampling.ddim_loop if self.is_ddim_sampling else sampling.ancestral_loop
+        imgs = loop(self, shape, generator=generator, return_all_timesteps=return_all_timesteps, progress=progress)
+        return self.unnormalize(imgs)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (the network's weights) to ``directory``."""
+        from safetensors.torch import save_file
+
+        config = getattr(self.model, "config", None)
+        if not isinstance(config, dict):
+            raise TypeError(f"{type(self.model).__name__} has no `config` dict to rebuild it from; save its "
+                            f"state_dict yourself, or use fastddpm.UNet")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        meta = {"diffusion": self.config, "model": {"class": type(self.model).__name__, "config": config}}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+                        device: str | torch.device = "cpu", **overrides) -> Diffusion:
+        """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``).
+
+        ``model`` is needed only for networks other than :class:`fastddpm.UNet`; ``overrides`` replace
+        constructor arguments (e.g. ``sampling_timesteps=50``).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from fastddpm.nn import UNet
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() and (directory / "model" / CONFIG_NAME).is_file():
+            directory = directory / "model"
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"no saved fastddpm model at {directory}: {path.name} is missing")
+        try:
+            meta = json.loads(config_path.read_text())
+            diffusion_config, model_meta = meta["diffusion"], meta["model"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{config_path} is not a fastddpm config: {e}") from e
+        if model is None:
+            if model_meta.get("class") != "UNet":
+                raise ValueError(f"{config_path} describes a {model_meta.get('class')!r} network; "
+                                 f"pass model= to from_pretrained to load it")
+            model = UNet(**model_meta["config"])
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{weights_path} is corrupted or not a safetensors file: {e}") from e
+        model.load_state_dict(state)
+        diffusion_config = {**diffusion_config, **overrides}
+        return cls(model, **diffusion_config).to(device)
+
+
+# The schedule's tables, readable as attributes under the names GaussianDiffusion exposes (diffusion.betas, …).
+for _name in NoiseSchedule.TABLES:
+    setattr(Diffusion, _name, property(lambda self, _n=_name: getattr(self.schedule, _n), doc=f"schedule.{_name}"))
+del _name

@@ -1,0 +1,43 @@
+"""Functional API of fastddpm's ops: validate the arguments, then run the op."""
+
+from __future__ import annotations
+
+import torch
+
+from fastddpm import reference
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """y = SiLU(GroupNorm(x)), the normalisation + activation pair in every block of the DDPM U-Net.
+
+    Arguments follow ``F.group_norm``: ``x`` is [N, C, *], ``C`` divisible by ``num_groups``, and the
+    optional affine ``weight``/``bias`` are 1-D of size ``C``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"group_norm_silu: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"group_norm_silu: x must have at least 2 dimensions [N, C, *], got shape {tuple(x.shape)}"
+        )
+    channels = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    if channels % num_groups != 0:
+        raise ValueError(
+            f"group_norm_silu: number of channels ({channels}) must be divisible by num_groups ({num_groups})"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(
+                f"group_norm_silu: {name} must be a torch.Tensor or None, got {type(param).__name__}"
+            )
+        if param.shape != (channels,):
+            raise ValueError(
+                f"group_norm_silu: {name} must be 1-D of size C={channels} (x.shape[1]), "
+                f"got shape {tuple(param.shape)}"
+            )
+    return reference.group_norm_silu(x, num_groups, weight, bias, eps)

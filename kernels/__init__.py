@@ -1,0 +1,1 @@
+"""Triton kernels: @triton.jit functions and their launch helpers."""
