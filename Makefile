@@ -15,6 +15,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAVE_NVIDIA_GPU := $(shell nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAVE_NVIDIA_GPU),,torch==2.13.0)
+# Triton runs the kernels on the CPU through its interpreter in the tests (seen working: 3.9.0 with torch 2.13.0).
+TRITON ?= triton==3.9.0
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
 
 DEPS := $(VENV)/.deps
@@ -37,16 +39,16 @@ bench: $(INSTALLED)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The stamp holds the torch requirement it installed: asking for another one reinstalls.
-ifneq ($(shell cat $(DEPS) 2>/dev/null),$(TORCH))
+# The stamp holds the torch and triton requirements it installed: asking for others reinstalls.
+ifneq ($(shell cat $(DEPS) 2>/dev/null),$(TORCH) $(TRITON))
 .PHONY: $(DEPS)
 endif
 $(DEPS): | $(PY)
 	$(PIP) install -U pip setuptools wheel ninja
 	if [ -n '$(TORCH)' ]; then $(PIP) install '$(TORCH)'; \
 	elif ! $(PY) -c 'import torch' 2>/dev/null; then $(PIP) install torch; fi
-	$(PIP) install triton
-	echo '$(TORCH)' > $@
+	$(PIP) install '$(TRITON)'
+	echo '$(TORCH) $(TRITON)' > $@
 
 $(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
 	$(PIP) install -e '.[test]' --no-build-isolation

@@ -31,3 +31,13 @@ class TinyNet(torch.nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only tests (marked ``cuda``) skip on machines without one; tools/device_check.sh runs them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU-only: needs a CUDA device (run tools/device_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On a GPU machine (its own python, torch and triton; no network): build fastddpm._C with CUDA for the card,
+# run the GPU-only tests (pytest -m cuda) and the benchmarks, print a short summary last.
+# Full logs go to $OUT when it is set. Budget: under 8 minutes.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16}
+arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the status
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")$'\n'
+  return $rc
+}
+
+summary=""
+$PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())' | tee "$OUT/versions.log"
+step build $PY -m pip install -e . --no-build-isolation --no-deps
+step info $PY -m fastddpm info
+step cuda_tests $PY -m pytest -m cuda -q tests/
+if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then
+  step bench $PY -m pytest benchmarks/ -q --benchmark-json "$OUT/bench.json"
+fi
+echo "== summary ($(cat "$OUT/versions.log"))"
+printf '%s' "$summary"
