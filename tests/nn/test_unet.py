@@ -10,10 +10,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fastddpm.nn.group_norm_silu import GroupNormSiLU
-from fastddpm.nn.unet import AttnBlock, ResBlock, UNet, timestep_embedding
+from fastddpm.nn.unet import AttnBlock, Downsample, ResBlock, UNet, timestep_embedding
 
 ODD = dict(in_channels=1, out_channels=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-           attn_resolutions=(4,), dropout=0.0, num_groups=8)  # fmt: skip
+           attn_resolutions=(4,), dropout=0.0, num_groups=8, image_size=8)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,8 @@ def test_cifar10_norm_modules(cifar10):
     # The only plain GroupNorms are the attention blocks' (16×16: 2 down, 3 up, 1 middle).
     plain = [name for name, m in cifar10.named_modules() if type(m) is nn.GroupNorm]
     assert len(plain) == 6
+    # tf.contrib.layers.group_norm's epsilon, as in the DDPM code.
+    assert {m.eps for m in cifar10.modules() if isinstance(m, nn.GroupNorm)} == {1e-6}
     assert all(isinstance(cifar10.get_submodule(name.rsplit(".", 1)[0]), AttnBlock) for name in plain)
     # No nn.SiLU registered right after a plain GroupNorm.
     for parent in cifar10.modules():
@@ -206,6 +208,17 @@ def test_attention_block_against_explicit_softmax():
     w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(16), dim=2)
     ref = x + block.proj_out(torch.einsum("bij,bcj->bci", w, v).reshape(x.shape))
     torch.testing.assert_close(block(x), ref)
+
+
+def test_downsample_pads_like_tf_same():
+    # TF 'SAME' padding with stride 2 on an even size pads one row/column at the bottom/right only, so a
+    # kernel with a single 1 at its top-left corner picks x[2i, 2j].
+    block = Downsample(1)
+    with torch.no_grad():
+        block.conv.weight.zero_()
+        block.conv.weight[0, 0, 0, 0] = 1.0
+    x = torch.randn(2, 1, 6, 8)
+    torch.testing.assert_close(block(x), x[:, :, ::2, ::2], rtol=0, atol=0)
 
 
 # --- Config, determinism, timesteps ----------------------------------------------------------------
