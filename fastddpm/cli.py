@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--steps", type=_positive, default=4000, help="training steps (default: 4000)")
+    demo.add_argument("--steps", type=_positive, default=2500, help="training steps (default: 2500)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
