@@ -10,12 +10,26 @@ from pathlib import Path
 
 import torch
 
+from fastddpm.schedules import BETA_SCHEDULES
+
 
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastddpm: error: --device cuda, but no CUDA GPU is available (torch "
-                         f"{torch.__version__}); use --device cpu")
+        raise ValueError(f"--device cuda, but no CUDA GPU is available (torch {torch.__version__}); use --device cpu")
     return torch.device(name)
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _png_path(value: str) -> str:
+    if not value.lower().endswith(".png") or Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"must be a .png file path, got {value!r}")
+    return value
 
 
 def _positive(value: str) -> int:
@@ -41,14 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 1e-3 for digits, "
                        "2e-4 otherwise, the paper's)")
     train.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
-    train.add_argument("--num-samples", type=int, default=64, help="samples written to OUT/samples.png at the end")
+    train.add_argument("--beta-schedule", default="linear", choices=sorted(BETA_SCHEDULES),
+                       help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
+    train.add_argument("--num-samples", type=_non_negative, default=64,
+                       help="samples written to OUT/samples.png at the end (default: 64; 0 for none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
     sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid")
     sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
     sample.add_argument("--num", type=_positive, default=64, help="number of images (default: 64)")
-    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--out", required=True, type=_png_path, help="PNG file to write")
     sample.add_argument("--sampling-timesteps", type=_positive, default=None,
                         help="DDIM steps (default: all T steps, ancestral sampling)")
     sample.add_argument("--seed", type=int, default=0)
@@ -73,7 +90,7 @@ def cmd_train(args) -> Path:
     torch.manual_seed(args.seed)
     digits = args.data == "digits"
     if not digits and not Path(args.data).is_dir():
-        raise SystemExit(f"fastddpm: error: --data {args.data!r}: no such folder (give 'digits' or a folder of images)")
+        raise FileNotFoundError(f"--data {args.data!r}: no such folder (give 'digits' or a folder of images)")
     data = get_dataset(args.data, args.image_size, channels=3)
     size = args.image_size or (8 if digits else 32)
     if digits:
@@ -81,7 +98,9 @@ def cmd_train(args) -> Path:
     else:
         attn = (16,) if size >= 16 else ()
         model = UNet(in_channels=3, image_size=size, attn_resolutions=attn)
-    diffusion = Diffusion(model, image_size=size, timesteps=args.timesteps)
+    schedule_kwargs = {"scale_with_timesteps": True} if args.beta_schedule == "linear" else {}
+    diffusion = Diffusion(model, image_size=size, timesteps=args.timesteps, beta_schedule=args.beta_schedule,
+                          schedule_fn_kwargs=schedule_kwargs)
     lr = args.lr if args.lr is not None else (1e-3 if digits else 2e-4)
     trainer = Trainer(diffusion, data, out=args.out, batch_size=args.batch_size, lr=lr,
                       warmup=min(5000, args.steps // 10), ema_decay=0.999 if digits else 0.9999,
@@ -101,7 +120,7 @@ def cmd_sample(args) -> Path:
 
     device = _device(args.device)
     if not Path(args.checkpoint).exists():
-        raise SystemExit(f"fastddpm: error: --checkpoint {args.checkpoint!r}: no such folder")
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: no such folder")
     overrides = {"sampling_timesteps": args.sampling_timesteps} if args.sampling_timesteps else {}
     diffusion = Diffusion.from_pretrained(args.checkpoint, device=device, **overrides)
     diffusion.eval()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -24,6 +26,25 @@ ModelPrediction = namedtuple("ModelPrediction", ["pred_noise", "pred_x_start"])
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def _positive_int(value, name: str) -> int:
+    """value as an int >= 1 (python or numpy ints, 0-d integer tensors); bools and floats are refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def _drop_schedule_keys(state_dict, prefix, *args):
+    for name in (*NoiseSchedule.TABLES, "loss_weight"):
+        for key in (prefix + name, prefix + "schedule." + name):
+            state_dict.pop(key, None)
 
 
 def normalize_to_neg_one_to_one(img):
@@ -42,11 +63,12 @@ class Diffusion(nn.Module):
     [0, 1] (with ``auto_normalize``).
     """
 
-    def __init__(self, model: nn.Module, *, image_size, timesteps: int = 1000, sampling_timesteps=None,
+    def __init__(self, model: nn.Module, *, image_size, timesteps: int | None = None, sampling_timesteps=None,
                  objective: str = "pred_noise", beta_schedule="linear", schedule_fn_kwargs=None,
-                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True, min_snr_loss_weight: bool = False,
-                 min_snr_gamma: float = 5, variance: str = "fixed_small", clip_denoised: bool = True,
-                 backend: str = "auto", channels: int | None = None, check_inputs: bool = True):
+                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True, offset_noise_strength: float = 0.0,
+                 min_snr_loss_weight: bool = False, min_snr_gamma: float = 5, variance: str = "fixed_small",
+                 clip_denoised: bool = True, backend: str = "auto", channels: int | None = None,
+                 check_inputs: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module called as model(x_t, t), got {type(model).__name__}")
@@ -55,14 +77,17 @@ class Diffusion(nn.Module):
         if variance not in reference.VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(reference.VARIANCES)}")
         self.model = model
-        self.channels = int(channels if channels is not None
-                            else getattr(model, "channels", getattr(model, "in_channels", 3)))
-        if isinstance(image_size, int):
+        if channels is None:
+            channels = getattr(model, "channels", getattr(model, "in_channels", None))
+            if channels is None:
+                raise ValueError(f"cannot tell the image channels of {type(model).__name__} (it has no `channels` "
+                                 f"or `in_channels` attribute): pass channels=")
+        self.channels = _positive_int(channels, "channels")
+        if not isinstance(image_size, (tuple, list)):
             image_size = (image_size, image_size)
-        image_size = tuple(int(s) for s in image_size)
-        if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}")
-        self.image_size = image_size
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+        self.image_size = tuple(_positive_int(s, "image_size") for s in image_size)
         self.objective = objective
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
@@ -70,20 +95,41 @@ class Diffusion(nn.Module):
         self.backend = check_backend(backend)
         self.check_inputs = bool(check_inputs)
         self.schedule_fn_kwargs = dict(schedule_fn_kwargs or {})
-        self.beta_schedule = beta_schedule if isinstance(beta_schedule, str) else [
-            float(b) for b in torch.as_tensor(beta_schedule, dtype=torch.float64).flatten()]
-        self.schedule = NoiseSchedule(get_beta_schedule(self.beta_schedule, timesteps, **self.schedule_fn_kwargs))
+        if isinstance(beta_schedule, str):
+            betas = get_beta_schedule(beta_schedule, 1000 if timesteps is None else _positive_int(
+                timesteps, "timesteps"), **self.schedule_fn_kwargs)
+        else:  # the user's own betas; timesteps, when given, must match their number
+            betas = get_beta_schedule(beta_schedule, timesteps, **self.schedule_fn_kwargs)
+            beta_schedule = betas.tolist()
+        self.beta_schedule = beta_schedule
+        self.schedule = NoiseSchedule(betas)
         self.num_timesteps = self.schedule.num_timesteps
         if self.schedule.zero_terminal_snr and objective == "pred_noise":
             raise ValueError("this schedule reaches ᾱ = 0 at its last step (zero terminal SNR), where x_0 cannot "
                              "be recovered from a noise prediction; use objective='pred_v' or 'pred_x0'")
-        self.sampling_timesteps = self.num_timesteps if sampling_timesteps is None else int(sampling_timesteps)
-        if not 1 <= self.sampling_timesteps <= self.num_timesteps:
+        alpha_bar_T = float(self.schedule.alphas_cumprod[-1])
+        if alpha_bar_T > 1e-2:
+            warnings.warn(f"the {'given' if not isinstance(beta_schedule, str) else beta_schedule!r} schedule ends "
+                          f"at ᾱ_T = {alpha_bar_T:.3g}: x_T is far from N(0, I), so samples started from pure noise "
+                          f"will be off. With few timesteps use schedule_fn_kwargs={{'scale_with_timesteps': "
+                          f"True}} (linear) or the cosine schedule", UserWarning, stacklevel=2)
+        self.sampling_timesteps = (self.num_timesteps if sampling_timesteps is None
+                                   else _positive_int(sampling_timesteps, "sampling_timesteps"))
+        if self.sampling_timesteps > self.num_timesteps:
             raise ValueError(f"sampling_timesteps must lie in [1, timesteps={self.num_timesteps}], "
                              f"got {sampling_timesteps}")
         self.ddim_sampling_eta = float(ddim_sampling_eta)
+        if not 0.0 <= self.ddim_sampling_eta <= 1.0:
+            raise ValueError(f"ddim_sampling_eta must lie in [0, 1], got {ddim_sampling_eta}")
+        self.offset_noise_strength = float(offset_noise_strength)
+        if self.offset_noise_strength < 0:
+            raise ValueError(f"offset_noise_strength must be >= 0, got {offset_noise_strength}")
         self.min_snr_loss_weight = bool(min_snr_loss_weight)
         self.min_snr_gamma = float(min_snr_gamma)
+        if self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        # Checkpoints of GaussianDiffusion hold the schedule's tables; here they are derived, so drop them.
+        self._register_load_state_dict_pre_hook(_drop_schedule_keys)
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +152,7 @@ class Diffusion(nn.Module):
             "sampling_timesteps": self.sampling_timesteps, "objective": self.objective,
             "beta_schedule": self.beta_schedule, "schedule_fn_kwargs": self.schedule_fn_kwargs,
             "ddim_sampling_eta": self.ddim_sampling_eta, "auto_normalize": self.auto_normalize,
+            "offset_noise_strength": self.offset_noise_strength,
             "min_snr_loss_weight": self.min_snr_loss_weight, "min_snr_gamma": self.min_snr_gamma,
             "variance": self.variance, "clip_denoised": self.clip_denoised, "channels": self.channels,
         }
@@ -126,23 +173,35 @@ class Diffusion(nn.Module):
     def _check_finite_range(self, img: torch.Tensor) -> None:
         if not self.check_inputs:
             return
-        lo, hi = (v.item() for v in torch.aminmax(img.detach()))  # one host sync for both checks
+        lo, hi = torch.stack(torch.aminmax(img.detach())).tolist()  # one host sync for both checks
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("training batch contains NaN or Inf")
         if self.auto_normalize and (lo < 0 or hi > 1):
             raise ValueError(f"images must lie in [0, 1] with auto_normalize=True, got values in [{lo:.4g}, {hi:.4g}]; "
                              f"pass auto_normalize=False for data already in [-1, 1]")
 
+    def _check_noise(self, noise, x: torch.Tensor) -> torch.Tensor:
+        if noise is None:
+            return torch.randn_like(x)
+        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or noise.dtype != x.dtype:
+            got = f"{list(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must match x_start: {list(x.shape)} {x.dtype}, got {got}")
+        return noise
+
     def _check_t(self, t, batch: int) -> torch.Tensor:
-        if isinstance(t, int):
-            t = torch.full((batch,), t, dtype=torch.long, device=self.device)
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"t must be an int64 tensor of shape [{batch}], got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                t = torch.full((batch,), operator.index(t), dtype=torch.long, device=self.device)
+            except TypeError:
+                raise TypeError(f"t must be an int or an int64 tensor of shape [{batch}], got {t!r}") from None
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"t must be an int64 tensor of shape [{batch}], got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
         if self.check_inputs:
-            lo, hi = (v.item() for v in torch.aminmax(t))
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")
         return t.long()
@@ -154,17 +213,26 @@ class Diffusion(nn.Module):
             raise ValueError(f"model(x_t, t) must return a tensor of x_t's shape {list(x.shape)}, got {shape}")
         return out
 
+    @property
+    def loss_weight(self) -> torch.Tensor:
+        """The per-timestep weight [T] of the loss (all ones without min_snr_loss_weight)."""
+        t = torch.arange(self.num_timesteps, device=self.device)
+        return reference.loss_weight(self.schedule, self.objective, t,
+                                     self.min_snr_gamma if self.min_snr_loss_weight else None)
+
     # ------------------------------------------------------------------ forward process and loss
     def q_sample(self, x_start, t, noise=None):
         """x_t ~ q(x_t | x_0) (eq. 4); x_start in the model's range ([-1, 1] with auto_normalize)."""
+        self._check_images(x_start, "x_start")
         t = self._check_t(t, x_start.shape[0])
-        noise = torch.randn_like(x_start) if noise is None else noise
-        return _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend)
+        return _q_sample_op(self.schedule, x_start, t, self._check_noise(noise, x_start), backend=self.backend)
 
     def _p_losses(self, x_start, t, noise=None, reduction="mean"):
-        noise = torch.randn_like(x_start) if noise is None else noise
-        if noise.shape != x_start.shape:
-            raise ValueError(f"noise must have x_start's shape {list(x_start.shape)}, got {list(noise.shape)}")
+        if noise is None:
+            noise = torch.randn_like(x_start)
+            if self.offset_noise_strength > 0:  # offset noise (Guttenberg 2023): a per-channel constant shift
+                noise = noise + self.offset_noise_strength * torch.randn_like(x_start[:, :, :1, :1])
+        noise = self._check_noise(noise, x_start)
         x_t = _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend)
         out = self._model_output(x_t, t)
         gamma = self.min_snr_gamma if self.min_snr_loss_weight else None
@@ -172,6 +240,7 @@ class Diffusion(nn.Module):
 
     def p_losses(self, x_start, t, noise=None, reduction="mean"):
         """L_simple (eq. 14) at the given timesteps; x_start in the model's range."""
+        self._check_images(x_start, "x_start")
         return self._p_losses(x_start, self._check_t(t, x_start.shape[0]), noise, reduction)
 
     def forward(self, img, *args, **kwargs):
@@ -197,27 +266,56 @@ class Diffusion(nn.Module):
     def q_posterior(self, x_start, x_t, t):
         return reference.q_posterior(self.schedule, x_start, x_t, t)
 
-    def model_predictions(self, x, t, clip_x_start=False, rederive_pred_noise=False):
+    @staticmethod
+    def _no_self_cond(x_self_cond) -> None:
+        if x_self_cond is not None:
+            raise NotImplementedError("self-conditioning (x_self_cond) is not supported; the model is called as "
+                                      "model(x_t, t)")
+
+    def model_predictions(self, x, t, x_self_cond=None, clip_x_start=False, rederive_pred_noise=False):
+        """(ε̂, x̂_0) from the network at (x_t, t), as a ModelPrediction(pred_noise, pred_x_start)."""
+        self._no_self_cond(x_self_cond)
         eps, x0 = reference.model_predictions(self.schedule, self._model_output(x, t), x, t, self.objective,
                                               clip_x_start, rederive_pred_noise)
         return ModelPrediction(eps, x0)
 
-    def p_mean_variance(self, x, t, clip_denoised=True):
-        _, x0 = self.model_predictions(x, t, clip_x_start=clip_denoised)
+    def p_mean_variance(self, x, t, x_self_cond=None, clip_denoised=True):
+        """Mean, variance and log-variance of p_θ(x_{t−1} | x_t) (with this Diffusion's variance), and x̂_0."""
+        _, x0 = self.model_predictions(x, t, x_self_cond, clip_x_start=clip_denoised)
         mean, var, log_var = self.q_posterior(x0, x, t)
+        if self.variance == "fixed_large":  # σ² = β_t; the log takes β̃ at the first step, as the DDPM code
+            var = reference.extract(self.schedule.betas, t, x)
+            log_var = torch.where(t.reshape(var.shape) == 0, log_var, var.log())
         return mean, var, log_var, x0
 
     @torch.no_grad()
-    def p_sample(self, x, t: int, generator: torch.Generator | None = None):
+    def p_sample(self, x, t: int, x_self_cond=None, generator: torch.Generator | None = None):
         """One ancestral step from x_t at the integer step t; returns (x_{t−1}, x̂_0)."""
-        if isinstance(t, torch.Tensor) and t.dim() == 0:
-            t = int(t)
-        if not isinstance(t, int) or not 0 <= t < self.num_timesteps:
-            raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t!r}")
+        self._no_self_cond(x_self_cond)
+        self._check_images(x, "x")
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise TypeError(f"t must be an int, got {t!r}") from None
+        if not 0 <= t < self.num_timesteps:
+            raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t}")
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return reference.p_sample_step(self.schedule, self._model_output(x, tt), x, tt, noise, self.objective,
-                                       self.variance, self.clip_denoised)
+        out = self._model_output(x.to(sampling.model_dtype(self.model, x.dtype)), tt)
+        return reference.p_sample_step(self.schedule, out, x, tt, noise, self.objective, self.variance,
+                                       self.clip_denoised)
+
+    @torch.no_grad()
+    def p_sample_loop(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True):
+        """The T-step ancestral loop from x_T ~ N(0, I); returns x_0 in the model's range ([-1, 1])."""
+        return sampling.ancestral_loop(self, tuple(shape), generator, return_all_timesteps, progress)
+
+    @torch.no_grad()
+    def ddim_sample(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True):
+        """DDIM over ``sampling_timesteps`` steps (η = ddim_sampling_eta); returns x_0 in the model's range."""
+        return sampling.ddim_loop(self, tuple(shape), generator, return_all_timesteps, progress)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False,
@@ -227,12 +325,9 @@ class Diffusion(nn.Module):
         With ``return_all_timesteps`` the result is [B, steps + 1, C, H, W], x_T first. A ``generator``
         (on the model's device) makes the samples reproducible; without one torch's global RNG is used.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        shape = (batch_size, self.channels, *self.image_size)
-        loop = sampling.ddim_loop if self.is_ddim_sampling else sampling.ancestral_loop
-        imgs = loop(self, shape, generator=generator, return_all_timesteps=return_all_timesteps, progress=progress)
-        return self.unnormalize(imgs)
+        shape = (_positive_int(batch_size, "batch_size"), self.channels, *self.image_size)
+        loop = self.ddim_sample if self.is_ddim_sampling else self.p_sample_loop
+        return self.unnormalize(loop(shape, return_all_timesteps, generator, progress))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -252,7 +347,7 @@ class Diffusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
-                        device: str | torch.device = "cpu", **overrides) -> Diffusion:
+                        device: str | torch.device | None = None, **overrides) -> Diffusion:
         """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``).
 
         ``model`` is needed only for networks other than :class:`fastddpm.UNet`; ``overrides`` replace
@@ -275,18 +370,30 @@ class Diffusion(nn.Module):
             diffusion_config, model_meta = meta["diffusion"], meta["model"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{config_path} is not a fastddpm config: {e}") from e
-        if model is None:
+        own_model = model is not None
+        if not own_model:
             if model_meta.get("class") != "UNet":
                 raise ValueError(f"{config_path} describes a {model_meta.get('class')!r} network; "
                                  f"pass model= to from_pretrained to load it")
-            model = UNet(**model_meta["config"])
+            try:
+                model = UNet(**model_meta["config"])
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{config_path}: cannot build the UNet it describes: {e}") from e
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{weights_path} is corrupted or not a safetensors file: {e}") from e
-        model.load_state_dict(state)
-        diffusion_config = {**diffusion_config, **overrides}
-        return cls(model, **diffusion_config).to(device)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path} does not fit the network: {e}") from e
+        try:
+            diffusion = cls(model, **{**diffusion_config, **overrides})
+        except TypeError as e:
+            raise ValueError(f"{config_path}: bad diffusion settings: {e}") from e
+        if device is None:  # a model of the caller's stays where it is; a rebuilt one goes to the CPU
+            device = next(model.parameters()).device if own_model and any(True for _ in model.parameters()) else "cpu"
+        return diffusion.to(device)
 
 
 # The schedule's tables, readable as attributes under the names GaussianDiffusion exposes (diffusion.betas, …).

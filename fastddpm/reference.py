@@ -48,9 +48,9 @@ def predict_start_from_noise(schedule, x_t, t, noise):
 
 
 def predict_noise_from_start(schedule, x_t, t, x_start):
-    """ε = (√(1/ᾱ_t) x_t − x_0) / √(1/ᾱ_t − 1)."""
-    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start) / extract(
-        schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
+    """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t) (eq. 4 solved for ε; finite also where ᾱ_t = 0)."""
+    return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t) * x_start) / extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
 
 
 def predict_v(schedule, x_start, t, noise):

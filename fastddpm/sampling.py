@@ -25,14 +25,20 @@ def ddim_timesteps(num_timesteps: int, sampling_timesteps: int) -> list[tuple[in
     return list(zip(times[:-1], times[1:]))
 
 
+def model_dtype(model, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of the network's first floating parameter: what its input is cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
 def _run(diffusion, shape, steps, step_fn, generator, return_all_timesteps, progress, desc):
-    device = diffusion.device
+    # The chain x_T → x_0 is kept in float32 whatever the network's dtype; only its input is cast.
+    device, net_dtype = diffusion.device, model_dtype(diffusion.model)
     x = torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, I)
     trajectory = [x] if return_all_timesteps else None
     for t, t_prev in _progress(steps, len(steps), progress, desc):
         tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
         noise = torch.randn(shape, generator=generator, device=device)
-        x, _ = step_fn(diffusion._model_output(x, tt), x, tt, t_prev, noise)
+        x, _ = step_fn(diffusion._model_output(x.to(net_dtype), tt), x, tt, t_prev, noise)
         if return_all_timesteps:
             trajectory.append(x)
     return torch.stack(trajectory, dim=1) if return_all_timesteps else x

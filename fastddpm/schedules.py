@@ -22,6 +22,9 @@ def _linear(timesteps, beta_start, beta_end, scale_with_timesteps=False):
     if scale_with_timesteps:
         scale = 1000.0 / timesteps
         beta_start, beta_end = beta_start * scale, beta_end * scale
+        if beta_end > 1:
+            raise ValueError(f"the linear schedule scaled to {timesteps} timesteps would need beta_end = "
+                             f"{beta_end:.3g} > 1; use more timesteps or another schedule")
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
@@ -197,6 +200,17 @@ class NoiseSchedule(nn.Module):
     def zero_terminal_snr(self) -> bool:
         """True when ᾱ reaches 0 at the last step (e.g. 'jsd'): x_0 cannot be recovered from ε there."""
         return bool(self.alphas_cumprod[-1] == 0)
+
+    def _apply(self, fn, recurse=True):
+        # The tables stay at least float32 whatever the module is cast to (model.half(), .to(torch.bfloat16)):
+        # a cast below float32 keeps the old values and only follows the device.
+        before = {name: getattr(self, name) for name in self.TABLES}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, old.to(new.device))
+        return self
 
     def extra_repr(self) -> str:
         return f"timesteps={self.num_timesteps}"

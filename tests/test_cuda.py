@@ -11,7 +11,7 @@ def small_diffusion(**kw):
     torch.manual_seed(0)
     model = UNet(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                  dropout=0.0, image_size=8)
-    return Diffusion(model, image_size=8, timesteps=50, **kw).cuda()
+    return Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine", **kw).cuda()
 
 
 @pytest.mark.parametrize("sampling_timesteps", [None, 10])

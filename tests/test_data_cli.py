@@ -60,7 +60,7 @@ def test_train_then_sample_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDDPM_NO_PROGRESS", "1")
     out = tmp_path / "run"
     main(["train", "--data", "digits", "--out", str(out), "--steps", "3", "--batch-size", "8", "--timesteps", "10",
-          "--num-samples", "4"])
+          "--beta-schedule", "cosine", "--num-samples", "4"])
     assert (out / "samples.png").is_file() and Image.open(out / "samples.png").size[0] > 32
     d = Diffusion.from_pretrained(out)
     assert d.num_timesteps == 10 and d.image_size == (8, 8) and d.channels == 1
@@ -79,6 +79,12 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode != 0 and "config.json is missing" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", "--out", str(tmp_path / "o"), "--steps", "0")
     assert r.returncode == 2 and "must be >= 1" in r.stderr
+    r = run_cli("train", "--out", str(tmp_path / "o"), "--num-samples", "-1")
+    assert r.returncode == 2 and "must be >= 0" in r.stderr
+    r = run_cli("sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path))
+    assert r.returncode == 2 and "must be a .png file path" in r.stderr
+    r = run_cli("train", "--out", str(tmp_path / "o"), "--timesteps", "10")
+    assert r.returncode == 2 and "would need beta_end" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_info_reports_backends(capsys):

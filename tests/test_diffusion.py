@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from .conftest import TinyNet, rel_err
 
 def make(timesteps=20, **kw):
     torch.manual_seed(0)
-    return Diffusion(TinyNet(channels=kw.pop("channels", 3), timesteps=timesteps), image_size=kw.pop("image_size", 6),
+    kw.setdefault("beta_schedule", "cosine")  # reaches ᾱ_T ≈ 0 with few steps, unlike the paper's linear
+    return Diffusion(TinyNet(channels=kw.pop("channels", 3)), image_size=kw.pop("image_size", 6),
                      timesteps=timesteps, **kw)
 
 
@@ -100,7 +103,7 @@ def test_ddim_full_steps_eta1_matches_ancestral_sampling():
     d = make(timesteps=20)
     anc = d.sample(2, generator=torch.Generator().manual_seed(9), progress=False)
     from fastddpm import sampling
-    ddim = Diffusion(d.model, image_size=6, timesteps=20, ddim_sampling_eta=1.0)
+    ddim = Diffusion(d.model, image_size=6, timesteps=20, beta_schedule="cosine", ddim_sampling_eta=1.0)
     x = sampling.ddim_loop(ddim, (2, 3, 6, 6), generator=torch.Generator().manual_seed(9), progress=False)
     assert rel_err(ddim.unnormalize(x), anc) < 1e-5
 
@@ -135,7 +138,7 @@ def test_load_errors_name_the_problem(tmp_path):
         Diffusion.from_pretrained(tmp_path / "nothing")
     model = UNet(in_channels=1, model_channels=32, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
                  image_size=4)
-    Diffusion(model, image_size=4, timesteps=10).save_pretrained(tmp_path)
+    Diffusion(model, image_size=4, timesteps=10, beta_schedule="cosine").save_pretrained(tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors is corrupted"):
@@ -149,7 +152,14 @@ def test_load_errors_name_the_problem(tmp_path):
 
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(beta_schedule="nope"), ValueError, "unknown beta schedule 'nope'"),
-    (dict(timesteps=0), ValueError, "timesteps must be an integer >= 1"),
+    (dict(timesteps=0), ValueError, "timesteps must be >= 1"),
+    (dict(timesteps=2.5), TypeError, "timesteps must be an integer"),
+    (dict(ddim_sampling_eta=1.5), ValueError, r"ddim_sampling_eta must lie in \[0, 1\]"),
+    (dict(min_snr_gamma=0), ValueError, "min_snr_gamma must be > 0"),
+    (dict(image_size=6.5), TypeError, "image_size must be an integer"),
+    (dict(image_size=True), TypeError, "image_size must be an integer"),
+    (dict(sampling_timesteps=2.7), TypeError, "sampling_timesteps must be an integer"),
+    (dict(offset_noise_strength=-1), ValueError, "offset_noise_strength must be >= 0"),
     (dict(objective="eps"), ValueError, "unknown objective 'eps'"),
     (dict(variance="learned"), ValueError, "unknown variance"),
     (dict(sampling_timesteps=50), ValueError, r"sampling_timesteps must lie in \[1, timesteps=20\]"),
@@ -208,7 +218,7 @@ def test_model_output_shape_checked():
         def forward(self, x, t):
             return x[:, :1]
 
-    d = Diffusion(Wrong(), image_size=6, timesteps=10)
+    d = Diffusion(Wrong(), image_size=6, timesteps=10, beta_schedule="cosine")
     with pytest.raises(ValueError, match=r"must return a tensor of x_t's shape"):
         d(torch.rand(2, 3, 6, 6))
 
@@ -219,3 +229,106 @@ def test_table_attributes_like_gaussian_diffusion():
                  "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod", "snr"]:
         assert getattr(d, name) is getattr(d.schedule, name)
     assert d.to(torch.float64).betas.dtype == torch.float64
+
+
+@pytest.mark.parametrize("objective", ["pred_v", "pred_x0"])
+def test_zero_terminal_snr_ddim_is_finite(objective):
+    d = make(beta_schedule="jsd", objective=objective, sampling_timesteps=5)
+    assert torch.isfinite(d.sample(2, progress=False)).all()
+
+
+def test_short_unscaled_linear_schedule_warns():
+    with pytest.warns(UserWarning, match=r"ends at ᾱ_T = 0\.6"):
+        make(timesteps=50, beta_schedule="linear")
+    scaled = make(timesteps=50, beta_schedule="linear", schedule_fn_kwargs={"scale_with_timesteps": True})
+    assert scaled.alphas_cumprod[-1] < 1e-4
+
+
+def test_p_mean_variance_follows_variance():
+    x = torch.randn(3, 3, 6, 6)
+    t = torch.tensor([0, 5, 19])
+    small, large = make(), make(variance="fixed_large")
+    _, var_s, logvar_s, _ = small.p_mean_variance(x, t)
+    _, var_l, logvar_l, _ = large.p_mean_variance(x, t)
+    assert torch.allclose(var_s.flatten(), small.posterior_variance[t])
+    assert torch.allclose(var_l.flatten(), large.betas[t])
+    assert torch.allclose(logvar_l.flatten()[1:], large.betas[t[1:]].log())
+    assert torch.allclose(logvar_l.flatten()[0], logvar_s.flatten()[0])  # β̃_1 at the first step, as the DDPM code
+
+
+def test_sampling_with_fixed_large_and_pred_x0():
+    for kw in [dict(variance="fixed_large"), dict(objective="pred_x0"), dict(objective="pred_v")]:
+        out = make(**kw).sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+        assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_low_precision_model_keeps_float32_tables_and_samples():
+    d = make().to(torch.bfloat16)
+    assert d.betas.dtype == torch.float32 and d.model.conv_in.weight.dtype == torch.bfloat16
+    assert d.alphas_cumprod[-1].item() == make().alphas_cumprod[-1].item()
+    out = d.sample(2, progress=False, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_method_inputs_checked():
+    d = make()
+    with pytest.raises(TypeError, match="x_start must be floating point"):
+        d.q_sample(torch.ones(2, 3, 6, 6, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"x_start must have shape \[B, 3, 6, 6\]"):
+        d.p_losses(torch.randn(2, 3, 5, 6), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="noise must match x_start"):
+        d.q_sample(torch.randn(2, 3, 6, 6), 3, noise=torch.randn(1, 3, 6, 6))
+    with pytest.raises(ValueError, match="noise must match x_start"):
+        d.p_losses(torch.randn(2, 3, 6, 6), 3, noise=torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="t must be an int or an int64 tensor"):
+        d.q_sample(torch.randn(2, 3, 6, 6), True)
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        d.p_sample(torch.randn(2, 1, 6, 6), 3)
+    with pytest.raises(NotImplementedError, match="self-conditioning"):
+        d.p_sample(torch.randn(2, 3, 6, 6), 3, torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        d.sample(0, progress=False)
+    assert d.sample(np.int64(1), progress=False).shape == (1, 3, 6, 6)
+    assert d.p_sample(torch.randn(2, 3, 6, 6), np.int64(3))[0].shape == (2, 3, 6, 6)
+
+
+def test_gaussian_diffusion_style_state_dict_loads():
+    # GaussianDiffusion's checkpoints carry the schedule's tables as buffers: they are derived here and dropped.
+    d = make()
+    state = {**d.state_dict(), "betas": torch.zeros(20), "alphas_cumprod": torch.zeros(20), "loss_weight": torch.ones(20)}
+    d.load_state_dict(state)  # strict
+    assert d.betas.abs().sum() > 0
+
+
+def test_user_betas_set_timesteps():
+    d = Diffusion(TinyNet(), image_size=6, beta_schedule=torch.linspace(0.01, 0.5, 30))
+    assert d.num_timesteps == 30 and len(d.beta_schedule) == 30
+    with pytest.raises(ValueError, match="30 betas given but timesteps=10"):
+        Diffusion(TinyNet(), image_size=6, timesteps=10, beta_schedule=torch.linspace(0.01, 0.5, 30))
+    with pytest.raises(ValueError, match="1-D"):
+        Diffusion(TinyNet(), image_size=6, beta_schedule=[[0.1, 0.2], [0.3, 0.4]])
+
+
+def test_offset_noise_changes_the_loss_only_when_drawn():
+    d = make(offset_noise_strength=0.1)
+    x0, t = torch.rand(4, 3, 6, 6) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    noise = torch.randn_like(x0)
+    assert d.p_losses(x0, t, noise).item() == make().p_losses(x0, t, noise).item()  # given noise is used as is
+    assert torch.isfinite(d(torch.rand(4, 3, 6, 6)))
+
+
+def test_loss_weight_and_aliases():
+    d = make(min_snr_loss_weight=True)
+    assert d.loss_weight.shape == (20,) and (d.loss_weight <= 1).all()
+    assert d.p_sample_loop((1, 3, 6, 6), progress=False).shape == (1, 3, 6, 6)
+    assert make(sampling_timesteps=4).ddim_sample((1, 3, 6, 6), return_all_timesteps=True,
+                                                  progress=False).shape == (1, 5, 3, 6, 6)
+
+
+def test_from_pretrained_keeps_a_given_model_where_it_is(tmp_path):
+    model = UNet(in_channels=1, model_channels=32, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                 image_size=4).double()
+    Diffusion(model, image_size=4, timesteps=10, beta_schedule="cosine").save_pretrained(tmp_path)
+    other = UNet(**model.config).double()
+    d = Diffusion.from_pretrained(tmp_path, model=other)
+    assert d.model is other and other.conv_in.weight.dtype == torch.float64

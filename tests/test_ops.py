@@ -66,7 +66,7 @@ def test_backend_choice(monkeypatch, sched):
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_diffusion_backends_agree(backend):
     torch.manual_seed(0)
-    d = Diffusion(TinyNet(timesteps=50), image_size=6, timesteps=50, backend=backend)
+    d = Diffusion(TinyNet(timesteps=50), image_size=6, timesteps=50, beta_schedule="cosine", backend=backend)
     x0, noise = torch.randn(3, 3, 6, 6), torch.randn(3, 3, 6, 6)
     t = torch.tensor([0, 17, 49])
     assert rel_err(d.q_sample(x0, t, noise), reference.q_sample(d.schedule, x0.double(), t, noise.double())) < 1e-6
@@ -98,7 +98,7 @@ with warnings.catch_warnings(record=True) as caught:
     class Net(torch.nn.Conv2d):
         def forward(self, x, t):
             return super().forward(x)
-    d = Diffusion(Net(3, 3, 1), image_size=4, timesteps=10, channels=3)
+    d = Diffusion(Net(3, 3, 1), image_size=4, timesteps=10, beta_schedule='cosine', channels=3)
     x0 = torch.randn(2, 3, 4, 4)
     loss = d.p_losses(x0, torch.tensor([1, 9]))
 n = sum('not built' in str(w.message) for w in caught)
