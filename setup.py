@@ -13,9 +13,14 @@ import os
 import shutil
 import sys
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit("fastddpm setup: torch must be installed before fastddpm is built, and the build must see it: "
+             "install torch first, then `pip install -e . --no-build-isolation` (or just run `make`)")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100

@@ -20,9 +20,11 @@ def ema_with_warmup(decay: float):
 
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        # num_averaged is a device tensor: the decay stays one too, so the update never syncs with the host.
+        n = torch.as_tensor(num_averaged, dtype=torch.float32)
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
 
     return update
 

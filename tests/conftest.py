@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -220,3 +220,45 @@ def test_q_sample_bad_inputs(q_sample):
         call(sqrt_ac=sqrt_ac.half())
     with pytest.raises(RuntimeError, match=r"sqrt_one_minus_alphas_cumprod must be 1-D"):
         call(sqrt_1mac=sqrt_1mac[None])
+
+
+def test_permuted_dense_layout_matches_fake_and_reference():
+    # Dense but batch not outermost: the output is empty_like(x_start), as the fake impl says.
+    torch.manual_seed(3)
+    from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+    sched = NoiseSchedule(get_beta_schedule("linear", 50))
+    x = torch.randn(6, 3, 5, 4).transpose(0, 1)  # [3, 6, 5, 4], dense, batch stride 20 < numel/B
+    n = torch.randn(3, 6, 5, 4)
+    t = torch.tensor([0, 49, 7])
+    args = (x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod, n)
+    torch.library.opcheck(torch.ops.fastddpm.q_sample.default, args)
+    out = torch.ops.fastddpm.q_sample(*args)
+    assert out.stride() == torch.empty_like(x).stride()
+    ab = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    ref = ab.sqrt() * x.double() + (1 - ab).sqrt() * n.double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided"])
+def test_every_output_element_is_written(layout):
+    # Poisoned allocation: with fill_uninitialized_memory every at::empty is NaN-filled, so an element the
+    # kernel leaves unwritten shows up as NaN.
+    from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+    sched = NoiseSchedule(get_beta_schedule("cosine", 30))
+    base = torch.randn(5, 4, 7, 6)
+    x = {"contiguous": base, "channels_last": base.to(memory_format=torch.channels_last),
+         "permuted": base.transpose(0, 1).contiguous().transpose(0, 1), "strided": torch.randn(5, 8, 7, 6)[:, ::2]}[layout]
+    n = torch.randn(x.shape)
+    t = torch.randint(0, 30, (x.shape[0],))
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(8)).all()  # the poisoning is on
+        out = torch.ops.fastddpm.q_sample(x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod, n)
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+    assert torch.isfinite(out).all()

@@ -61,6 +61,9 @@ def test_backend_choice(monkeypatch, sched):
         assert choose_backend("diffusion_loss", "cpu", "triton") == "reference"
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         choose_backend("q_sample", "cpu", "fast")
+    monkeypatch.setenv("FASTDDPM_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTDDPM_BACKEND='cuda' is not a backend"):
+        choose_backend("q_sample", "cpu")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

@@ -16,10 +16,12 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the status
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   summary+=$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")$'\n'
+  [ "$rc" -eq 0 ] || failed=1
   return $rc
 }
 
 summary=""
+failed=0
 $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())' | tee "$OUT/versions.log"
 step build $PY -m pip install -e . --no-build-isolation --no-deps
 step info $PY -m fastddpm info
@@ -29,3 +31,4 @@ if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then
 fi
 echo "== summary ($(cat "$OUT/versions.log"))"
 printf '%s' "$summary"
+exit $failed

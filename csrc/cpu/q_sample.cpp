@@ -87,17 +87,18 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
   const std::vector<double> coef_x = gather(sqrt_alphas_cumprod, t);
   const std::vector<double> coef_n = gather(sqrt_one_minus_alphas_cumprod, t);
 
-  // The output keeps x_start's layout when the kernel can walk it as raw memory (empty_like preserves
-  // the strides of a dense tensor), else takes the suggested one (contiguous or channels_last).
-  at::Tensor out = batch_outermost_dense(x_start)
-                       ? at::empty_like(x_start)
-                       : at::empty(x_start.sizes(), x_start.options(), x_start.suggest_memory_format());
-  // Fast path: inputs already share the output's strides. Otherwise copy them into that layout.
-  auto in_out_layout = [&](const at::Tensor& x) {
-    return x.strides() == out.strides() ? x : at::empty_like(out).copy_(x);
+  // The output is empty_like(x_start), as the op's fake implementation says: x_start's strides when it is
+  // dense, else the suggested layout. The kernel walks raw memory with the batch outermost; for a dense
+  // x_start whose batch is not outermost (a permuted view) it computes into a contiguous buffer instead.
+  at::Tensor out = at::empty_like(x_start);
+  const bool direct = batch_outermost_dense(out);
+  at::Tensor work = direct ? out : at::empty(x_start.sizes(), x_start.options());
+  // Inputs that do not share the work buffer's strides are copied into that layout first.
+  auto in_work_layout = [&](const at::Tensor& x) {
+    return x.strides() == work.strides() ? x : at::empty_like(work).copy_(x);
   };
-  const at::Tensor x = in_out_layout(x_start);
-  const at::Tensor n = in_out_layout(noise);
+  const at::Tensor x = in_work_layout(x_start);
+  const at::Tensor n = in_work_layout(noise);
 
   const int64_t B = x.size(0);
   const int64_t S = B == 0 ? 0 : x.numel() / B;  // elements per sample
@@ -108,7 +109,7 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* n_ptr = n.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    scalar_t* out_ptr = work.mutable_data_ptr<scalar_t>();
     // Tasks are (sample, chunk) pairs; a thread takes a run of them, at least kGrainElements' worth.
     const int64_t chunks = (S + kChunk - 1) / kChunk;
     at::parallel_for(0, B * chunks, kGrainElements / kChunk, [&](int64_t begin, int64_t end) {
@@ -124,6 +125,9 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
       }
     });
   });
+  if (!direct) {
+    out.copy_(work);
+  }
   return out;
 }
 

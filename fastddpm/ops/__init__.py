@@ -54,7 +54,9 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
     device_type = torch.device(device).type
     requested = check_backend(backend)
     if requested == "auto":
-        requested = check_backend(os.environ.get("FASTDDPM_BACKEND", "auto") or "auto")
+        requested = os.environ.get("FASTDDPM_BACKEND", "auto") or "auto"
+        if requested not in BACKENDS:
+            raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if requested == "auto":
         order = ("triton", "cpp") if device_type == "cuda" else ("cpp", "triton")
         if op == "group_norm_silu":  # the U-Net's GroupNorm+SiLU is CUDA C++ on GPUs
