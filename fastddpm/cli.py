@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
     train.add_argument("--num-samples", type=_non_negative, default=64,
                        help="samples written to OUT/samples.png at the end (default: 64; 0 for none)")
+    train.add_argument("--save-every", type=_non_negative, default=1000,
+                       help="write OUT/checkpoint/ every N steps and at the end (default: 1000; 0: never)")
+    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint/")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -104,11 +107,14 @@ def cmd_train(args) -> Path:
     lr = args.lr if args.lr is not None else (1e-3 if digits else 2e-4)
     trainer = Trainer(diffusion, data, out=args.out, batch_size=args.batch_size, lr=lr,
                       warmup=min(5000, args.steps // 10), ema_decay=0.999 if digits else 0.9999,
-                      seed=args.seed, device=device)
-    start = time.perf_counter()
+                      seed=args.seed, device=device, save_every=args.save_every)
+    if args.resume:
+        print(f"resuming from {trainer.checkpoint_dir} at step {trainer.resume()}")
+    start, first = time.perf_counter(), trainer.step
     losses = trainer.train(args.steps)
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; "
-          f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    if losses:
+        print(f"trained steps {first + 1}–{trainer.step} in {time.perf_counter() - start:.0f} s; "
+              f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
     grid = trainer.save(num_samples=args.num_samples, seed=args.seed)
     print(f"model saved to {args.out}" + (f"; samples in {grid}" if grid else ""))
     return Path(args.out)

@@ -22,3 +22,93 @@ def test_ema_update_formula_with_warmup():
         expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
     for e, p in zip(expected, ema.module.parameters()):
         torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-6)
+
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fastddpm import Diffusion, UNet  # noqa: E402
+from fastddpm.train import EpochBatchSampler, Trainer  # noqa: E402
+
+
+def tiny_trainer(out, data, **kw):
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                 dropout=0.1, image_size=8, num_groups=4)
+    d = Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine")
+    return Trainer(d, data, out=out, batch_size=8, lr=1e-3, warmup=3, ema_decay=0.9, seed=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_batch_sampler_is_a_function_of_step():
+    s = EpochBatchSampler(10, 3, seed=4)
+    seen = torch.cat([s.indices(k) for k in range(3)])
+    assert sorted(seen.tolist()) == sorted(set(seen.tolist())) and len(seen) == 9  # an epoch: no repeats
+    assert not torch.equal(s.indices(0), s.indices(3))  # the next epoch is reshuffled
+    resumed = iter(EpochBatchSampler(10, 3, seed=4, start_step=5))
+    assert next(resumed) == s.indices(5).tolist()
+
+
+def test_resume_is_exact(tmp_path, data):
+    full = tiny_trainer(tmp_path / "a", data)
+    losses = full.train(8)
+    first = tiny_trainer(tmp_path / "b", data, save_every=4)
+    assert first.train(4) == losses[:4]
+    torch.manual_seed(123)  # whatever happens to the global RNG in between is restored from the checkpoint
+    second = tiny_trainer(tmp_path / "b", data)
+    assert second.resume() == 4
+    assert second.train(8) == losses[4:]  # bit-identical, loss by loss
+    for a, b in zip(full.ema.module.parameters(), second.ema.module.parameters()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "b" / "checkpoint.tmp").exists()
+
+
+def test_corrupted_checkpoint_names_the_file(tmp_path, data):
+    t = tiny_trainer(tmp_path, data, save_every=2)
+    t.train(2)
+    ckpt = tmp_path / "checkpoint"
+    blob = (ckpt / "state.pt").read_bytes()
+    (ckpt / "state.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="state.pt is corrupted"):
+        tiny_trainer(tmp_path, data).resume()
+    t.save_checkpoint()
+    blob = (ckpt / "ema.safetensors").read_bytes()
+    (ckpt / "ema.safetensors").write_bytes(blob[:100])
+    with pytest.raises(ValueError, match="corrupted"):
+        tiny_trainer(tmp_path, data).resume()
+    (ckpt / "ema.safetensors").unlink()
+    with pytest.raises(ValueError, match="ema.safetensors is missing"):
+        tiny_trainer(tmp_path, data).resume()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        tiny_trainer(tmp_path / "none", data).resume()
+
+
+def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "100000",
+           "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "1",
+           "--num-samples", "0"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "FASTDDPM_NO_PROGRESS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # well inside the next writes
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = subprocess.run(cmd[:-8] + ["--steps", "1", "--save-every", "1", "--batch-size", "8", "--timesteps", "50",
+                                   "--beta-schedule", "cosine", "--num-samples", "0", "--resume"],
+                       capture_output=True, text=True, env={**os.environ, "FASTDDPM_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
