@@ -113,7 +113,7 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
-    install_requires=["numpy", "tqdm", "safetensors", "pillow", "scikit-learn"],
+    install_requires=["numpy", "tqdm", "safetensors", "pillow", "scikit-learn", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

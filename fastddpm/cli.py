@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,15 @@ def _png_path(value: str) -> str:
     return value
 
 
+def _int_list(value) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    try:
+        return tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {value!r}") from None
+
+
 def _positive(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -44,26 +54,52 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020) with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a U-Net DDPM on the bundled digits or a folder of images")
+    train = sub.add_parser("train", help="train a U-Net DDPM on the bundled digits or a folder of images",
+                           description="Train a DDPM. Defaults are the paper's CIFAR-10 recipe; with --data digits "
+                           "a small U-Net and faster settings. Under `torchrun --nproc_per_node N -m fastddpm "
+                           "train ...` it trains with DDP (NCCL on GPUs, gloo on CPU).")
+    train.add_argument("--config", help="a TOML (or YAML, with PyYAML) file whose keys are these flags' names; "
+                       "flags on the command line win")
     train.add_argument("--data", default="digits", help="'digits' (8×8 digits bundled with scikit-learn) or a "
                        "folder of images (default: digits)")
-    train.add_argument("--out", required=True, help="output folder; it loads with Diffusion.from_pretrained(DIR)")
-    train.add_argument("--steps", type=_positive, default=4000, help="optimisation steps (default: 4000)")
-    train.add_argument("--batch-size", type=_positive, default=128, help="batch size (default: 128)")
+    train.add_argument("--out", help="output folder (required); it loads with Diffusion.from_pretrained(DIR)")
     train.add_argument("--image-size", type=_positive, default=None,
                        help="image side in pixels (default: 8 for digits, 32 for folders)")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 1e-3 for digits, "
-                       "2e-4 otherwise, the paper's)")
-    train.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
-    train.add_argument("--beta-schedule", default="linear", choices=sorted(BETA_SCHEDULES),
-                       help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
-    train.add_argument("--num-samples", type=_non_negative, default=64,
-                       help="samples written to OUT/samples.png at the end (default: 64; 0 for none)")
+    train.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image channels of a folder (default 3)")
+    train.add_argument("--steps", type=_positive, default=800_000, help="optimisation steps (default: 800000)")
+    train.add_argument("--batch-size", type=_positive, default=128, help="batch size per process (default: 128)")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4; 1e-3 for digits)")
+    train.add_argument("--warmup", type=_non_negative, default=None, help="learning-rate warm-up steps (default: "
+                       "5000, or a tenth of --steps if less)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default: 1)")
+    train.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: 0.9999; 0.999 for digits)")
+    train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step (default: 1)")
     train.add_argument("--save-every", type=_non_negative, default=1000,
                        help="write OUT/checkpoint/ every N steps and at the end (default: 1000; 0: never)")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint/")
+    train.add_argument("--sample-every", type=_non_negative, default=0,
+                       help="write OUT/samples/step_N.png and OUT/loss.png every N steps (default: 0, never)")
+    train.add_argument("--log-every", type=_positive, default=50, help="append to OUT/metrics.jsonl every N steps")
+    train.add_argument("--num-samples", type=_non_negative, default=64,
+                       help="samples in each grid and OUT/samples.png at the end (default: 64; 0 for none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                       help="autocast dtype (fp16 with a GradScaler; default: off)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
+    train.add_argument("--num-workers", type=_non_negative, default=0, help="DataLoader workers for folders")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="random horizontal flips (default: on for folders, off for digits)")
+    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint/")
+    model = train.add_argument_group("model and diffusion (defaults: the paper's CIFAR-10 U-Net; small for digits)")
+    model.add_argument("--model-channels", type=_positive, default=None)
+    model.add_argument("--channel-mult", type=_int_list, default=None, help="e.g. 1,2,2,2")
+    model.add_argument("--num-res-blocks", type=_positive, default=None)
+    model.add_argument("--attn-resolutions", type=_int_list, default=None, help="e.g. 16 (empty for none)")
+    model.add_argument("--dropout", type=float, default=None)
+    model.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
+    model.add_argument("--beta-schedule", default="linear", choices=sorted(BETA_SCHEDULES),
+                       help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
+    model.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0", "pred_v"])
 
     sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid")
     sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
@@ -84,39 +120,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; each process gets its own GPU."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
 def cmd_train(args) -> Path:
     from fastddpm import Diffusion, UNet
     from fastddpm.data import get_dataset
     from fastddpm.train import Trainer
 
-    device = _device(args.device)
-    torch.manual_seed(args.seed)
+    device = _init_distributed(_device(args.device))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     digits = args.data == "digits"
     if not digits and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data!r}: no such folder (give 'digits' or a folder of images)")
-    data = get_dataset(args.data, args.image_size, channels=3)
+    data = get_dataset(args.data, args.image_size, channels=args.channels)
     size = args.image_size or (8 if digits else 32)
+    model_kwargs = {k: v for k, v in dict(model_channels=args.model_channels, channel_mult=args.channel_mult,
+                                          num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn_resolutions,
+                                          dropout=args.dropout).items() if v is not None}
     if digits:
-        model = UNet.small(in_channels=1, image_size=size)
+        model = UNet.small(in_channels=1, image_size=size, **model_kwargs)
     else:
-        attn = (16,) if size >= 16 else ()
-        model = UNet(in_channels=3, image_size=size, attn_resolutions=attn)
+        model_kwargs.setdefault("attn_resolutions", (16,) if size >= 16 else ())
+        model = UNet(in_channels=args.channels, image_size=size, **model_kwargs)
     schedule_kwargs = {"scale_with_timesteps": True} if args.beta_schedule == "linear" else {}
     diffusion = Diffusion(model, image_size=size, timesteps=args.timesteps, beta_schedule=args.beta_schedule,
-                          schedule_fn_kwargs=schedule_kwargs)
-    lr = args.lr if args.lr is not None else (1e-3 if digits else 2e-4)
-    trainer = Trainer(diffusion, data, out=args.out, batch_size=args.batch_size, lr=lr,
-                      warmup=min(5000, args.steps // 10), ema_decay=0.999 if digits else 0.9999,
-                      seed=args.seed, device=device, save_every=args.save_every)
+                          schedule_fn_kwargs=schedule_kwargs, objective=args.objective)
+    trainer = Trainer(
+        diffusion, data, out=args.out, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else (1e-3 if digits else 2e-4),
+        warmup=args.warmup if args.warmup is not None else min(5000, args.steps // 10),
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay if args.ema_decay is not None else (
+            0.999 if digits else 0.9999),
+        seed=args.seed, device=device, save_every=args.save_every, grad_accum=args.grad_accum, amp=args.amp,
+        log_every=args.log_every, sample_every=args.sample_every, num_samples=args.num_samples,
+        compile=args.compile, num_workers=args.num_workers,
+        hflip=args.flip if args.flip is not None else not digits)
+    torch.manual_seed(args.seed * 1_000_003 + rank)  # each process draws its own t and ε
     if args.resume:
-        print(f"resuming from {trainer.checkpoint_dir} at step {trainer.resume()}")
+        step = trainer.resume()
+        if rank == 0:
+            print(f"resuming from {trainer.checkpoint_dir} at step {step}")
     start, first = time.perf_counter(), trainer.step
     losses = trainer.train(args.steps)
-    if losses:
-        print(f"trained steps {first + 1}–{trainer.step} in {time.perf_counter() - start:.0f} s; "
-              f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
-    grid = trainer.save(num_samples=args.num_samples, seed=args.seed)
-    print(f"model saved to {args.out}" + (f"; samples in {grid}" if grid else ""))
+    grid = trainer.save()
+    if rank == 0:
+        if losses:
+            print(f"trained steps {first + 1}–{trainer.step} in {time.perf_counter() - start:.0f} s; "
+                  f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        print(f"model saved to {Path(args.out) / 'model'}" + (f"; samples in {grid}" if grid else ""))
     return Path(args.out)
 
 
@@ -138,16 +201,63 @@ def cmd_sample(args) -> Path:
 
 def cmd_demo(args) -> Path:
     out = Path(args.out)
-    train_args = build_parser().parse_args(["train", "--data", "digits", "--out", str(out), "--steps",
-                                            str(args.steps), "--seed", str(args.seed), "--device", args.device])
+    train_args = parse_args(["train", "--data", "digits", "--out", str(out), "--steps", str(args.steps),
+                             "--seed", str(args.seed), "--device", args.device])
     print("fastddpm demo: training a small U-Net DDPM on the 8×8 digits bundled with scikit-learn")
     cmd_train(train_args)
     print(f"open {out / 'samples.png'}: 64 digits sampled with 1000 ancestral steps from the EMA weights")
     return out / "samples.png"
 
 
+def _load_config(path: str) -> dict:
+    """Flag values from a TOML or YAML file; keys are flag names (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path!r}: no such file")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+        values = yaml.safe_load(p.read_text()) or {}
+    else:
+        import tomllib
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--config {path}: not valid TOML: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a table of flag = value")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        try:
+            values = _load_config(args.config)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest: a for a in sub._actions}
+        unknown = sorted(set(values) - set(known) - {"help", "config"})
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {', '.join(unknown)}")
+        # Config values become defaults, converted like flags; flags given on the command line still win.
+        for key, value in values.items():
+            action = known[key]
+            if action.type is not None and not isinstance(value, bool):
+                value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
+            sub.set_defaults(**{key: value})
+        args = parser.parse_args(argv)
+    if args.command == "train" and not args.out:
+        parser.error("train: --out is required (on the command line or in --config)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "info":
         from fastddpm import build_info
         print(json.dumps(build_info(), indent=2))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
@@ -35,9 +37,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     seeded with (seed, e), and step s takes its (s mod steps-per-epoch)-th slice. Training resumed at any
     step therefore sees exactly the batches an uninterrupted run would, with no sampler state to save."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0, shard=(0, 1)):
         self.num_items, self.batch_size, self.seed, self.start_step = num_items, batch_size, seed, start_step
         self.steps_per_epoch = num_items // batch_size
+        self.rank, self.world_size = shard  # process `rank` of `world_size` takes its slice of each batch
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -49,7 +52,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         step = self.start_step
         while True:
-            yield self.indices(step).tolist()
+            idx = self.indices(step)
+            per = len(idx) // self.world_size
+            yield idx[self.rank * per:(self.rank + 1) * per].tolist()
             step += 1
 
 
@@ -62,6 +67,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -73,26 +79,50 @@ class Trainer:
 
     def __init__(self, diffusion: Diffusion, data, *, out: str | os.PathLike, batch_size: int = 64,
                  lr: float = 2e-4, warmup: int = 5000, grad_clip: float = 1.0, ema_decay: float = 0.9999,
-                 seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0, save_every: int = 0):
-        if len(data) < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(data)} images)")
+                 seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0, save_every: int = 0,
+                 grad_accum: int = 1, amp: str = "off", log_every: int = 50, sample_every: int = 0,
+                 num_samples: int = 64, compile: bool = False, hflip: bool = False):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        if grad_accum < 1 or log_every < 1 or save_every < 0 or sample_every < 0:
+            raise ValueError("grad_accum and log_every must be >= 1, save_every and sample_every >= 0")
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if len(data) < batch_size * self.world_size:
+            raise ValueError(f"batch_size {batch_size} × {self.world_size} processes is larger than the dataset "
+                             f"({len(data)} images)")
         self.device = torch.device(device)
         self.diffusion = diffusion.to(self.device)
         self.data = data
         self.out = Path(out)
         self.batch_size, self.grad_clip, self.warmup = batch_size, grad_clip, warmup
-        self.seed, self.save_every = seed, save_every
+        self.seed, self.save_every, self.grad_accum = seed, save_every, grad_accum
+        self.log_every, self.sample_every, self.num_samples = log_every, sample_every, num_samples
+        self.amp, self.hflip = amp, hflip
         self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, foreach=True)
         # Linear learning-rate warm-up over `warmup` steps, as in the DDPM paper's CIFAR-10 recipe.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally compiled.
+        self.loss_fn = self.diffusion
+        if self.world_size > 1:
+            self.loss_fn = torch.nn.parallel.DistributedDataParallel(
+                self.diffusion, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if compile:
+            self.loss_fn = torch.compile(self.loss_fn)
         self.step = 0
+        self.skipped = 0  # steps whose loss or gradient was not finite (never applied to the weights)
         self.num_workers = num_workers
 
     # ------------------------------------------------------------------ data
     def _batches(self):
-        sampler = EpochBatchSampler(len(self.data), self.batch_size, self.seed, start_step=self.step)
+        # One global batch of batch_size × world_size per micro-step; each process takes its slice.
+        micro = self.step * self.grad_accum
+        sampler = EpochBatchSampler(len(self.data), self.batch_size * self.world_size, self.seed, start_step=micro,
+                                    shard=(self.rank, self.world_size))
         if isinstance(self.data, torch.Tensor):  # in memory: index directly
             for idx in sampler:
                 yield self.data[idx]
@@ -123,6 +153,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema_n_averaged": self.ema.n_averaged.cpu(),
+            "scaler": self.scaler.state_dict(),
+            "skipped": self.skipped,
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "diffusion_config": self.diffusion.config,
@@ -174,52 +206,120 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise ValueError(f"checkpoint {ckpt} does not fit this model or trainer: {e}") from e
         self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state.get("skipped", 0))
         torch.set_rng_state(state["rng_torch"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step = int(state["step"])
+        if self.world_size > 1:  # the saved RNG state is rank 0's: every rank needs its own stream
+            torch.manual_seed(self.seed * 1_000_003 + self.step * 1_009 + self.rank)
         return self.step
 
     def ema_diffusion(self) -> Diffusion:
         """A Diffusion that shares the schedule and settings but runs the EMA weights."""
         return Diffusion(self.ema.module, **self.diffusion.config, backend=self.diffusion.backend).to(self.device)
 
-    def train(self, steps: int, log_every: int = 50, progress: bool = True) -> list[float]:
+    def _micro_step(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hflip:  # random horizontal flips, per image (the paper's CIFAR-10 augmentation)
+            flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+            images = torch.where(flip, images.flip(-1), images)
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "off"):
+            loss = self.loss_fn(images)  # Diffusion computes its loss in fp32 whatever the autocast dtype
+        self.scaler.scale(loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Unscale, clip, and apply the update unless the gradient is not finite; returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        params = self.diffusion.model.parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
+        if torch.isfinite(grad_norm):  # one host sync per step: a NaN/Inf never reaches the weights
+            self.scaler.step(self.optimizer)
+            self.ema.update_parameters(self.diffusion.model)
+        else:
+            self.skipped += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm.detach()
+
+    def train(self, steps: int, progress: bool = True) -> list[float]:
         """Optimise until ``self.step == steps``; returns the losses of the steps run by this call."""
         self.diffusion.train()
         batches = self._batches()
-        losses = []
-        disable = not progress or os.environ.get("FASTDDPM_NO_PROGRESS", "") not in ("", "0")
-        with tqdm(total=steps, initial=self.step, desc="training", disable=disable) as bar:
+        losses, window, last_log = [], [], (time.perf_counter(), self.step)
+        main = self.rank == 0
+        disable = not progress or not main or os.environ.get("FASTDDPM_NO_PROGRESS", "") not in ("", "0")
+        with tqdm(total=steps, initial=self.step, desc="training", unit="step", disable=disable) as bar:
             while self.step < steps:
-                images = next(batches).to(self.device, non_blocking=True)
-                loss = self.diffusion(images)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.ema.update_parameters(self.diffusion.model)
+                loss = torch.stack([self._micro_step(next(batches).to(self.device, non_blocking=True))
+                                    for _ in range(self.grad_accum)]).mean()
+                grad_norm = self._optimizer_step()
                 self.step += 1
                 bar.update(1)
-                losses.append(loss.detach())
-                if self.step % log_every == 0 or self.step == steps:
-                    recent = torch.stack(losses[-log_every:]).mean().item()
-                    if not math.isfinite(recent):
-                        raise FloatingPointError(f"training loss became {recent} at step {self.step}")
-                    bar.set_postfix(loss=f"{recent:.4f}")
+                losses.append(loss)
+                window.append(torch.stack([loss, grad_norm]))
+                if self.step % self.log_every == 0 or self.step == steps:
+                    mean_loss, mean_norm = torch.stack(window).nanmean(0).tolist()
+                    now = time.perf_counter()
+                    record = {"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": mean_norm, "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
+                              "skipped": self.skipped, "time": time.time()}
+                    window, last_log = [], (now, self.step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    if main:
+                        self._log(record)
+                if self.sample_every and self.step % self.sample_every == 0 and main:
+                    self.write_samples(self.out / "samples" / f"step_{self.step}.png", progress=False)
                 if self.save_every and (self.step % self.save_every == 0 or self.step == steps):
-                    self.save_checkpoint()
+                    if main:
+                        self.save_checkpoint()
+                    if self.world_size > 1:
+                        dist.barrier()
         return torch.stack(losses).tolist() if losses else []
 
-    def save(self, num_samples: int = 64, seed: int = 0, progress: bool = True) -> Path | None:
-        """Write the EMA model (``save_pretrained`` into ``out``) and, if num_samples, ``out/samples.png``."""
-        ema = self.ema_diffusion()
-        ema.save_pretrained(self.out)
-        if not num_samples:
+    def _log(self, record: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_samples(self, path: Path, seed: int = 0, progress: bool = True) -> Path | None:
+        """A grid of ``num_samples`` EMA samples at ``path``, and the loss curve beside the outputs."""
+        if not self.num_samples:
             return None
-        gen = torch.Generator(self.device).manual_seed(seed)
-        ema.eval()
-        images = ema.sample(num_samples, generator=gen, progress=progress)
-        return save_image_grid(images, self.out / "samples.png", scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
+        ema = self.ema_diffusion().eval()
+        images = ema.sample(self.num_samples, generator=torch.Generator(self.device).manual_seed(seed),
+                            progress=progress)
+        grid = save_image_grid(images, path, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
+        plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+        return grid
+
+    def save(self, progress: bool = True) -> Path | None:
+        """Write the EMA model (``save_pretrained`` into ``out/model``) and ``out/samples.png``; rank 0 only."""
+        if self.rank != 0:
+            return None
+        self.ema_diffusion().save_pretrained(self.out / "model")
+        return self.write_samples(self.out / "samples.png", progress=progress)
+
+
+def plot_loss(metrics: Path, path: Path) -> Path | None:
+    """The loss curve of ``metrics.jsonl`` as a PNG (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

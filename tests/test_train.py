@@ -1,3 +1,5 @@
+import json
+
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -112,3 +114,89 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "FASTDDPM_NO_PROGRESS": "1"})
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_steps_are_finite(tmp_path, data, amp):
+    t = tiny_trainer(tmp_path, data, amp=amp)
+    losses = t.train(3)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in t.diffusion.model.parameters())
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, data):
+    t = tiny_trainer(tmp_path, data, log_every=1)
+    model = t.diffusion.model
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    handle = model.register_forward_hook(poison)
+    losses = t.train(3)
+    handle.remove()
+    assert t.skipped == 1 and t.step == 3
+    assert torch.isnan(torch.tensor(losses[1])) and torch.isfinite(torch.tensor([losses[0], losses[2]])).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in t.ema.module.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["skipped"] == 1
+
+
+def test_outputs_metrics_samples_loss_plot(tmp_path, data):
+    t = tiny_trainer(tmp_path, data, log_every=2, sample_every=2, num_samples=4, grad_accum=2, hflip=True)
+    t.train(4)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "steps_per_s", "skipped"} <= set(r) and r["loss"] > 0
+    from PIL import Image
+
+    for name in ["samples/step_2.png", "samples/step_4.png", "loss.png"]:
+        assert Image.open(tmp_path / name).size[0] > 20, name
+    t.save(progress=False)
+    d = Diffusion.from_pretrained(tmp_path)  # the training folder: the EMA model in model/
+    assert all(torch.equal(a, b) for a, b in zip(d.model.state_dict().values(), t.ema.module.state_dict().values()))
+
+
+def test_config_file_and_flags(tmp_path):
+    from fastddpm.cli import parse_args
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('out = "x"\nsteps = 7\nchannel-mult = [1, 2]\nlr = 0.001\namp = "bf16"\nflip = false\n')
+    args = parse_args(["train", "--config", str(cfg), "--steps", "9"])
+    assert (args.out, args.steps, args.channel_mult, args.lr, args.amp, args.flip) == ("x", 9, (1, 2), 0.001, "bf16", False)
+    cfg.write_text('out = "x"\nstepz = 3\n')
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--config", str(cfg)])
+
+
+def test_bad_images_are_named(tmp_path):
+    from fastddpm.data import ImageFolder
+
+    (tmp_path / "ok.png").write_bytes(b"")  # an empty file is not an image
+    ds = ImageFolder(tmp_path, 8)
+    with pytest.raises(OSError, match="ok.png"):
+        ds[0]
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "4", "--batch-size", "8",
+           "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "2", "--log-every", "2",
+           "--num-samples", "4", "--device", "cpu"]
+    env = {**os.environ, "FASTDDPM_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("model saved to") == 1  # rank 0 alone reports and writes
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert (out / "checkpoint" / "state.pt").is_file() and (out / "samples.png").is_file()
+    # resume the 2-process run on one process (another world size), two more steps
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps",
+                        "6", "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine", "--num-samples",
+                        "0", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 4" in r.stdout
