@@ -27,12 +27,6 @@ def _non_negative(value: str) -> int:
     return n
 
 
-def _png_path(value: str) -> str:
-    if not value.lower().endswith(".png") or Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"must be a .png file path, got {value!r}")
-    return value
-
-
 def _int_list(value) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
@@ -101,14 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
     model.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0", "pred_v"])
 
-    sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid")
+    sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid or a folder")
     sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
     sample.add_argument("--num", type=_positive, default=64, help="number of images (default: 64)")
-    sample.add_argument("--out", required=True, type=_png_path, help="PNG file to write")
-    sample.add_argument("--sampling-timesteps", type=_positive, default=None,
-                        help="DDIM steps (default: all T steps, ancestral sampling)")
+    sample.add_argument("--out", required=True, help="FILE.png for a grid, or a folder for one PNG per image")
+    steps = sample.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=_positive, default=None,
+                       help="K respaced ancestral steps (DDIM with η = 1; default: all T steps)")
+    steps.add_argument("--ddim", type=_positive, default=None, help="K deterministic DDIM steps (η = 0)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+
+    evaluate = sub.add_parser("eval", help="FID of a trained model's samples against a folder of images")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--fid", required=True, metavar="REF_DIR", help="folder of reference images")
+    evaluate.add_argument("--num", type=_positive, default=10_000, help="samples to draw (default: 10000)")
+    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--ddim", type=_positive, default=None, help="sample with K DDIM steps")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
     demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -183,20 +188,62 @@ def cmd_train(args) -> Path:
     return Path(args.out)
 
 
-def cmd_sample(args) -> Path:
+def _load_for_sampling(args):
     from fastddpm import Diffusion
-    from fastddpm.data import save_image_grid
 
-    device = _device(args.device)
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: no such folder")
-    overrides = {"sampling_timesteps": args.sampling_timesteps} if args.sampling_timesteps else {}
-    diffusion = Diffusion.from_pretrained(args.checkpoint, device=device, **overrides)
-    diffusion.eval()
-    images = diffusion.sample(args.num, generator=torch.Generator(device).manual_seed(args.seed))
-    path = save_image_grid(images, args.out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
-    print(f"wrote {args.num} samples to {path}")
-    return path
+    k, eta = (args.ddim, 0.0) if getattr(args, "ddim", None) else (getattr(args, "steps", None), 1.0)
+    overrides = {"sampling_timesteps": k, "ddim_sampling_eta": eta} if k else {}
+    return Diffusion.from_pretrained(args.checkpoint, device=_device(args.device), **overrides).eval()
+
+
+def cmd_sample(args) -> Path:
+    from fastddpm.data import save_image_grid
+
+    out = Path(args.out)
+    if out.suffix and out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out!r}: give FILE.png for a grid or a folder for single images")
+    diffusion = _load_for_sampling(args)
+    images = diffusion.sample(args.num, generator=torch.Generator(diffusion.device).manual_seed(args.seed))
+    if out.suffix:
+        save_image_grid(images, out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            save_image_grid(img[None], out / f"{i:06d}.png", padding=0)
+    print(f"wrote {args.num} samples to {out}")
+    return out
+
+
+def cmd_eval(args) -> float:
+    from fastddpm.data import ImageFolder
+
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise ValueError("FID needs torchmetrics with its image extra (pip install 'torchmetrics[image]'), which is "
+                         "not installed; its Inception weights are downloaded on first use") from None
+    diffusion = _load_for_sampling(args)
+    ref = ImageFolder(args.fid, diffusion.image_size[0], channels=3)
+    try:
+        fid = FrechetInceptionDistance(normalize=True).to(diffusion.device)
+    except Exception as e:  # no network for the weights, a broken install, ...
+        raise ValueError(f"cannot set up FID's Inception network: {e}") from e
+
+    def rgb(x):
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    loader = torch.utils.data.DataLoader(ref, batch_size=args.batch_size)
+    for batch in loader:
+        fid.update(rgb(batch.to(diffusion.device)), real=True)
+    gen = torch.Generator(diffusion.device).manual_seed(args.seed)
+    for start in range(0, args.num, args.batch_size):
+        n = min(args.batch_size, args.num - start)
+        fid.update(rgb(diffusion.sample(n, generator=gen, progress=False)), real=False)
+    score = float(fid.compute())
+    print(f"FID {score:.3f} ({args.num} samples vs {len(ref)} images in {args.fid})")
+    return score
 
 
 def cmd_demo(args) -> Path:
@@ -263,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build_info(), indent=2))
         return 0
     try:
-        {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
+        {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval}[args.command](args)
     except (FileNotFoundError, ValueError, OSError) as e:  # bad paths and files: a message, not a traceback
         print(f"fastddpm: error: {e}", file=sys.stderr)
         return 2

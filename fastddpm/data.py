@@ -37,6 +37,12 @@ class ImageFolder(torch.utils.data.Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {str(root)!r}")
+        for path in self.files:  # reading the headers is cheap, and names a bad file before any worker starts
+            try:
+                with Image.open(path):
+                    pass
+            except OSError as e:
+                raise OSError(f"cannot read image {path}: {e}") from e
         self.image_size, self.channels = int(image_size), channels
 
     def __len__(self) -> int:

@@ -65,8 +65,11 @@ def test_train_then_sample_end_to_end(tmp_path, monkeypatch):
     d = Diffusion.from_pretrained(out)
     assert d.num_timesteps == 10 and d.image_size == (8, 8) and d.channels == 1
     png = tmp_path / "s.png"
-    main(["sample", "--checkpoint", str(out), "--num", "3", "--out", str(png), "--sampling-timesteps", "5"])
+    main(["sample", "--checkpoint", str(out), "--num", "3", "--out", str(png), "--ddim", "5"])
     assert Image.open(png).mode == "L"
+    main(["sample", "--checkpoint", str(out), "--num", "2", "--out", str(tmp_path / "single"), "--steps", "4"])
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["000000.png", "000001.png"]
+    assert Image.open(tmp_path / "single" / "000000.png").size == (8, 8)
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -81,8 +84,10 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "must be >= 1" in r.stderr
     r = run_cli("train", "--out", str(tmp_path / "o"), "--num-samples", "-1")
     assert r.returncode == 2 and "must be >= 0" in r.stderr
-    r = run_cli("sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path))
-    assert r.returncode == 2 and "must be a .png file path" in r.stderr
+    r = run_cli("sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.jpg"))
+    assert r.returncode == 2 and "give FILE.png for a grid or a folder" in r.stderr
+    r = run_cli("sample", "--checkpoint", str(tmp_path), "--out", "x.png", "--steps", "3", "--ddim", "3")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
     r = run_cli("train", "--out", str(tmp_path / "o"), "--timesteps", "10")
     assert r.returncode == 2 and "would need beta_end" in r.stderr and "Traceback" not in r.stderr
 
@@ -91,3 +96,15 @@ def test_info_reports_backends(capsys):
     main(["info"])
     out = capsys.readouterr().out
     assert '"torch"' in out and '"backends"' in out and '"q_sample"' in out
+
+
+def test_eval_says_what_is_missing(tmp_path):
+    try:
+        import torchmetrics  # noqa: F401
+        has_torchmetrics = True
+    except ImportError:
+        has_torchmetrics = False
+    r = run_cli("eval", "--checkpoint", str(tmp_path), "--fid", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    if not has_torchmetrics:
+        assert "FID needs torchmetrics" in r.stderr
