@@ -7,14 +7,20 @@ PyTorch reference.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from types import ModuleType
 
 
-@functools.cache
+_UNLOADED = object()
+_ext = _UNLOADED  # the loaded module, None when it failed; a plain global (not functools.cache) so that
+                  # torch.compile traces the callers without warnings
+
+
 def load() -> ModuleType | None:
     """fastddpm._C, or None (with one RuntimeWarning per process) when it is not built or does not load."""
+    global _ext
+    if _ext is not _UNLOADED:
+        return _ext
     import torch  # noqa: F401  (loads libtorch, which fastddpm._C links against)
 
     try:
@@ -24,8 +30,9 @@ def load() -> ModuleType | None:
             f"fastddpm: the C++ extension fastddpm._C is not built or does not load ({e}); its ops fall back "
             "to the PyTorch reference. Build it with `pip install -e . --no-build-isolation` or `make`.",
             RuntimeWarning, stacklevel=2)
-        return None
-    return _C
+        _C = None
+    _ext = _C
+    return _ext
 
 
 def cpu_built() -> bool:

@@ -86,7 +86,7 @@ def test_cpu_extension_is_built():
 def test_load_warns_once_and_falls_back_when_missing(monkeypatch):
     monkeypatch.delattr(sys.modules["fastddpm"], "_C", raising=False)
     monkeypatch.setitem(sys.modules, "fastddpm._C", None)  # makes `import fastddpm._C` raise ImportError
-    _extension.load.cache_clear()
+    monkeypatch.setattr(_extension, "_ext", _extension._UNLOADED)  # forget the loaded module
     try:
         hint = "not built.*fall back.*pip install -e . --no-build-isolation"
         with pytest.warns(RuntimeWarning, match=hint):
@@ -95,7 +95,6 @@ def test_load_warns_once_and_falls_back_when_missing(monkeypatch):
             warnings.simplefilter("error")
             assert _extension.load() is None and not _extension.cpu_built() and _extension.cuda_archs() == []
     finally:
-        _extension.load.cache_clear()
         monkeypatch.undo()
     assert _extension.load() is not None
 
