@@ -28,14 +28,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _positive_int(value, name: str) -> int:
-    """value as an int >= 1 (python or numpy ints, 0-d integer tensors); bools and floats are refused."""
+def _as_int(value, name: str) -> int:
+    """value as an int (python or numpy ints, 0-d integer tensors); bools and floats are refused."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        n = operator.index(value)
+        return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _positive_int(value, name: str) -> int:
+    n = _as_int(value, name)
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
     return n
@@ -190,12 +194,8 @@ class Diffusion(nn.Module):
 
     def _check_t(self, t, batch: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
-            try:
-                if isinstance(t, bool):
-                    raise TypeError
-                t = torch.full((batch,), operator.index(t), dtype=torch.long, device=self.device)
-            except TypeError:
-                raise TypeError(f"t must be an int or an int64 tensor of shape [{batch}], got {t!r}") from None
+            t = torch.full((batch,), _as_int(t, f"t (an int or an int64 tensor of shape [{batch}])"),
+                           dtype=torch.long, device=self.device)
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"t must be an int64 tensor of shape [{batch}], got dtype {t.dtype}")
         if t.shape != (batch,):
@@ -293,12 +293,7 @@ class Diffusion(nn.Module):
         """One ancestral step from x_t at the integer step t; returns (x_{t−1}, x̂_0)."""
         self._no_self_cond(x_self_cond)
         self._check_images(x, "x")
-        try:
-            if isinstance(t, bool):
-                raise TypeError
-            t = operator.index(t)
-        except TypeError:
-            raise TypeError(f"t must be an int, got {t!r}") from None
+        t = _as_int(t, "t")
         if not 0 <= t < self.num_timesteps:
             raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t}")
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)

@@ -189,11 +189,13 @@ class Trainer:
         for name in CHECKPOINT_FILES:
             if not (ckpt / name).is_file():
                 raise ValueError(f"checkpoint {ckpt} is incomplete: {name} is missing")
-        try:
-            model_state = load_file(str(ckpt / "model.safetensors"))
-            ema_state = load_file(str(ckpt / "ema.safetensors"))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"checkpoint file is corrupted: {e} (in {ckpt})") from e
+        weights = {}
+        for name in ("model.safetensors", "ema.safetensors"):
+            try:
+                weights[name] = load_file(str(ckpt / name))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{ckpt / name} is corrupted or not a safetensors file: {e}") from e
+        model_state, ema_state = weights["model.safetensors"], weights["ema.safetensors"]
         try:
             state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
         except Exception as e:  # torch.load raises a variety of errors on damaged files
