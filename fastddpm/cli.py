@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--steps", type=_positive, default=None,
                        help="K respaced ancestral steps (DDIM with η = 1; default: all T steps)")
     steps.add_argument("--ddim", type=_positive, default=None, help="K deterministic DDIM steps (η = 0)")
+    sample.add_argument("--batch-size", type=_positive, default=256, help="images per sampling batch (default: 256)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -131,7 +133,8 @@ def _init_distributed(device: torch.device) -> torch.device:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 alone draws sample grids while the others wait: allow that an hour.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -141,8 +144,11 @@ def _init_distributed(device: torch.device) -> torch.device:
 def cmd_train(args) -> Path:
     from fastddpm import Diffusion, UNet
     from fastddpm.data import get_dataset
-    from fastddpm.train import Trainer
+    from fastddpm.train import SEED_NOISE, Trainer, derive_seed
 
+    if (Path(args.out) / "checkpoint").exists() and not args.resume:
+        raise ValueError(f"{args.out} already holds a training run (checkpoint/): continue it with --resume, "
+                         f"or give another --out")
     device = _init_distributed(_device(args.device))
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(args.seed)  # the same initial weights on every process
@@ -172,7 +178,7 @@ def cmd_train(args) -> Path:
         log_every=args.log_every, sample_every=args.sample_every, num_samples=args.num_samples,
         compile=args.compile, num_workers=args.num_workers,
         hflip=args.flip if args.flip is not None else not digits)
-    torch.manual_seed(args.seed * 1_000_003 + rank)  # each process draws its own t and ε
+    torch.manual_seed(derive_seed(args.seed, SEED_NOISE, rank))  # each process draws its own t and ε
     if args.resume:
         step = trainer.resume()
         if rank == 0:
@@ -195,7 +201,19 @@ def _load_for_sampling(args):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: no such folder")
     k, eta = (args.ddim, 0.0) if getattr(args, "ddim", None) else (getattr(args, "steps", None), 1.0)
     overrides = {"sampling_timesteps": k, "ddim_sampling_eta": eta} if k else {}
-    return Diffusion.from_pretrained(args.checkpoint, device=_device(args.device), **overrides).eval()
+    diffusion = Diffusion.from_pretrained(args.checkpoint, device=_device(args.device), **overrides).eval()
+    return diffusion, bool(k)  # with K steps asked for, the DDIM loop runs even for K = T
+
+
+def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int) -> torch.Tensor:
+    """``num`` images in [0, 1], drawn ``batch_size`` at a time from one seeded generator."""
+    gen = torch.Generator(diffusion.device).manual_seed(seed)
+    loop = diffusion.ddim_sample if use_ddim else diffusion.p_sample_loop
+    out = []
+    for start in range(0, num, batch_size):
+        shape = (min(batch_size, num - start), diffusion.channels, *diffusion.image_size)
+        out.append(diffusion.unnormalize(loop(shape, generator=gen)).cpu())
+    return torch.cat(out)
 
 
 def cmd_sample(args) -> Path:
@@ -204,8 +222,8 @@ def cmd_sample(args) -> Path:
     out = Path(args.out)
     if out.suffix and out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out!r}: give FILE.png for a grid or a folder for single images")
-    diffusion = _load_for_sampling(args)
-    images = diffusion.sample(args.num, generator=torch.Generator(diffusion.device).manual_seed(args.seed))
+    diffusion, use_ddim = _load_for_sampling(args)
+    images = _draw(diffusion, use_ddim, args.num, args.batch_size, args.seed)
     if out.suffix:
         save_image_grid(images, out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
     else:
@@ -224,7 +242,7 @@ def cmd_eval(args) -> float:
     except ImportError:
         raise ValueError("FID needs torchmetrics with its image extra (pip install 'torchmetrics[image]'), which is "
                          "not installed; its Inception weights are downloaded on first use") from None
-    diffusion = _load_for_sampling(args)
+    diffusion, use_ddim = _load_for_sampling(args)
     ref = ImageFolder(args.fid, diffusion.image_size[0], channels=3)
     try:
         fid = FrechetInceptionDistance(normalize=True).to(diffusion.device)
@@ -237,10 +255,9 @@ def cmd_eval(args) -> float:
     loader = torch.utils.data.DataLoader(ref, batch_size=args.batch_size)
     for batch in loader:
         fid.update(rgb(batch.to(diffusion.device)), real=True)
-    gen = torch.Generator(diffusion.device).manual_seed(args.seed)
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
-        fid.update(rgb(diffusion.sample(n, generator=gen, progress=False)), real=False)
+        fid.update(rgb(_draw(diffusion, use_ddim, n, n, args.seed + start).to(diffusion.device)), real=False)
     score = float(fid.compute())
     print(f"FID {score:.3f} ({args.num} samples vs {len(ref)} images in {args.fid})")
     return score
@@ -280,6 +297,7 @@ def _load_config(path: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         try:
@@ -287,17 +305,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
         sub = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest: a for a in sub._actions}
-        unknown = sorted(set(values) - set(known) - {"help", "config"})
+        flags = {a.dest: a for a in sub._actions if a.option_strings}
+        unknown = sorted(set(values) - set(flags) - {"help", "config"})
         if unknown:
             parser.error(f"--config {args.config}: unknown keys {', '.join(unknown)}")
-        # Config values become defaults, converted like flags; flags given on the command line still win.
+        # The config becomes command-line words placed before the user's own, so argparse checks types and
+        # choices exactly as for flags, and a flag given on the command line comes later and wins.
+        words = []
         for key, value in values.items():
-            action = known[key]
-            if action.type is not None and not isinstance(value, bool):
-                value = action.type(",".join(map(str, value)) if isinstance(value, list) else str(value))
-            sub.set_defaults(**{key: value})
-        args = parser.parse_args(argv)
+            action, flag = flags[key], flags[key].option_strings[0]
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+                if not isinstance(value, bool):
+                    parser.error(f"--config {args.config}: {key} must be true or false, got {value!r}")
+                if value:
+                    words.append(flag)
+                elif isinstance(action, argparse.BooleanOptionalAction):
+                    words.append("--no-" + flag[2:])
+            elif isinstance(value, bool) or value is None or isinstance(value, dict):
+                parser.error(f"--config {args.config}: {key} = {value!r} is not a valid value")
+            else:
+                words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        args = parser.parse_args([argv[0], *words, *argv[1:]])
     if args.command == "train" and not args.out:
         parser.error("train: --out is required (on the command line or in --config)")
     return args

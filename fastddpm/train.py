@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
@@ -45,7 +47,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         if getattr(self, "_epoch", None) != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, SEED_DATA, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=gen)
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
@@ -56,6 +58,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             per = len(idx) // self.world_size
             yield idx[self.rank * per:(self.rank + 1) * per].tolist()
             step += 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (NumPy's SeedSequence), so that the data order, each process's
+    noise stream and re-seeds on resume never share a stream."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+SEED_DATA, SEED_NOISE, SEED_RESUME = 0, 1, 2
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,6 +97,9 @@ class Trainer:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if grad_accum < 1 or log_every < 1 or save_every < 0 or sample_every < 0:
             raise ValueError("grad_accum and log_every must be >= 1, save_every and sample_every >= 0")
+        if not lr > 0 or grad_clip < 0 or not 0 <= ema_decay < 1:
+            raise ValueError(f"need lr > 0, grad_clip >= 0 and 0 <= ema_decay < 1; got lr={lr}, "
+                             f"grad_clip={grad_clip}, ema_decay={ema_decay}")
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if len(data) < batch_size * self.world_size:
@@ -107,13 +121,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally compiled.
-        self.loss_fn = self.diffusion
-        if self.world_size > 1:
-            self.loss_fn = torch.nn.parallel.DistributedDataParallel(
-                self.diffusion, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Compiling the network alone (in place: state_dict keys unchanged) leaves the input checks, which
+        # read values back to the host, outside the compiled graph.
         if compile:
-            self.loss_fn = torch.compile(self.loss_fn)
+            self.diffusion.model.compile()
+        self.loss_fn = self.diffusion
+        if self.world_size > 1:  # the schedule's tables are the same everywhere: no buffer broadcasts
+            self.loss_fn = torch.nn.parallel.DistributedDataParallel(
+                self.diffusion, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         self.step = 0
+        self.last_lr = lr
         self.skipped = 0  # steps whose loss or gradient was not finite (never applied to the weights)
         self.num_workers = num_workers
 
@@ -127,7 +145,9 @@ class Trainer:
             for idx in sampler:
                 yield self.data[idx]
         else:
-            yield from torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.num_workers)
+            # The DataLoader's own generator keeps it from drawing from the global RNG (which resume restores).
+            yield from torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.num_workers,
+                                                   generator=torch.Generator().manual_seed(self.seed))
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -156,7 +176,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "skipped": self.skipped,
             "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "diffusion_config": self.diffusion.config,
         }
         torch.save(state, tmp / "state.pt")
@@ -170,6 +190,8 @@ class Trainer:
         tmp.rename(final)
         _fsync_dir(self.out)
         shutil.rmtree(old, ignore_errors=True)
+        # The EMA model too, so that `fastddpm sample --checkpoint OUT` works during training and after a kill.
+        self.ema_diffusion().save_pretrained(self.out / "model")
         return final
 
     def resume(self, directory: str | os.PathLike | None = None) -> int:
@@ -196,40 +218,54 @@ class Trainer:
             except (SafetensorError, OSError, ValueError) as e:
                 raise ValueError(f"{ckpt / name} is corrupted or not a safetensors file: {e}") from e
         model_state, ema_state = weights["model.safetensors"], weights["ema.safetensors"]
+        state_path = ckpt / "state.pt"
         try:
-            state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+            state = torch.load(state_path, weights_only=True, map_location="cpu")
         except Exception as e:  # torch.load raises a variety of errors on damaged files
-            raise ValueError(f"{ckpt / 'state.pt'} is corrupted or not a fastddpm checkpoint: {e}") from e
+            raise ValueError(f"{state_path} is corrupted or not a fastddpm checkpoint: {e}") from e
+        saved = state.get("diffusion_config", {}) if isinstance(state, dict) else {}
+        changed = {k: (v, self.diffusion.config.get(k)) for k, v in saved.items() if self.diffusion.config.get(k) != v}
+        if changed:
+            raise ValueError(f"checkpoint {ckpt} was trained with other diffusion settings (saved vs now): "
+                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in changed.items()))
         try:
             self.diffusion.model.load_state_dict(model_state)
             self.ema.module.load_state_dict(ema_state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ValueError(f"checkpoint {ckpt} does not fit this model or trainer: {e}") from e
-        self.ema.n_averaged.copy_(state["ema_n_averaged"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.skipped = int(state.get("skipped", 0))
-        torch.set_rng_state(state["rng_torch"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step = int(state["step"])
+            self.ema.n_averaged.copy_(state["ema_n_averaged"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.skipped = int(state.get("skipped", 0))
+            torch.set_rng_state(state["rng_torch"])
+            if state.get("rng_cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+            self.step = int(state["step"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint {ckpt} does not fit this model or trainer, or {state_path.name} is "
+                             f"damaged: {e!r}") from e
         if self.world_size > 1:  # the saved RNG state is rank 0's: every rank needs its own stream
-            torch.manual_seed(self.seed * 1_000_003 + self.step * 1_009 + self.rank)
+            torch.manual_seed(derive_seed(self.seed, SEED_RESUME, self.step, self.rank))
+        metrics = self.out / "metrics.jsonl"
+        if self.rank == 0 and metrics.is_file():  # rows logged after the checkpoint are logged again
+            rows = _read_metrics(metrics)
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.step))
         return self.step
 
     def ema_diffusion(self) -> Diffusion:
         """A Diffusion that shares the schedule and settings but runs the EMA weights."""
         return Diffusion(self.ema.module, **self.diffusion.config, backend=self.diffusion.backend).to(self.device)
 
-    def _micro_step(self, images: torch.Tensor) -> torch.Tensor:
+    def _micro_step(self, images: torch.Tensor, sync: bool = True) -> torch.Tensor:
         if self.hflip:  # random horizontal flips, per image (the paper's CIFAR-10 augmentation)
             flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
             images = torch.where(flip, images.flip(-1), images)
-        with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "off"):
-            loss = self.loss_fn(images)  # Diffusion computes its loss in fp32 whatever the autocast dtype
-        self.scaler.scale(loss / self.grad_accum).backward()
+        # Under DDP, only the last micro-batch of a step all-reduces the gradients.
+        no_sync = self.loss_fn.no_sync() if not sync and self.world_size > 1 else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "off"):
+                loss = self.loss_fn(images)  # Diffusion computes its loss in fp32 whatever the autocast dtype
+            self.scaler.scale(loss / self.grad_accum).backward()
         return loss.detach()
 
     def _optimizer_step(self) -> torch.Tensor:
@@ -244,6 +280,7 @@ class Trainer:
             self.skipped += 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         return grad_norm.detach()
 
@@ -254,33 +291,43 @@ class Trainer:
         losses, window, last_log = [], [], (time.perf_counter(), self.step)
         main = self.rank == 0
         disable = not progress or not main or os.environ.get("FASTDDPM_NO_PROGRESS", "") not in ("", "0")
-        with tqdm(total=steps, initial=self.step, desc="training", unit="step", disable=disable) as bar:
-            while self.step < steps:
-                loss = torch.stack([self._micro_step(next(batches).to(self.device, non_blocking=True))
-                                    for _ in range(self.grad_accum)]).mean()
-                grad_norm = self._optimizer_step()
-                self.step += 1
-                bar.update(1)
-                losses.append(loss)
-                window.append(torch.stack([loss, grad_norm]))
-                if self.step % self.log_every == 0 or self.step == steps:
-                    mean_loss, mean_norm = torch.stack(window).nanmean(0).tolist()
-                    now = time.perf_counter()
-                    record = {"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": mean_norm, "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
-                              "skipped": self.skipped, "time": time.time()}
-                    window, last_log = [], (now, self.step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    if main:
-                        self._log(record)
-                if self.sample_every and self.step % self.sample_every == 0 and main:
-                    self.write_samples(self.out / "samples" / f"step_{self.step}.png", progress=False)
-                if self.save_every and (self.step % self.save_every == 0 or self.step == steps):
-                    if main:
-                        self.save_checkpoint()
-                    if self.world_size > 1:
-                        dist.barrier()
-        return torch.stack(losses).tolist() if losses else []
+        try:
+            with tqdm(total=steps, initial=self.step, desc="training", unit="step", disable=disable) as bar:
+                while self.step < steps:
+                    loss = torch.stack([
+                        self._micro_step(next(batches).to(self.device, non_blocking=True), sync=i == self.grad_accum - 1)
+                        for i in range(self.grad_accum)]).mean()
+                    grad_norm = self._optimizer_step()
+                    self.step += 1
+                    bar.update(1)
+                    window.append(torch.stack([loss, grad_norm]))
+                    if self.step % self.log_every == 0 or self.step == steps:
+                        values = torch.stack(window).cpu()  # the one read-back per log interval
+                        losses.extend(values[:, 0].tolist())
+                        mean_loss, mean_norm = values.nanmean(0).tolist()
+                        now = time.perf_counter()
+                        record = {"step": self.step, "loss": mean_loss, "lr": self.last_lr, "grad_norm": mean_norm,
+                                  "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
+                                  "skipped": self.skipped, "time": time.time()}
+                        window, last_log = [], (now, self.step)
+                        bar.set_postfix(loss=f"{mean_loss:.4f}")
+                        if main:
+                            self._log(record)
+                    if self.sample_every and self.step % self.sample_every == 0:
+                        if main:
+                            self.write_samples(self.out / "samples" / f"step_{self.step}.png", progress=False)
+                        self._barrier()
+                    if self.save_every and (self.step % self.save_every == 0 or self.step == steps):
+                        if main:
+                            self.save_checkpoint()
+                        self._barrier()
+        finally:
+            batches.close()  # ends DataLoader workers
+        return losses
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     def _log(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +363,7 @@ def plot_loss(metrics: Path, path: Path) -> Path | None:
         return None
     if not metrics.is_file():
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = _read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
@@ -325,3 +372,16 @@ def plot_loss(metrics: Path, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl, skipping a line cut short by a kill."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows

@@ -65,13 +65,50 @@ def test_resume_is_exact(tmp_path, data):
     losses = full.train(8)
     first = tiny_trainer(tmp_path / "b", data, save_every=4)
     assert first.train(4) == losses[:4]
-    torch.manual_seed(123)  # whatever happens to the global RNG in between is restored from the checkpoint
     second = tiny_trainer(tmp_path / "b", data)
+    torch.manual_seed(123)  # whatever happens to the global RNG in between is restored from the checkpoint
     assert second.resume() == 4
     assert second.train(8) == losses[4:]  # bit-identical, loss by loss
     for a, b in zip(full.ema.module.parameters(), second.ema.module.parameters()):
         assert torch.equal(a, b)
     assert not (tmp_path / "b" / "checkpoint.tmp").exists()
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A Dataset (not a tensor): batches go through a DataLoader, as for image folders."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_resume_is_exact_through_a_dataloader_with_accumulation_flips_and_fp16(tmp_path, data):
+    kw = dict(grad_accum=2, hflip=True, amp="fp16")
+    full = tiny_trainer(tmp_path / "a", ListDataset(data), **kw)
+    losses = full.train(6)
+    first = tiny_trainer(tmp_path / "b", ListDataset(data), save_every=3, **kw)
+    assert first.train(3) == losses[:3]
+    second = tiny_trainer(tmp_path / "b", ListDataset(data), **kw)
+    torch.rand(5)  # the global RNG moves on: the checkpoint restores it
+    second.resume()
+    assert second.train(6) == losses[3:]
+    assert second.scaler.get_scale() == full.scaler.get_scale()
+
+
+def test_resume_refuses_other_diffusion_settings(tmp_path, data):
+    tiny_trainer(tmp_path, data, save_every=1).train(1)
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                 image_size=8, num_groups=4)
+    other = Trainer(Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine", objective="pred_v"),
+                    data, out=tmp_path, batch_size=8)
+    with pytest.raises(ValueError, match="other diffusion settings.*objective: 'pred_noise' vs 'pred_v'"):
+        other.resume()
 
 
 def test_corrupted_checkpoint_names_the_file(tmp_path, data):
@@ -119,8 +156,10 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_steps_are_finite(tmp_path, data, amp):
     t = tiny_trainer(tmp_path, data, amp=amp)
+    before = [p.detach().clone() for p in t.diffusion.model.parameters()]
     losses = t.train(3)
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and t.skipped == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.diffusion.model.parameters()))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in t.diffusion.model.parameters())
 
 
@@ -167,9 +206,12 @@ def test_config_file_and_flags(tmp_path):
     cfg.write_text('out = "x"\nsteps = 7\nchannel-mult = [1, 2]\nlr = 0.001\namp = "bf16"\nflip = false\n')
     args = parse_args(["train", "--config", str(cfg), "--steps", "9"])
     assert (args.out, args.steps, args.channel_mult, args.lr, args.amp, args.flip) == ("x", 9, (1, 2), 0.001, "bf16", False)
-    cfg.write_text('out = "x"\nstepz = 3\n')
-    with pytest.raises(SystemExit):
-        parse_args(["train", "--config", str(cfg)])
+    for bad in ['stepz = 3', 'amp = "fp8"', 'lr = "abc"', 'resume = "no"', 'steps = true', 'channels = 2']:
+        cfg.write_text(f'out = "x"\n{bad}\n')
+        with pytest.raises(SystemExit):
+            parse_args(["train", "--config", str(cfg)])
+    cfg.write_text('out = "x"\nresume = true\n')
+    assert parse_args(["train", "--config", str(cfg)]).resume is True
 
 
 def test_bad_images_are_named(tmp_path):
@@ -185,7 +227,12 @@ def test_bad_images_are_named(tmp_path):
 
 def test_two_process_gloo_ddp(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "4", "--batch-size", "8",
            "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "2", "--log-every", "2",
            "--num-samples", "4", "--device", "cpu"]
@@ -202,3 +249,23 @@ def test_two_process_gloo_ddp(tmp_path):
                         "0", "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 4" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "already holds a training run" in r.stderr
+
+
+def test_resume_after_a_kill_between_the_renames(tmp_path, data):
+    # save_checkpoint renames checkpoint → checkpoint.old, then checkpoint.tmp → checkpoint: a kill between the
+    # two leaves .old (complete) and .tmp (maybe partial); resume takes .old.
+    t = tiny_trainer(tmp_path, data, save_every=2)
+    losses = t.train(4)
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp").mkdir()
+    (tmp_path / "checkpoint.tmp" / "model.safetensors").write_bytes(b"partial")
+    expected = tiny_trainer(tmp_path / "full", data).train(6)
+    assert expected[:4] == losses
+    again = tiny_trainer(tmp_path, data)
+    assert again.resume() == 4
+    assert again.train(6) == expected[4:]
