@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=_positive, default=2500, help="training steps (default: 2500)")
+    demo.add_argument("--num-samples", type=_positive, default=64, help="samples in the grid (default: 64)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -265,11 +266,15 @@ def cmd_eval(args) -> float:
 
 def cmd_demo(args) -> Path:
     out = Path(args.out)
+    # A demo run starts afresh each time: no checkpoints to continue, and the old metrics go.
+    (out / "metrics.jsonl").unlink(missing_ok=True)
     train_args = parse_args(["train", "--data", "digits", "--out", str(out), "--steps", str(args.steps),
-                             "--seed", str(args.seed), "--device", args.device])
+                             "--seed", str(args.seed), "--device", args.device, "--save-every", "0",
+                             "--num-samples", str(args.num_samples)])
     print("fastddpm demo: training a small U-Net DDPM on the 8×8 digits bundled with scikit-learn")
     cmd_train(train_args)
-    print(f"open {out / 'samples.png'}: 64 digits sampled with 1000 ancestral steps from the EMA weights")
+    print(f"open {out / 'samples.png'}: {args.num_samples} digits sampled with 1000 ancestral steps from the "
+          f"EMA weights")
     return out / "samples.png"
 
 

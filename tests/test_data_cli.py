@@ -108,3 +108,10 @@ def test_eval_says_what_is_missing(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     if not has_torchmetrics:
         assert "FID needs torchmetrics" in r.stderr
+
+
+def test_demo_runs_twice_in_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_NO_PROGRESS", "1")
+    for _ in range(2):
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--num-samples", "2"]) == 0
+    assert (tmp_path / "demo" / "samples.png").is_file() and (tmp_path / "demo" / "model" / "config.json").is_file()
