@@ -26,7 +26,9 @@ INSTALLED := $(VENV)/.installed
 
 build: $(INSTALLED)
 
+# The benchmarks run too, each case once (--benchmark-disable), so that they never rot.
 test: $(INSTALLED)
+	$(PY) -m pytest benchmarks/ -q --benchmark-disable
 	$(PY) -m pytest -q
 
 demo: $(INSTALLED)
