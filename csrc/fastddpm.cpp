@@ -45,4 +45,15 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "q_sample(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
+
+  // ---- group_norm_silu (csrc/cpu/group_norm_silu.cpp, csrc/cuda/group_norm_silu*.{cu,cpp})
+  // y = SiLU(GroupNorm(x; G, weight, bias, eps)) for x of shape [N, C, *]; also returns the fp32 group
+  // statistics mean and rstd = 1/sqrt(var + eps), each [N, G], which the backward reuses.
+  m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias) of the above; z = GroupNorm(x) is recomputed from x, mean and rstd.
+  // grad_weight and grad_bias have the dtype of weight/bias, and are empty tensors when weight/bias is None.
+  m.def(
+      "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
+  // ---- end group_norm_silu
 }
