@@ -45,6 +45,38 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "q_sample(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
+  // The same with ε drawn in-kernel: element i (memory order) of sample b takes lane i % 4 of Philox 4x32-10
+  // at key seed[0], counter offset + b*ceil(N/4) + i/4 (kernels/noise.py). Returns (x_t, ε or an empty tensor).
+  m.def(
+      "q_sample_philox(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, Tensor seed, int offset, bool write_noise) -> (Tensor, Tensor)");
+
+  // Training loss (eq. 14), target formed in-kernel: objective 0 = ε, 1 = x_0, 2 = v = sqrt_ac*ε - sqrt_1m_ac*x_0;
+  // ε given (noise) or regenerated from (seed, offset) as q_sample_philox drew it; optional min-SNR-γ weight;
+  // reduction 0 = per-sample [B], 1 = mean. The loss is float32 (float64 for float64 model_output).
+  m.def(
+      "diffusion_loss(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, int offset, int objective, "
+      "float? min_snr_gamma, int reduction) -> Tensor");
+  // d(loss)/d(model_output) for the incoming gradient `grad` of the loss (a scalar or [B]).
+  m.def(
+      "diffusion_loss_backward(Tensor grad, Tensor model_output, Tensor? x_start, Tensor t, "
+      "Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, "
+      "int offset, int objective, float? min_snr_gamma, int reduction) -> Tensor");
+
+  // Ancestral step (Algorithm 2) reading the stacked [7, T] table of NoiseSchedule.reverse_table; x0 clipped to
+  // +-clip or divided by a per-sample threshold_scale [B]; noise given or drawn; no noise where t == 0.
+  // Returns (x_prev, x0 or empty, noise or empty).
+  m.def(
+      "p_sample_step(Tensor model_output, Tensor x_t, Tensor t, Tensor table, Tensor? noise, Tensor? seed, "
+      "int offset, int objective, float? clip, Tensor? threshold_scale, bool write_x0, bool write_noise) "
+      "-> (Tensor, Tensor, Tensor)");
+  // DDIM step (Song et al. eq. 12) from t to t_prev (t_prev < 0: alpha_bar = final_alpha_cumprod).
+  m.def(
+      "ddim_step(Tensor model_output, Tensor x_t, Tensor t, Tensor t_prev, Tensor table, Tensor alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, int offset, int objective, float eta, float final_alpha_cumprod, "
+      "float? clip, Tensor? threshold_scale, bool rederive_noise, bool write_x0, bool write_noise) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // ---- group_norm_silu (csrc/cpu/group_norm_silu.cpp, csrc/cuda/group_norm_silu*.{cu,cpp})
   // y = SiLU(GroupNorm(x; G, weight, bias, eps)) for x of shape [N, C, *]; also returns the fp32 group

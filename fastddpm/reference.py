@@ -33,6 +33,57 @@ def _out(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.to(like.dtype)
 
 
+# ----------------------------------------------------------------------------- counter-based noise
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, b: int):
+    """High and low 32 bits of a·b for uint32 values held in int64 (split in 16-bit halves: no overflow)."""
+    p1, p0 = (a >> 16) * b, (a & 0xFFFF) * b
+    return (p1 + (p0 >> 16)) >> 16, (((p1 & 0xFFFF) << 16) + p0) & _M32
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10):
+    """Philox 4×32 (Salmon et al. 2011) of the 64-bit ``counter`` (int64) under the 64-bit key ``seed``.
+
+    Same convention as Triton's ``tl.randint4x``: counter words (lo, hi, 0, 0), key words (seed lo, seed hi).
+    Returns the four uint32 outputs held in int64 tensors.
+    """
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """uint32 → float32 in [0, 1) as Triton's ``uint_to_uniform_float``: fold the sign of the int32 view."""
+    v = torch.where(x >= 2**31, x - 2**32, x)
+    v = torch.where(v < 0, -v - 1, v)
+    return v.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_normal(seed: int, offset: int, batch: int, per_sample: int, device=None) -> torch.Tensor:
+    """The noise the fused kernels draw for (seed, offset): float32 [batch, per_sample].
+
+    Element i of sample b is lane i % 4 of ``tl.randn4x(seed, offset + b·⌈N/4⌉ + ⌊i/4⌋)``: Philox 4×32-10,
+    each output mapped to [0, 1), and Box–Muller on the pairs (lanes 0, 1) and (2, 3).
+    """
+    rows = (per_sample + 3) // 4
+    counter = offset + torch.arange(batch * rows, dtype=torch.int64, device=device)
+    u = [_uniform(r) for r in philox4x32(int(seed), counter)]
+    lanes = []
+    for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
+        radius = torch.sqrt(-2.0 * torch.log(u1.clamp(min=1e-7)))
+        theta = 6.283185307179586 * u2
+        lanes += [radius * torch.cos(theta), radius * torch.sin(theta)]
+    return torch.stack(lanes, dim=1).reshape(batch, rows * 4)[:, :per_sample]
+
+
 # ----------------------------------------------------------------------------- forward process
 def q_sample(schedule, x_start, t, noise):
     """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (eq. 4, reparameterised)."""
@@ -96,6 +147,14 @@ def model_predictions(schedule, model_output, x_t, t, objective="pred_noise", cl
     return eps, x0
 
 
+def dynamic_threshold(x0, ratio=0.995, max_value=1.0):
+    """Dynamic thresholding (Saharia et al. 2022, as diffusers' ``thresholding``): per sample, s = the
+    ``ratio`` quantile of |x̂_0| clamped to [1, max_value]; x̂_0 → clamp(x̂_0, −s, s) / s. Returns (x̂_0, s)."""
+    s = torch.quantile(x0.abs().flatten(1).float(), ratio, dim=1).clamp(1.0, max_value).to(x0.dtype)
+    s_ = s.reshape(-1, *((1,) * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s_), -s_) / s_, s
+
+
 def q_posterior(schedule, x_start, x_t, t):
     """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x_0) (eq. 6–7)."""
     mean = extract(schedule.posterior_mean_coef1, t, x_t) * x_start + extract(
@@ -154,18 +213,30 @@ def diffusion_loss(schedule, model_output, x_start, t, noise, objective="pred_no
 
 
 # ----------------------------------------------------------------------------- reverse process
+def _limit_x0(x0, clip, threshold):
+    """x̂_0 after dynamic thresholding (``threshold`` = (ratio, max_value)) or clipping to ±clip."""
+    if threshold is not None:
+        return dynamic_threshold(x0, *threshold)[0]
+    if clip is not None and clip is not False:
+        bound = 1.0 if clip is True else float(clip)
+        return x0.clamp(-bound, bound)
+    return x0
+
+
 def p_sample_step(schedule, model_output, x_t, t, noise, objective="pred_noise", variance="fixed_small",
-                  clip_denoised=True):
+                  clip_denoised=True, threshold=None):
     """One ancestral step x_t → x_{t−1} (Algorithm 2): x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z, no noise at t = 0.
 
-    σ_t² is β̃_t ('fixed_small') or β_t ('fixed_large'), the paper's two choices (§3.2).
-    Returns (x_{t−1}, x̂_0) in x_t's dtype.
+    σ_t² is β̃_t ('fixed_small') or β_t ('fixed_large'), the paper's two choices (§3.2). x̂_0 is clipped to
+    [−1, 1] (``clip_denoised=True``), to ±c (a number), or dynamically thresholded (``threshold`` =
+    (ratio, max_value)). Returns (x_{t−1}, x̂_0) in x_t's dtype.
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     cd = _compute_dtype(x_t.dtype)
     x = x_t.to(cd)
-    _, x0 = model_predictions(schedule, model_output, x, t, objective, clip_denoised)
+    _, x0 = model_predictions(schedule, model_output, x, t, objective)
+    x0 = _limit_x0(x0, clip_denoised, threshold)
     mean, post_var, _ = q_posterior(schedule, x0, x, t)
     var = post_var if variance == "fixed_small" else extract(schedule.betas, t, x)
     nonzero = (t > 0).to(cd).reshape(-1, *((1,) * (x.dim() - 1)))
@@ -174,17 +245,25 @@ def p_sample_step(schedule, model_output, x_t, t, noise, objective="pred_noise",
 
 
 def ddim_step(schedule, model_output, x_t, t, t_prev, noise, objective="pred_noise", eta=0.0,
-              clip_denoised=True):
-    """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev < 0 means the end (ᾱ = 1).
+              clip_denoised=True, threshold=None, rederive_noise=True, final_alpha_cumprod=1.0):
+    """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev < 0 means the end, where
+    ᾱ_prev = ``final_alpha_cumprod`` (1: the clean image).
 
     x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z,  σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev).
-    With η = 1 and t_prev = t − 1 this is the ancestral step with σ² = β̃_t.
+    x̂_0 is clipped or thresholded as in :func:`p_sample_step`; with ``rederive_noise`` ε̂ is then recomputed
+    from the limited x̂_0 (diffusers' ``use_clipped_model_output``). With η = 1 and t_prev = t − 1 this is the
+    ancestral step with σ² = β̃_t.
     """
     cd = _compute_dtype(x_t.dtype)
     x = x_t.to(cd)
-    eps, x0 = model_predictions(schedule, model_output, x, t, objective, clip_denoised, rederive_noise=True)
+    eps, x0 = model_predictions(schedule, model_output, x, t, objective)
+    limited = _limit_x0(x0, clip_denoised, threshold)
+    if rederive_noise and limited is not x0:
+        eps = predict_noise_from_start(schedule, x, t, limited)
+    x0 = limited
     ac = extract(schedule.alphas_cumprod, t, x)
-    ac_prev = torch.where(t_prev >= 0, schedule.alphas_cumprod[t_prev.clamp(min=0)].to(cd), 1.0)
+    ac_prev = torch.where(t_prev >= 0, schedule.alphas_cumprod[t_prev.clamp(min=0)].to(cd),
+                          torch.tensor(final_alpha_cumprod, dtype=cd, device=x.device))
     ac_prev = ac_prev.reshape(ac.shape)
     sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).clamp(min=0).sqrt()
     direction = (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * eps

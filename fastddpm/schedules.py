@@ -139,6 +139,17 @@ def get_beta_schedule(
     return _check_betas(betas)
 
 
+def reverse_table(alphas_cumprod, coef_x0, coef_xt, sigma) -> torch.Tensor:
+    """Stack the per-t coefficients of a reverse step into the [7, T] layout the fused kernels read.
+
+    Rows: √(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t) (x̂_0 from ε or v), the posterior-mean coefficients of
+    x̂_0 and x_t, and σ_t. Pass float64 and cast the result: the kernels compute nothing of this themselves.
+    """
+    ac = torch.as_tensor(alphas_cumprod)
+    return torch.stack([ac.rsqrt(), (1 / ac - 1).sqrt(), ac.sqrt(), (1 - ac).sqrt(),
+                        torch.as_tensor(coef_x0), torch.as_tensor(coef_xt), torch.as_tensor(sigma)])
+
+
 class NoiseSchedule(nn.Module):
     """Every table DDPM needs, computed in float64 from β and stored as buffers (float32 by default).
 
@@ -161,6 +172,9 @@ class NoiseSchedule(nn.Module):
         "posterior_mean_coef2",
         "snr",
     )
+    # Stacked per-t coefficients the fused reverse-step kernels read (kernels/reverse_step.py), one per
+    # variance choice, [7, T]: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ), μ̃ coefficients of x̂_0 and x_t, σ.
+    KERNEL_TABLES = ("reverse_table_fixed_small", "reverse_table_fixed_large")
 
     def __init__(self, betas: torch.Tensor, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -189,7 +203,10 @@ class NoiseSchedule(nn.Module):
             "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
             "snr": ac / (1 - ac),  # signal-to-noise ratio ᾱ / (1 − ᾱ)
         }
-        for name in self.TABLES:
+        for variance, var in (("fixed_small", post_var), ("fixed_large", b)):
+            tables[f"reverse_table_{variance}"] = reverse_table(
+                ac, tables["posterior_mean_coef1"], tables["posterior_mean_coef2"], var.sqrt())
+        for name in self.TABLES + self.KERNEL_TABLES:
             self.register_buffer(name, tables[name].to(dtype), persistent=False)
 
     @property
@@ -204,13 +221,19 @@ class NoiseSchedule(nn.Module):
     def _apply(self, fn, recurse=True):
         # The tables stay at least float32 whatever the module is cast to (model.half(), .to(torch.bfloat16)):
         # a cast below float32 keeps the old values and only follows the device.
-        before = {name: getattr(self, name) for name in self.TABLES}
+        before = {name: getattr(self, name) for name in self.TABLES + self.KERNEL_TABLES}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
             if new.dtype in (torch.float16, torch.bfloat16):
                 setattr(self, name, old.to(new.device))
         return self
+
+    def reverse_table(self, variance: str = "fixed_small") -> torch.Tensor:
+        """The [7, T] coefficient table of the fused ancestral step for σ_t² = β̃_t or β_t."""
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown variance {variance!r}; choose fixed_small or fixed_large")
+        return getattr(self, f"reverse_table_{variance}")
 
     def extra_repr(self) -> str:
         return f"timesteps={self.num_timesteps}"

@@ -18,11 +18,13 @@ from fastddpm import _extension
 BACKENDS = ("auto", "reference", "triton", "cpp")
 
 # Which compiled implementations exist, per op and device type. Kernel issues extend this table.
+# "triton" runs on CUDA tensors, and on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
+_TRITON = ("cuda", "cpu")
 IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "q_sample": {"cpp": ("cpu",), "triton": ()},
-    "diffusion_loss": {"cpp": (), "triton": ()},
-    "p_sample_step": {"cpp": (), "triton": ()},
-    "ddim_step": {"cpp": (), "triton": ()},
+    "q_sample": {"cpp": ("cpu",), "triton": _TRITON},
+    "diffusion_loss": {"cpp": (), "triton": _TRITON},
+    "p_sample_step": {"cpp": (), "triton": _TRITON},
+    "ddim_step": {"cpp": (), "triton": _TRITON},
     "group_norm_silu": {"cpp": (), "triton": ()},
 }
 
@@ -35,6 +37,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def _triton_available(device_type: str) -> bool:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _available(op: str, backend: str, device_type: str) -> bool:
     if backend == "reference":
         return True
@@ -42,11 +54,7 @@ def _available(op: str, backend: str, device_type: str) -> bool:
         return False
     if backend == "cpp":
         return _extension.cuda_built() if device_type == "cuda" else _extension.cpu_built()
-    try:  # triton
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _triton_available(device_type)
 
 
 def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -> str:
@@ -58,9 +66,10 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
         if requested not in BACKENDS:
             raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        order = ("triton", "cpp") if device_type == "cuda" else ("cpp", "triton")
+        # CPU tensors go to the C++ kernels or the reference, never by default to the (slow) interpreter.
+        order = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
         if op == "group_norm_silu":  # the U-Net's GroupNorm+SiLU is CUDA C++ on GPUs
-            order = ("cpp", "triton")
+            order = ("cpp",)
         for candidate in order:
             if _available(op, candidate, device_type):
                 return candidate
@@ -73,3 +82,86 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
                           f"in this build; using the reference", RuntimeWarning, stacklevel=3)
         return "reference"
     return requested
+
+
+# ----------------------------------------------------------------------------- shared by the op files
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def new_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh Philox key for the in-kernel noise: int64 [1] on ``device``, drawn from torch's RNG.
+
+    Drawn on the device itself (no host sync), so ``torch.manual_seed`` makes runs reproducible and a CUDA
+    graph that contains this draw gets a new key on every replay.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def batch_outer_dense(x: torch.Tensor) -> bool:
+    """Whether the kernels can stream x as is: dense, with each sample one contiguous block."""
+    if x.is_contiguous():
+        return True
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def as_layout_of(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """y with exactly x's strides (a copy only when they differ); x itself must be batch-outer dense."""
+    if y is None or y.stride() == x.stride():
+        return y
+    return torch.empty_like(x, dtype=y.dtype).copy_(y)
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    return x if batch_outer_dense(x) else x.contiguous()
+
+
+def check_data(op: str, name: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """A floating-point data tensor of at least 1 dimension, with like's shape and device when given."""
+    torch._check(isinstance(tensor, torch.Tensor), lambda: f"{op}: {name} must be a tensor")
+    torch._check(tensor.dtype in FLOAT_DTYPES,
+                 lambda: f"{op}: {name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    torch._check(tensor.dim() >= 1, lambda: f"{op}: {name} must have a batch dimension, got a 0-d tensor")
+    if like is not None:
+        torch._check(tensor.shape == like.shape,
+                     lambda: f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}")
+        torch._check(tensor.device == like.device,
+                     lambda: f"{op}: {name} is on {tensor.device}, the data on {like.device}")
+
+
+def check_index(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check(t.dtype == torch.int64 and t.dim() == 1 and t.shape[0] == x.shape[0],
+                 lambda: f"{op}: {name} must be int64 of shape [{x.shape[0]}] (one per sample), "
+                         f"got {t.dtype} {tuple(t.shape)}")
+    torch._check(t.device == x.device, lambda: f"{op}: {name} is on {t.device}, the data on {x.device}")
+
+
+def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, rows: int | None = None) -> None:
+    torch._check(table.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: table {name} must be float32 or float64, got {table.dtype}")
+    torch._check(table.device == x.device,
+                 lambda: f"{op}: table {name} is on {table.device}, the data on {x.device}; move the schedule "
+                         f"with .to(device)")
+    torch._check(table.is_contiguous(), lambda: f"{op}: table {name} must be contiguous")
+    if rows is None:
+        torch._check(table.dim() == 1 and table.shape[0] >= 1, lambda: f"{op}: table {name} must be 1-D")
+    else:
+        torch._check(table.dim() == 2 and table.shape[0] >= rows,
+                     lambda: f"{op}: table {name} must be [{rows}, T], got {tuple(table.shape)}")
+
+
+def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check(seed.dtype == torch.int64 and seed.numel() >= 1,
+                 lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+    torch._check(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
+
+
+def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:
+    """t ∈ [0, T) (or [−1, T) for an end marker). Reads t on the host: callers that must not sync (sampling
+    loops, CUDA graphs) build t themselves and skip this; the kernels clamp every table read anyway."""
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low = -1 if allow_negative else 0
+    bad = (t < low) | (t >= num_timesteps)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: timesteps must lie in [{low}, {num_timesteps}), got {t[bad][0].item()}")

@@ -1,0 +1,219 @@
+"""diffusion_loss: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
+
+Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl here on the reference math until
+csrc/cpu has a fused one; CUDA impl = the Triton kernels) and its Triton twin
+``fastddpm::diffusion_loss_triton`` (kernels/loss.py; CUDA, or CPU through the interpreter). Both take ε
+given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with, so during
+training ε is never stored. The backward is one sweep (``diffusion_loss_backward``) that recomputes the target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fastddpm import _extension, reference
+from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
+                          choose_backend, dense)
+from fastddpm.ops.q_sample import _Tables, philox_noise_like
+
+NAME = "diffusion_loss"
+OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
+REDUCTIONS = {"none": 0, "mean": 1}
+
+
+def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction):
+    """Checks (no host sync) and the tensors in one batch-outer dense layout: (pred, x_start, noise)."""
+    check_data(NAME, "model_output", model_output)
+    check_index(NAME, "t", t, model_output)
+    check_table(NAME, "sqrt_alphas_cumprod", sqrt_ac, model_output)
+    check_table(NAME, "sqrt_one_minus_alphas_cumprod", sqrt_1m_ac, model_output)
+    torch._check(objective in (0, 1, 2), lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
+    torch._check(reduction in (0, 1), lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
+    torch._check(model_output.shape[0] > 0, lambda: f"{NAME}: empty batch")
+    if objective != 0:
+        torch._check(x_start is not None, lambda: f"{NAME}: the x_0 and v objectives need x_start")
+    if x_start is not None:
+        check_data(NAME, "x_start", x_start, model_output)
+    if objective != 1:
+        torch._check((noise is None) != (seed is None), lambda: f"{NAME}: give exactly one of noise and seed")
+    if noise is not None:
+        check_data(NAME, "noise", noise, model_output)
+    if seed is not None:
+        check_seed(NAME, seed, model_output)
+    pred = dense(model_output)
+    return pred, as_layout_of(x_start, pred), as_layout_of(noise, pred)
+
+
+def _loss_dtype(pred):
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- Triton
+def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | None, t: torch.Tensor,
+                           sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
+                           noise: torch.Tensor | None, seed: torch.Tensor | None, offset: int, objective: int,
+                           min_snr_gamma: float | None, reduction: int) -> torch.Tensor:
+    from fastddpm.kernels.loss import chunks, launch_loss
+
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                             noise, seed, objective, reduction)
+    dtype = _loss_dtype(pred)
+    partial = torch.empty(pred.shape[0], chunks(pred), dtype=dtype, device=pred.device)
+    per_sample = torch.empty(pred.shape[0], dtype=dtype, device=pred.device)
+    mean = torch.empty((), dtype=dtype, device=pred.device)
+    launch_loss(pred, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
+                objective=objective, noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
+                wrap=wrap_triton)
+    return mean if reduction == 1 else per_sample
+
+
+def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tensor, x_start: torch.Tensor | None,
+                                    t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
+                                    sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
+                                    seed: torch.Tensor | None, offset: int, objective: int,
+                                    min_snr_gamma: float | None, reduction: int) -> torch.Tensor:
+    from fastddpm.kernels.loss import launch_loss_backward
+
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                             noise, seed, objective, reduction)
+    grad_pred = torch.empty_like(pred)
+    launch_loss_backward(grad.contiguous(), pred, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                         grad_pred, objective=objective, reduction=reduction, noise=eps, seed=seed, offset=offset,
+                         min_snr_gamma=min_snr_gamma, wrap=wrap_triton)
+    return grad_pred
+
+
+diffusion_loss_triton = triton_op("fastddpm::diffusion_loss_triton", _diffusion_loss_triton, mutates_args=())
+diffusion_loss_backward_triton = triton_op("fastddpm::diffusion_loss_backward_triton",
+                                           _diffusion_loss_backward_triton, mutates_args=())
+
+
+# ----------------------------------------------------------------------------- CPU (reference math)
+_OBJECTIVE_NAMES = {v: k for k, v in OBJECTIVES.items()}
+
+
+def _reference_noise(pred, noise, seed, offset):
+    if noise is not None or seed is None:
+        return noise
+    return philox_noise_like(pred, seed, offset)
+
+
+def _diffusion_loss_cpu(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
+                        min_snr_gamma, reduction):
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    eps = _reference_noise(pred, eps, seed, offset)
+    return _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction)
+
+
+def _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction):
+    tables = _Tables(sqrt_ac, sqrt_1m_ac)
+    tables.snr = sqrt_ac.double().square() / sqrt_1m_ac.double().square()
+    x0 = x0 if x0 is not None else pred  # unused by the ε objective
+    eps = eps if eps is not None else pred  # unused by the x_0 objective
+    out = reference.diffusion_loss(tables, pred, x0, t, eps, _OBJECTIVE_NAMES[objective], min_snr_gamma,
+                                   "mean" if reduction == 1 else "none")
+    return out.to(_loss_dtype(pred))
+
+
+def _diffusion_loss_backward_cpu(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
+                                 objective, min_snr_gamma, reduction):
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    eps = _reference_noise(pred, eps, seed, offset)
+    with torch.enable_grad():
+        p = pred.detach().requires_grad_(True)
+        loss = _reference_loss(p, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction)
+        (g,) = torch.autograd.grad(loss, p, grad.to(loss.dtype))
+    return torch.empty_like(pred).copy_(g)
+
+
+# ----------------------------------------------------------------------------- fake impls and autograd
+def _fake_loss(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma,
+               reduction):
+    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    shape = () if reduction == 1 else (pred.shape[0],)
+    return pred.new_empty(shape, dtype=_loss_dtype(pred))
+
+
+def _fake_backward(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
+                   min_snr_gamma, reduction):
+    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    return torch.empty_like(pred)
+
+
+def _setup(ctx, inputs, output):
+    model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, *_ = inputs
+    ctx.args = inputs[7:]  # offset, objective, min_snr_gamma, reduction
+    ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
+        offset, objective, min_snr_gamma, reduction = ctx.args
+        grad_pred = backward_op(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
+                                objective, min_snr_gamma, reduction)
+        # The target depends on ε and x_0: ∂L/∂target = −∂L/∂pred; ε (ε objective) or x_0 (x_0 objective)
+        # directly, v = √ᾱ ε − √(1 − ᾱ) x_0 through its coefficients.
+        grad_x0 = grad_noise = None
+        minus = -grad_pred
+        if ctx.needs_input_grad[1] and objective in (1, 2):
+            grad_x0 = minus if objective == 1 else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred
+            grad_x0 = grad_x0.to(x_start.dtype)
+        if ctx.needs_input_grad[5] and objective in (0, 2):
+            grad_noise = minus if objective == 0 else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred
+            grad_noise = grad_noise.to(noise.dtype)
+        return (grad_pred.to(model_output.dtype), grad_x0, None, None, None, grad_noise) + (None,) * 5
+    return backward
+
+
+def _register() -> None:
+    ops = [("fastddpm::diffusion_loss_triton", torch.ops.fastddpm.diffusion_loss_backward_triton)]
+    torch.library.register_fake("fastddpm::diffusion_loss_backward_triton")(_fake_backward)
+    if _extension.load() is not None:
+        ops.append(("fastddpm::diffusion_loss", torch.ops.fastddpm.diffusion_loss_backward))
+        for op, triton_fn, cpu_fn in (("diffusion_loss", _diffusion_loss_triton, _diffusion_loss_cpu),
+                                      ("diffusion_loss_backward", _diffusion_loss_backward_triton,
+                                       _diffusion_loss_backward_cpu)):
+            torch.library.register_kernel(f"fastddpm::{op}", "cuda", triton_fn)
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CPU"):
+                torch.library.register_kernel(f"fastddpm::{op}", "cpu", cpu_fn)
+        torch.library.register_fake("fastddpm::diffusion_loss_backward")(_fake_backward)
+    for name, backward_op in ops:
+        torch.library.register_fake(name)(_fake_loss)
+        torch.library.register_autograd(name, _make_backward(backward_op), setup_context=_setup)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- the Python entry point
+def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor | None, t: torch.Tensor,
+                   noise: torch.Tensor | None = None, *, seed: torch.Tensor | None = None, offset: int = 0,
+                   objective: str = "pred_noise", min_snr_gamma: float | None = None, reduction: str = "mean",
+                   backend: str = "auto", check: bool = True) -> torch.Tensor:
+    """L_simple for the objective, with ε given (``noise``) or regenerated from (``seed``, ``offset``).
+
+    Returns the mean loss, or per-sample losses [B] with ``reduction='none'``; float32 (float64 for float64
+    inputs). Differentiable in model_output (and x_start / noise where the target uses them).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if check:
+        check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
+    if objective == "pred_x0":
+        noise = seed = None  # the target is x_0 alone
+    args = (model_output, x_start, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
+            noise, seed, offset, OBJECTIVES[objective], min_snr_gamma, REDUCTIONS[reduction])
+    backend = choose_backend(NAME, model_output.device, backend)
+    if backend == "triton":
+        return torch.ops.fastddpm.diffusion_loss_triton(*args)
+    if backend == "cpp" and _extension.cpu_built():
+        return torch.ops.fastddpm.diffusion_loss(*args)
+    if seed is not None:
+        noise = philox_noise_like(dense(model_output), seed, offset)
+    return reference.diffusion_loss(schedule, model_output, x_start if x_start is not None else model_output, t,
+                                    noise if noise is not None else model_output, objective, min_snr_gamma,
+                                    reduction)

@@ -1,0 +1,50 @@
+"""Launch parameters shared by fastddpm's streaming kernels.
+
+Every streaming kernel runs on a 2-D grid (sample b, chunk of that sample) and processes its chunk as an
+[R, 4] tile: row r covers elements 4r..4r+3 of the chunk, which is also one Philox counter of the noise
+stream (kernels/noise.py). Reading t[b] once per program keeps the per-sample schedule lookups out of the
+element loop and needs no integer division per element.
+"""
+
+import triton
+import triton.language as tl
+
+MAX_ROWS = 1024  # 4096 elements per program
+MAX_CHUNKS = 65535  # CUDA's limit on gridDim.y
+
+
+def tile_rows(per_sample: int) -> int:
+    """Rows R of the [R, 4] tile for samples of ``per_sample`` elements: a power of two in [1, MAX_ROWS]."""
+    return min(MAX_ROWS, triton.next_power_of_2(max(1, (per_sample + 3) // 4)))
+
+
+def grid(batch: int, per_sample: int, rows: int) -> tuple[int, int]:
+    chunks = triton.cdiv(per_sample, 4 * rows)
+    if chunks > MAX_CHUNKS:
+        raise ValueError(f"a sample of {per_sample} elements is too large for one launch "
+                         f"(at most {MAX_CHUNKS * 4 * rows})")
+    return (batch, chunks)
+
+
+def num_warps(rows: int) -> int:
+    return 8 if rows >= 1024 else 4 if rows >= 64 else 1
+
+
+def compute_dtype(dtype) -> "tl.dtype":
+    """The math dtype of a kernel: float64 for float64 data, float32 for everything else."""
+    import torch
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def tile(chunk, ROWS: tl.constexpr):
+    """Row indices [R] of this chunk within its sample, and the element indices [R, 4] they cover."""
+    rows = chunk * ROWS + tl.arange(0, ROWS)
+    return rows, rows[:, None] * 4 + tl.arange(0, 4)[None, :]
+
+
+@triton.jit
+def load_t(t_ptr, b, T):
+    """t[b], clamped into [0, T) so that a bad value can never read outside the tables (the host checks t)."""
+    t = tl.load(t_ptr + b)
+    return tl.minimum(tl.maximum(t, 0), T - 1)
