@@ -214,7 +214,11 @@ def diffusion_loss(schedule, model_output, x_start, t, noise, objective="pred_no
 
 # ----------------------------------------------------------------------------- reverse process
 def _limit_x0(x0, clip, threshold):
-    """x̂_0 after dynamic thresholding (``threshold`` = (ratio, max_value)) or clipping to ±clip."""
+    """x̂_0 after dynamic thresholding or clipping to ±clip. ``threshold`` is (ratio, max_value), or the
+    per-sample scales s [B] themselves."""
+    if isinstance(threshold, torch.Tensor):
+        s = threshold.to(x0.dtype).reshape(-1, *((1,) * (x0.dim() - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
     if threshold is not None:
         return dynamic_threshold(x0, *threshold)[0]
     if clip is not None and clip is not False:

@@ -1,0 +1,238 @@
+"""Reverse steps: the ancestral DDPM update (``p_sample_step``) and the DDIM update (``ddim_step``).
+
+C++ schemas in csrc/fastddpm.cpp (CPU impls here on the reference math until csrc/cpu has fused ones; CUDA impls
+= the Triton kernels) and Triton twins ``fastddpm::p_sample_step_triton`` / ``ddim_step_triton``
+(kernels/reverse_step.py). Both read model output and x_t once and write x_{t−1} (+ x̂_0 and the noise drawn,
+on request). Sampling is not differentiated: no autograd is registered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fastddpm import _extension, reference
+from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
+                          choose_backend, dense, new_seed)
+from fastddpm.ops.q_sample import philox_noise_like
+
+OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
+_OBJECTIVE_NAMES = {v: k for k, v in OBJECTIVES.items()}
+TABLE_ROWS = 7
+
+
+def _prepare(name, model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale):
+    check_data(name, "x_t", x_t)
+    check_data(name, "model_output", model_output, x_t)
+    check_index(name, "t", t, x_t)
+    check_table(name, "table", table, x_t, rows=TABLE_ROWS if name == "p_sample_step" else 4)
+    torch._check(objective in (0, 1, 2), lambda: f"{name}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
+    torch._check(clip is None or clip > 0, lambda: f"{name}: clip must be positive, got {clip}")
+    if noise is not None:
+        check_data(name, "noise", noise, x_t)
+    if seed is not None:
+        check_seed(name, seed, x_t)
+    if threshold_scale is not None:
+        torch._check(threshold_scale.shape == (x_t.shape[0],) and threshold_scale.is_floating_point(),
+                     lambda: f"{name}: threshold_scale must be a float tensor of shape [{x_t.shape[0]}]")
+        torch._check(threshold_scale.device == x_t.device,
+                     lambda: f"{name}: threshold_scale is on {threshold_scale.device}, the data on {x_t.device}")
+    x = dense(x_t)
+    return x, as_layout_of(model_output, x), as_layout_of(noise, x)
+
+
+def _outputs(x, write_x0, write_noise):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(x) if write_x0 else empty,
+            torch.empty_like(x) if write_noise else empty)
+
+
+# ----------------------------------------------------------------------------- Triton
+def _p_sample_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                          noise: torch.Tensor | None, seed: torch.Tensor | None, offset: int, objective: int,
+                          clip: float | None, threshold_scale: torch.Tensor | None, write_x0: bool,
+                          write_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastddpm.kernels.reverse_step import launch_p_sample
+
+    x, out, eps = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                           threshold_scale)
+    torch._check((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
+    x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None)
+    launch_p_sample(out, x, t, table, x_prev, objective=objective, noise=eps, seed=seed, offset=offset, clip=clip,
+                    threshold_scale=threshold_scale, x0_out=x0 if write_x0 else None,
+                    noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
+    return x_prev, x0, noise_out
+
+
+def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                      table: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
+                      seed: torch.Tensor | None, offset: int, objective: int, eta: float, final_alpha_cumprod: float,
+                      clip: float | None, threshold_scale: torch.Tensor | None, rederive_noise: bool,
+                      write_x0: bool, write_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastddpm.kernels.reverse_step import launch_ddim
+
+    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta)
+    x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None and eta != 0)
+    launch_ddim(out, x, t, t_prev, table, alphas_cumprod, x_prev, objective=objective, eta=eta,
+                final_alpha_cumprod=final_alpha_cumprod, rederive_noise=rederive_noise and (
+                    clip is not None or threshold_scale is not None),
+                noise=eps if eta != 0 else None, seed=seed, offset=offset, clip=clip,
+                threshold_scale=threshold_scale, x0_out=x0 if write_x0 else None,
+                noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
+    return x_prev, x0, noise_out
+
+
+def _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta):
+    check_index("ddim_step", "t_prev", t_prev, x)
+    check_table("ddim_step", "alphas_cumprod", alphas_cumprod, x)
+    torch._check(alphas_cumprod.shape[0] == table.shape[1],
+                 lambda: "ddim_step: alphas_cumprod and table must cover the same timesteps")
+    torch._check(eta >= 0, lambda: f"ddim_step: eta must be >= 0, got {eta}")
+    torch._check(eta == 0 or (noise is None) != (seed is None),
+                 lambda: "ddim_step: with eta > 0 give exactly one of noise and seed")
+
+
+p_sample_step_triton = triton_op("fastddpm::p_sample_step_triton", _p_sample_step_triton, mutates_args=())
+ddim_step_triton = triton_op("fastddpm::ddim_step_triton", _ddim_step_triton, mutates_args=())
+
+
+# ----------------------------------------------------------------------------- CPU (reference math)
+class _Schedule:
+    """The tables reference.p_sample_step / ddim_step read, rebuilt from the kernels' stacked table."""
+
+    def __init__(self, table, alphas_cumprod=None):
+        rows = table.double()
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = rows[0], rows[1]
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = rows[2], rows[3]
+        if table.shape[0] >= TABLE_ROWS:
+            self.posterior_mean_coef1, self.posterior_mean_coef2 = rows[4], rows[5]
+            self.posterior_variance = rows[6].square()
+            self.posterior_log_variance_clipped = self.posterior_variance  # read by q_posterior, unused here
+        if alphas_cumprod is not None:
+            self.alphas_cumprod = alphas_cumprod
+
+
+def _step_noise(x, eps, seed, offset):
+    return eps if eps is not None else philox_noise_like(x, seed, offset)
+
+
+def _finish(x, x_prev, x0, z, write_x0, write_noise):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x).copy_(x_prev), torch.empty_like(x).copy_(x0) if write_x0 else empty,
+            torch.empty_like(x).copy_(z) if write_noise else empty)
+
+
+def _p_sample_step_cpu(model_output, x_t, t, table, noise, seed, offset, objective, clip, threshold_scale,
+                       write_x0, write_noise):
+    x, out, eps = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                           threshold_scale)
+    torch._check((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
+    z = _step_noise(x, eps, seed, offset)
+    x_prev, x0 = reference.p_sample_step(_Schedule(table), out, x, t, z, _OBJECTIVE_NAMES[objective], "fixed_small",
+                                         clip, threshold_scale)
+    return _finish(x, x_prev, x0, z, write_x0, write_noise and noise is None)
+
+
+def _ddim_step_cpu(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective, eta,
+                   final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0, write_noise):
+    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta)
+    stochastic = eta != 0
+    z = _step_noise(x, eps, seed, offset) if stochastic else torch.zeros_like(x, dtype=torch.float32)
+    x_prev, x0 = reference.ddim_step(_Schedule(table, alphas_cumprod), out, x, t, t_prev, z,
+                                     _OBJECTIVE_NAMES[objective], eta, clip, threshold_scale, rederive_noise,
+                                     final_alpha_cumprod)
+    return _finish(x, x_prev, x0, z, write_x0, write_noise and noise is None and stochastic)
+
+
+# ----------------------------------------------------------------------------- fake impls
+def _fake_p_sample_step(model_output, x_t, t, table, noise, seed, offset, objective, clip, threshold_scale,
+                        write_x0, write_noise):
+    x, _, _ = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    return _outputs(x, write_x0, write_noise and noise is None)
+
+
+def _fake_ddim_step(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective, eta,
+                    final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0, write_noise):
+    x, _, _ = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    return _outputs(x, write_x0, write_noise and noise is None and eta != 0)
+
+
+def _register() -> None:
+    pairs = [("p_sample_step", _p_sample_step_triton, _p_sample_step_cpu, _fake_p_sample_step),
+             ("ddim_step", _ddim_step_triton, _ddim_step_cpu, _fake_ddim_step)]
+    for op, triton_fn, cpu_fn, fake in pairs:
+        torch.library.register_fake(f"fastddpm::{op}_triton")(fake)
+        if _extension.load() is None:
+            continue
+        torch.library.register_fake(f"fastddpm::{op}")(fake)
+        torch.library.register_kernel(f"fastddpm::{op}", "cuda", triton_fn)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CPU"):
+            torch.library.register_kernel(f"fastddpm::{op}", "cpu", cpu_fn)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- the Python entry points
+def _threshold_scale(sched_like, model_output, x_t, t, objective, threshold):
+    """Per-sample s of dynamic thresholding, from x̂_0 computed on the side (a quantile needs the whole sample)."""
+    if threshold is None:
+        return None
+    _, x0 = reference.model_predictions(sched_like, model_output, x_t, t, objective)
+    return reference.dynamic_threshold(x0, *threshold)[1].float()
+
+
+def _clip_value(clip):
+    if clip is None or clip is False:
+        return None
+    return 1.0 if clip is True else float(clip)
+
+
+def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred_noise", variance="fixed_small",
+                  clip_denoised=True, threshold=None, seed=None, offset=0, generator=None, table=None,
+                  write_x0=True, write_noise=False, backend="auto", check=True):
+    """One ancestral step x_t → x_{t−1} on the chosen backend; returns (x_{t−1}, x̂_0, z).
+
+    ``noise`` given, or z drawn in-kernel from (``seed``, ``offset``) (a fresh seed from torch's RNG when both
+    are None). ``clip_denoised``: True (±1), a number (±c) or False; ``threshold`` = (ratio, max_value) for
+    dynamic thresholding instead. ``table`` overrides ``schedule.reverse_table(variance)`` (respaced
+    schedules). x̂_0 and z are empty tensors unless ``write_x0`` / ``write_noise``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    table = schedule.reverse_table(variance) if table is None else table
+    if check:
+        check_timesteps("p_sample_step", t, table.shape[1])
+    if noise is None and seed is None:
+        seed = new_seed(x_t.device, generator)
+    scale = _threshold_scale(schedule, model_output, x_t, t, objective, threshold)
+    args = (model_output, x_t, t, table, noise, seed, offset, OBJECTIVES[objective], _clip_value(clip_denoised),
+            scale, write_x0, write_noise)
+    backend = choose_backend("p_sample_step", x_t.device, backend)
+    if backend == "triton":
+        return torch.ops.fastddpm.p_sample_step_triton(*args)
+    return _p_sample_step_cpu(*args) if not _extension.cpu_built() else torch.ops.fastddpm.p_sample_step(*args)
+
+
+def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="pred_noise", eta=0.0,
+              clip_denoised=True, threshold=None, rederive_noise=True, final_alpha_cumprod=1.0, seed=None, offset=0,
+              generator=None, write_x0=True, write_noise=False, backend="auto", check=True):
+    """One DDIM step x_t → x_{t_prev} on the chosen backend; returns (x_prev, x̂_0, z). See p_sample_step."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    table = schedule.reverse_table("fixed_small")
+    if check:
+        check_timesteps("ddim_step", t, table.shape[1])
+        check_timesteps("ddim_step", t_prev, table.shape[1], allow_negative=True)
+    if noise is None and seed is None and eta != 0:
+        seed = new_seed(x_t.device, generator)
+    scale = _threshold_scale(schedule, model_output, x_t, t, objective, threshold)
+    args = (model_output, x_t, t, t_prev, table, schedule.alphas_cumprod, noise, seed, offset, OBJECTIVES[objective],
+            float(eta), float(final_alpha_cumprod), _clip_value(clip_denoised), scale, rederive_noise, write_x0,
+            write_noise)
+    backend = choose_backend("ddim_step", x_t.device, backend)
+    if backend == "triton":
+        return torch.ops.fastddpm.ddim_step_triton(*args)
+    return _ddim_step_cpu(*args) if not _extension.cpu_built() else torch.ops.fastddpm.ddim_step(*args)
