@@ -19,7 +19,10 @@ from torch import nn
 
 from fastddpm import reference, sampling
 from fastddpm.ops import check_backend
+from fastddpm.ops import choose_backend, new_seed
+from fastddpm.ops.diffusion_loss import diffusion_loss as _diffusion_loss_op
 from fastddpm.ops.q_sample import q_sample as _q_sample_op
+from fastddpm.ops.reverse_step import p_sample_step as _p_sample_step_op
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 ModelPrediction = namedtuple("ModelPrediction", ["pred_noise", "pred_x_start"])
@@ -225,18 +228,29 @@ class Diffusion(nn.Module):
         """x_t ~ q(x_t | x_0) (eq. 4); x_start in the model's range ([-1, 1] with auto_normalize)."""
         self._check_images(x_start, "x_start")
         t = self._check_t(t, x_start.shape[0])
-        return _q_sample_op(self.schedule, x_start, t, self._check_noise(noise, x_start), backend=self.backend)
+        return _q_sample_op(self.schedule, x_start, t, self._check_noise(noise, x_start), backend=self.backend,
+                            check=False)
 
     def _p_losses(self, x_start, t, noise=None, reduction="mean"):
+        gamma = self.min_snr_gamma if self.min_snr_loss_weight else None
+        loss_args = dict(objective=self.objective, min_snr_gamma=gamma, reduction=reduction, backend=self.backend,
+                         check=False)
+        if (noise is None and self.offset_noise_strength == 0
+                and choose_backend("diffusion_loss", x_start.device, self.backend) == "triton"):
+            # Fused path: ε is drawn inside q_sample from a Philox key and regenerated inside the loss from the
+            # same key, so it never goes to memory.
+            seed = new_seed(x_start.device)
+            x_t, _ = _q_sample_op(self.schedule, x_start, t, seed=seed, backend=self.backend, check=False)
+            out = self._model_output(x_t, t)
+            return _diffusion_loss_op(self.schedule, out, x_start, t, seed=seed, **loss_args)
         if noise is None:
             noise = torch.randn_like(x_start)
             if self.offset_noise_strength > 0:  # offset noise (Guttenberg 2023): a per-channel constant shift
                 noise = noise + self.offset_noise_strength * torch.randn_like(x_start[:, :, :1, :1])
         noise = self._check_noise(noise, x_start)
-        x_t = _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend)
+        x_t = _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend, check=False)
         out = self._model_output(x_t, t)
-        gamma = self.min_snr_gamma if self.min_snr_loss_weight else None
-        return reference.diffusion_loss(self.schedule, out, x_start, t, noise, self.objective, gamma, reduction)
+        return _diffusion_loss_op(self.schedule, out, x_start, t, noise, **loss_args)
 
     def p_losses(self, x_start, t, noise=None, reduction="mean"):
         """L_simple (eq. 14) at the given timesteps; x_start in the model's range."""
@@ -297,10 +311,14 @@ class Diffusion(nn.Module):
         if not 0 <= t < self.num_timesteps:
             raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t}")
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise, seed = sampling.step_noise(sampling.step_noise_in_kernel(self, "p_sample_step"), x.shape, x.device,
+                                          generator)
+        noise = noise.to(x.dtype) if noise is not None else None
         out = self._model_output(x.to(sampling.model_dtype(self.model, x.dtype)), tt)
-        return reference.p_sample_step(self.schedule, out, x, tt, noise, self.objective, self.variance,
-                                       self.clip_denoised)
+        x_prev, x0, _ = _p_sample_step_op(self.schedule, out, x, tt, noise, seed=seed, objective=self.objective,
+                                          variance=self.variance, clip_denoised=self.clip_denoised,
+                                          backend=self.backend, check=False)
+        return x_prev, x0
 
     @torch.no_grad()
     def p_sample_loop(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True):

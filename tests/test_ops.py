@@ -54,11 +54,18 @@ def test_backend_choice(monkeypatch, sched):
     assert choose_backend("q_sample", "cpu") == "reference"
     assert choose_backend("q_sample", "cpu", "cpp") == "cpp"  # an explicit argument wins over the variable
     monkeypatch.delenv("FASTDDPM_BACKEND")
-    with pytest.warns(RuntimeWarning, match="no triton implementation of diffusion_loss"):
-        assert choose_backend("diffusion_loss", "cpu", "triton") == "reference"
+    with pytest.warns(RuntimeWarning, match="no cpp implementation of diffusion_loss"):
+        assert choose_backend("diffusion_loss", "cpu", "cpp") == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once already
-        assert choose_backend("diffusion_loss", "cpu", "triton") == "reference"
+        assert choose_backend("diffusion_loss", "cpu", "cpp") == "reference"
+    # Triton runs CPU tensors only through its interpreter, and only when asked for: never by default.
+    assert choose_backend("diffusion_loss", "cpu", "triton") == "triton"
+    assert choose_backend("diffusion_loss", "cpu") == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.warns(RuntimeWarning, match="no triton implementation of p_sample_step"):
+        assert choose_backend("p_sample_step", "cpu", "triton") == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         choose_backend("q_sample", "cpu", "fast")
     monkeypatch.setenv("FASTDDPM_BACKEND", "cuda")
@@ -66,7 +73,7 @@ def test_backend_choice(monkeypatch, sched):
         choose_backend("q_sample", "cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_diffusion_backends_agree(backend):
     torch.manual_seed(0)
     d = Diffusion(TinyNet(timesteps=50), image_size=6, timesteps=50, beta_schedule="cosine", backend=backend)

@@ -98,11 +98,15 @@ def new_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
 
 
 def batch_outer_dense(x: torch.Tensor) -> bool:
-    """Whether the kernels can stream x as is: dense, with each sample one contiguous block."""
+    """Whether the kernels can stream x as is: dense (any dim order, e.g. channels_last), with each sample
+    one contiguous block of memory."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
     if x.is_contiguous():
         return True
-    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
-        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    if not is_non_overlapping_and_dense(x):
+        return False
+    return x.shape[0] <= 1 or x.stride(0) == x.numel() // x.shape[0]
 
 
 def as_layout_of(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

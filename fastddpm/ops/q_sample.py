@@ -96,6 +96,19 @@ def _fake_q_sample(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumpro
     return torch.empty_like(dense(x_start))
 
 
+def _q_sample_cuda(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
+    """The C++ op on CUDA tensors: the Triton kernel, returned in empty_like(x_start)'s layout as on the CPU."""
+    out = _q_sample_triton(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
+    like = torch.empty_like(x_start)
+    return out if like.stride() == out.stride() else like.copy_(out)
+
+
+def _fake_q_sample_cpp(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
+    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    check_data(NAME, "noise", noise, x_start)
+    return torch.empty_like(x_start)  # what csrc/cpu/q_sample.cpp allocates, for any dense layout
+
+
 def _fake_q_sample_philox(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset, write_noise):
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     x = dense(x_start)
@@ -125,9 +138,9 @@ def _register() -> None:
     ops = [("fastddpm::q_sample_triton", _fake_q_sample, _backward_q_sample),
            ("fastddpm::q_sample_philox_triton", _fake_q_sample_philox, _backward_q_sample_philox)]
     if _extension.load() is not None:
-        ops += [("fastddpm::q_sample", _fake_q_sample, _backward_q_sample),
+        ops += [("fastddpm::q_sample", _fake_q_sample_cpp, _backward_q_sample),
                 ("fastddpm::q_sample_philox", _fake_q_sample_philox, _backward_q_sample_philox)]
-        torch.library.register_kernel("fastddpm::q_sample", "cuda", _q_sample_triton)
+        torch.library.register_kernel("fastddpm::q_sample", "cuda", _q_sample_cuda)
         torch.library.register_kernel("fastddpm::q_sample_philox", "cuda", _q_sample_philox_triton)
         if not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::q_sample_philox", "CPU"):
             torch.library.register_kernel("fastddpm::q_sample_philox", "cpu", q_sample_philox_cpu)

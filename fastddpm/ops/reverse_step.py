@@ -42,9 +42,9 @@ def _prepare(name, model_output, x_t, t, table, noise, seed, objective, clip, th
 
 
 def _outputs(x, write_x0, write_noise):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(x) if write_x0 else empty,
-            torch.empty_like(x) if write_noise else empty)
+    """x_prev, and x̂_0 and z or empty tensors (distinct ones: outputs of an op must not alias)."""
+    return (torch.empty_like(x), torch.empty_like(x) if write_x0 else x.new_empty(0),
+            torch.empty_like(x) if write_noise else x.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -118,9 +118,11 @@ def _step_noise(x, eps, seed, offset):
 
 
 def _finish(x, x_prev, x0, z, write_x0, write_noise):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x).copy_(x_prev), torch.empty_like(x).copy_(x0) if write_x0 else empty,
-            torch.empty_like(x).copy_(z) if write_noise else empty)
+    out = _outputs(x, write_x0, write_noise)
+    for dst, src in zip(out, (x_prev, x0, z)):
+        if dst.numel():
+            dst.copy_(src)
+    return out
 
 
 def _p_sample_step_cpu(model_output, x_t, t, table, noise, seed, offset, objective, clip, threshold_scale,
