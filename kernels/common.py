@@ -27,7 +27,8 @@ def grid(batch: int, per_sample: int, rows: int) -> tuple[int, int]:
 
 
 def num_warps(rows: int) -> int:
-    return 8 if rows >= 1024 else 4 if rows >= 64 else 1
+    """Up to 8 warps, each thread keeping at least 4 consecutive elements (one 16-byte fp32 vector)."""
+    return max(1, min(8, rows // 32))
 
 
 def compute_dtype(dtype) -> "tl.dtype":
