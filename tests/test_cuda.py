@@ -34,3 +34,64 @@ def test_cuda_sampling_is_seeded_and_loss_trains():
     loss = d(torch.rand(8, 1, 8, 8, device="cuda"))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- the Triton ops on a GPU
+def _op_cases():
+    from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+    sched = NoiseSchedule(get_beta_schedule("linear", 1000)).cuda()
+    x = torch.randn(3, 2, 5, 5, device="cuda")
+    p, n = torch.randn_like(x, requires_grad=True), torch.randn_like(x)
+    t = torch.tensor([0, 1, 999], device="cuda")
+    seed = torch.tensor([3], device="cuda")
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    ops = torch.ops.fastddpm
+    return [(ops.q_sample_triton.default, (x.clone().requires_grad_(True), t, *tables, n)),
+            (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
+            (ops.diffusion_loss_triton.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
+            (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
+            (ops.p_sample_step_triton.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None, True,
+                                                True)),
+            (ops.ddim_step_triton.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None, 0,
+                                            2, 0.5, 1.0, None, None, True, True, False))]
+
+
+def test_triton_ops_full_opcheck():
+    """Including the AOT-dispatch test that the CPU interpreter cannot run."""
+    for op, args in _op_cases():
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_training_step_with_the_triton_ops():
+    """A training step of a small U-Net with in-kernel noise, the fused loss and its backward compiles with
+    fullgraph=True (inductor, which sees the Triton kernels through wrap_triton) and matches eager."""
+    d = small_diffusion(backend="triton")
+    x0 = torch.rand(4, 1, 8, 8, device="cuda") * 2 - 1
+    t = torch.tensor([0, 1, 25, 49], device="cuda")
+
+    def step(x0, t, seed):
+        from fastddpm.ops.diffusion_loss import diffusion_loss
+        from fastddpm.ops.q_sample import q_sample
+
+        x_t, _ = q_sample(d.schedule, x0, t, seed=seed, backend="triton", check=False)
+        return diffusion_loss(d.schedule, d.model(x_t, t), x0, t, seed=seed, backend="triton", check=False)
+
+    seed = torch.tensor([11], device="cuda")
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x0, t, seed)
+    loss.backward()
+    assert torch.allclose(loss, step(x0, t, seed), rtol=1e-4, atol=1e-6)
+
+
+def test_triton_noise_matches_the_reference_stream_on_gpu():
+    from fastddpm.ops.q_sample import philox_noise_like, q_sample
+    from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+    sched = NoiseSchedule(get_beta_schedule("linear", 1000)).cuda()
+    x = torch.zeros(4, 3, 16, 16, device="cuda")
+    seed = torch.tensor([2**40 + 7], device="cuda")
+    _, eps = q_sample(sched, x, torch.zeros(4, dtype=torch.long, device="cuda"), seed=seed, offset=12,
+                      write_noise=True, backend="triton")
+    ref = philox_noise_like(x.cpu(), seed.cpu(), 12)
+    assert (eps.cpu() - ref).abs().max() < 1e-5

@@ -1,10 +1,12 @@
 """The Triton kernels (kernels/), run on CPU tensors by the Triton interpreter, against the float64 reference.
 
 Every op is called through its Triton twin op (fastddpm::<op>_triton) by forcing backend='triton'. The last
-test checks that each kernel was really launched in this module.
+test checks that each kernel was really launched in this module. On a GPU machine tools/device_check.sh runs
+this same file compiled on CUDA tensors: FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0.
 """
 import collections
 import itertools
+import os
 
 import pytest
 import torch
@@ -20,6 +22,11 @@ from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from .conftest import rel_err
 
+DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE", "cpu")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1", allow_module_level=True)
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("FASTDDPM_TEST_DEVICE=cuda without a GPU", allow_module_level=True)
 T = 1000
 SHAPES = [(3, 1, 7, 5), (1, 3, 1, 1), (1, 3, 8, 8), (64, 3, 32, 32), (5, 2, 9), (2, 3, 4, 3, 5)]
 IDS = ["x".join(map(str, s)) for s in SHAPES]
@@ -46,9 +53,17 @@ def count_launches():
         k.run = original
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_device():
+    """Every tensor this module creates lives on DEVICE."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
 @pytest.fixture(scope="module")
-def sched():
-    return NoiseSchedule(get_beta_schedule("linear", T))
+def sched(on_device):
+    return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
 
 
 def data(shape, dtype=torch.float32, channels_last=False, scale=1.0):
@@ -386,10 +401,10 @@ def test_bad_input_raises_clear_errors(sched):
         q_sample(sched, x, t.int(), n, backend="triton")
     with pytest.raises(RuntimeError, match=r"x_start has shape \(2, 3, 4, 4\), expected \(2, 3, 4, 3\)"):
         diffusion_loss(sched, x[..., :3], x, t, n, objective="pred_x0", backend="triton")
-    with pytest.raises(RuntimeError, match="table sqrt_alphas_cumprod is on meta, the data on cpu"):
+    with pytest.raises(RuntimeError, match=f"table sqrt_alphas_cumprod is on meta, the data on {DEVICE}"):
         torch.ops.fastddpm.q_sample_triton(x, t, sched.sqrt_alphas_cumprod.to("meta"),
                                            sched.sqrt_one_minus_alphas_cumprod, n)
-    with pytest.raises(RuntimeError, match="noise is on meta, the data on cpu"):
+    with pytest.raises(RuntimeError, match=f"noise is on meta, the data on {DEVICE}"):
         torch.ops.fastddpm.q_sample_triton(x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod,
                                            n.to("meta"))
     with pytest.raises(RuntimeError, match="give exactly one of noise and seed"):

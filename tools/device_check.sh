@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0
 arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
 
@@ -26,9 +26,12 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.ve
 step build $PY -m pip install -e . --no-build-isolation --no-deps
 step info $PY -m fastddpm info
 step cuda_tests $PY -m pytest -m cuda -q tests/
+# The Triton kernel tests of CI (interpreter on CPU tensors), here compiled on CUDA tensors.
+step triton_kernels env FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q tests/test_kernels.py
 if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then
-  step bench $PY -m pytest benchmarks/ -q --benchmark-json "$OUT/bench.json"
+  step bench $PY -m pytest benchmarks/ -q -k cuda --benchmark-json "$OUT/bench.json"
 fi
 echo "== summary ($(cat "$OUT/versions.log"))"
 printf '%s' "$summary"
+[ -f "$OUT/bench.json" ] && $PY tools/bench_table.py "$OUT/bench.json" | tee "$OUT/bench_table.md"
 exit $failed

@@ -1,0 +1,54 @@
+"""Print a pytest-benchmark JSON file as one table: a row per case, the median time of each provider side by
+side, fastddpm's speed-up against eager and torch.compile, its GB/s and (on a GPU) its fraction of a
+device-to-device copy.
+
+    python tools/bench_table.py build/bench.json
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+
+PROVIDERS = ("eager", "compile", "fastddpm")
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def table(data: dict) -> str:
+    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        provider = bench.get("params", {}).get("provider")
+        if provider not in PROVIDERS:
+            continue
+        case = re.sub(r"(^|-)" + provider + r"(-|$)", lambda m: "-" if m.group(1) and m.group(2) else "",
+                      bench["name"]).replace("[]", "").replace("test_", "", 1)
+        rows[case][provider] = bench
+    lines = ["| case | eager | torch.compile | fastddpm | × eager | × compile | fastddpm GB/s | of copy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case in sorted(rows):
+        median = {p: rows[case][p]["stats"]["median"] if p in rows[case] else None for p in PROVIDERS}
+        fast = rows[case].get("fastddpm", {})
+        extra = fast.get("extra_info", {})
+        speedup = {p: (f"{median[p] / median['fastddpm']:.2f}" if median[p] and median["fastddpm"] else "—")
+                   for p in ("eager", "compile")}
+        gbps = extra.get("bytes", 0) / median["fastddpm"] / 1e9 if median["fastddpm"] and extra.get("bytes") else None
+        frac = extra.get("fraction of copy")
+        lines.append(f"| {case} | {fmt_time(median['eager'])} | {fmt_time(median['compile'])} | "
+                     f"{fmt_time(median['fastddpm'])} | {speedup['eager']} | {speedup['compile']} | "
+                     f"{'—' if gbps is None else f'{gbps:.1f}'} | {'—' if frac is None else f'{frac:.0%}'} |")
+    machine = data.get("machine_info", {})
+    header = f"{data.get('datetime', '')} — {machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}"
+    return header + "\n\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    with open(sys.argv[1]) as f:
+        print(table(json.load(f)))
