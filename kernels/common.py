@@ -49,3 +49,11 @@ def load_t(t_ptr, b, T):
     """t[b], clamped into [0, T) so that a bad value can never read outside the tables (the host checks t)."""
     t = tl.load(t_ptr + b)
     return tl.minimum(tl.maximum(t, 0), T - 1)
+
+
+@triton.jit
+def sample_tile(t_ptr, N, T, ROWS: tl.constexpr):
+    """The program's sample b, its tile (rows [R], element indices [R, 4], mask), b's first element and t[b]."""
+    b = tl.program_id(0).to(tl.int64)
+    rows, i = tile(tl.program_id(1), ROWS)
+    return b, rows, i, i < N, b * N, load_t(t_ptr, b, T)

@@ -13,7 +13,7 @@ storing ∂L/∂pred in the forward (which costs a write there plus a read-scale
 import triton
 import triton.language as tl
 
-from .common import compute_dtype, grid, load_t, num_warps, tile, tile_rows
+from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
 from .noise import normal_rows
 
 PRED_NOISE, PRED_X0, PRED_V = 0, 1, 2
@@ -61,12 +61,8 @@ def _weight(a, s, gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr):
 def loss_partial_kernel(pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, seed_ptr, partial_ptr,
                         offset, N, T, n_chunks,
                         OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+    b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     chunk = tl.program_id(1)
-    rows, i = tile(chunk, ROWS)
-    mask = i < N
-    base = b * N
-    t = load_t(t_ptr, b, T)
     a = tl.load(sqrt_ac_ptr + t).to(CD)
     s = tl.load(sqrt_1m_ac_ptr + t).to(CD)
     target = _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N, OBJECTIVE, HAS_NOISE, CD)
@@ -103,11 +99,7 @@ def loss_backward_kernel(grad_ptr, pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_p
                          OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GAMMA: tl.constexpr,
                          REDUCTION: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
     """∂L/∂pred = g_b · w_b · 2 (pred − target) / N, with g_b = grad[b] ('none') or grad / B ('mean')."""
-    b = tl.program_id(0).to(tl.int64)
-    rows, i = tile(tl.program_id(1), ROWS)
-    mask = i < N
-    base = b * N
-    t = load_t(t_ptr, b, T)
+    b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     a = tl.load(sqrt_ac_ptr + t).to(CD)
     s = tl.load(sqrt_1m_ac_ptr + t).to(CD)
     if REDUCTION == 0:

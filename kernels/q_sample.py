@@ -6,7 +6,7 @@ Reads x_0 (and ε when given), writes x_t (and ε when asked): the fewest bytes 
 import triton
 import triton.language as tl
 
-from .common import compute_dtype, grid, load_t, num_warps, tile, tile_rows
+from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
 from .noise import normal_rows
 
 
@@ -14,11 +14,7 @@ from .noise import normal_rows
 def q_sample_kernel(x_ptr, noise_ptr, out_ptr, noise_out_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, seed_ptr,
                     offset, N, T,
                     HAS_NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    rows, i = tile(tl.program_id(1), ROWS)
-    mask = i < N
-    base = b * N
-    t = load_t(t_ptr, b, T)
+    b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     a = tl.load(sqrt_ac_ptr + t).to(CD)
     s = tl.load(sqrt_1m_ac_ptr + t).to(CD)
     x = tl.load(x_ptr + base + i, mask=mask).to(CD)

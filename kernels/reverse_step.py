@@ -14,10 +14,17 @@ both variances are only a different table.
 import triton
 import triton.language as tl
 
-from .common import compute_dtype, grid, load_t, num_warps, tile, tile_rows
+from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
 from .noise import normal_rows
 
 ROWS_IN_TABLE = 7
+
+
+@triton.jit
+def _x0_coefficients(table_ptr, t, T, CD: tl.constexpr):
+    """Rows 0–3 of the table at t: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)."""
+    return (tl.load(table_ptr + t).to(CD), tl.load(table_ptr + T + t).to(CD),
+            tl.load(table_ptr + 2 * T + t).to(CD), tl.load(table_ptr + 3 * T + t).to(CD))
 
 
 @triton.jit
@@ -59,15 +66,8 @@ def p_sample_kernel(out_ptr, x_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, scale
                     OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
                     HAS_THRESHOLD: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_NOISE: tl.constexpr,
                     CD: tl.constexpr, ROWS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    rows, i = tile(tl.program_id(1), ROWS)
-    mask = i < N
-    base = b * N
-    t = load_t(t_ptr, b, T)
-    r0 = tl.load(table_ptr + t).to(CD)
-    r1 = tl.load(table_ptr + T + t).to(CD)
-    r2 = tl.load(table_ptr + 2 * T + t).to(CD)
-    r3 = tl.load(table_ptr + 3 * T + t).to(CD)
+    b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
+    r0, r1, r2, r3 = _x0_coefficients(table_ptr, t, T, CD)
     coef_x0 = tl.load(table_ptr + 4 * T + t).to(CD)
     coef_xt = tl.load(table_ptr + 5 * T + t).to(CD)
     sigma = tl.where(t > 0, tl.load(table_ptr + 6 * T + t).to(CD), 0.0)
@@ -89,16 +89,9 @@ def ddim_kernel(out_ptr, x_ptr, t_ptr, t_prev_ptr, table_ptr, ac_ptr, noise_ptr,
                 OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
                 HAS_THRESHOLD: tl.constexpr, REDERIVE: tl.constexpr, WRITE_X0: tl.constexpr,
                 WRITE_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    rows, i = tile(tl.program_id(1), ROWS)
-    mask = i < N
-    base = b * N
-    t = load_t(t_ptr, b, T)
+    b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     t_prev = tl.load(t_prev_ptr + b)
-    r0 = tl.load(table_ptr + t).to(CD)
-    r1 = tl.load(table_ptr + T + t).to(CD)
-    r2 = tl.load(table_ptr + 2 * T + t).to(CD)
-    r3 = tl.load(table_ptr + 3 * T + t).to(CD)
+    r0, r1, r2, r3 = _x0_coefficients(table_ptr, t, T, CD)
     # Per-sample scalars in float64: σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)) cancels badly in fp32.
     ac = tl.load(ac_ptr + t).to(tl.float64)
     ac_prev = tl.load(ac_ptr + tl.minimum(tl.maximum(t_prev, 0), T - 1)).to(tl.float64)

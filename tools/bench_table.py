@@ -7,7 +7,6 @@ device-to-device copy.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import defaultdict
 
@@ -23,11 +22,13 @@ def fmt_time(seconds: float | None) -> str:
 def table(data: dict) -> str:
     rows: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
-        provider = bench.get("params", {}).get("provider")
+        params = bench.get("params") or {}
+        provider = params.get("provider")
         if provider not in PROVIDERS:
             continue
-        case = re.sub(r"(^|-)" + provider + r"(-|$)", lambda m: "-" if m.group(1) and m.group(2) else "",
-                      bench["name"]).replace("[]", "").replace("test_", "", 1)
+        others = "-".join(str(v) if not isinstance(v, (list, tuple)) else "x".join(map(str, v))
+                          for k, v in params.items() if k != "provider")
+        case = bench["name"].split("[")[0].removeprefix("test_") + (f"[{others}]" if others else "")
         rows[case][provider] = bench
     lines = ["| case | eager | torch.compile | fastddpm | × eager | × compile | fastddpm GB/s | of copy |",
              "|---|---|---|---|---|---|---|---|"]
