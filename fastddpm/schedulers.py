@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -442,6 +443,8 @@ class _Scheduler:
             if not os.path.isfile(config_file):
                 raise OSError(f"no {cls.config_name} in {os.path.join(path, subfolder or '')}")
         else:
+            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+                raise OSError(f"{path} is neither a file nor a folder")
             try:
                 from huggingface_hub import hf_hub_download
             except ImportError:
