@@ -114,6 +114,7 @@ setup(
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     install_requires=["numpy", "tqdm", "safetensors", "pillow", "scikit-learn", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # diffusers: tests/test_schedulers.py and tests/test_patch.py compare against the release the schedulers follow
+    extras_require={"test": ["pytest", "pytest-benchmark", "diffusers>=0.42,<0.43"]},
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

@@ -7,11 +7,13 @@ __version__ = "0.1.0"
 from fastddpm import functional, nn, reference, schedules  # noqa: E402
 from fastddpm.diffusion import Diffusion  # noqa: E402
 from fastddpm.nn import GroupNormSiLU, UNet  # noqa: E402
+from fastddpm.nn.patch import patch  # noqa: E402
+from fastddpm.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule  # noqa: E402
 from fastddpm.train import Trainer  # noqa: E402
 
 __all__ = ["Diffusion", "Trainer", "UNet", "GroupNormSiLU", "NoiseSchedule", "get_beta_schedule", "build_info",
-           "functional", "nn", "reference", "schedules", "__version__"]
+           "DDPMScheduler", "DDIMScheduler", "patch", "functional", "nn", "reference", "schedules", "__version__"]
 
 
 def build_info() -> dict:
