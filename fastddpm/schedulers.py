@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastddpm.ops.reverse_step import p_sample_step as _fused_p_sample_step
+
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "FrozenDict"]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose schedulers these fol
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_OBJECTIVES = {"epsilon": "pred_noise", "sample": "pred_x0", "v_prediction": "pred_v"}
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -298,19 +301,22 @@ def _ddpm_x0_and_mean(model_output, sample, t, table, prediction_type, clip_rang
     return x0, mean, c
 
 
-def _ddpm_update(model_output, sample, t, table, prediction_type, clip_range, threshold, noise):
+def _ddpm_update(model_output, sample, t, table, prediction_type, clip_range, threshold, noise, seed=None):
     """One DDPM step x_t → x_{t'} for per-sample timesteps; returns (prev_sample, pred_original_sample).
 
     ``t``: int64 [B] on the sample's device; ``table``: float32 [7, T] on that device, rows as
     :data:`DDPM_TABLE_ROWS`, indexed by the timestep value; ``clip_range``: a float or None; ``threshold``:
     (dynamic_thresholding_ratio, sample_max_value) or None (it takes precedence over clipping); ``noise``: a
-    standard normal tensor of the sample's shape, or None for no noise. x_{t'} = μ̃ + (t > 0)·σ_t·noise.
+    standard normal tensor of the sample's shape, or None for no noise (or for noise drawn in-kernel from the
+    Philox key ``seed``). x_{t'} = μ̃ + (t > 0)·σ_t·noise.
     Computes in float32 (float64 stays float64) and returns the sample's dtype. Tensors only: no host sync.
     """
-    x0, prev, c = _ddpm_x0_and_mean(model_output, sample, t, table, prediction_type, clip_range, threshold)
-    if noise is not None:
-        nonzero = _per_sample((t > 0).to(prev.dtype), sample)
-        prev = prev + nonzero * c[6] * noise.to(prev.dtype)
+    if noise is not None or seed is not None:  # the fused reverse-step op (Triton on CUDA, C++/reference on CPU)
+        prev, x0, _ = _fused_p_sample_step(
+            None, model_output, sample, t, noise, seed=seed, objective=_OBJECTIVES[prediction_type],
+            clip_denoised=False if clip_range is None else clip_range, threshold=threshold, table=table, check=False)
+        return prev, x0
+    x0, prev, _ = _ddpm_x0_and_mean(model_output, sample, t, table, prediction_type, clip_range, threshold)
     return prev.to(sample.dtype), x0.to(sample.dtype)
 
 

@@ -146,6 +146,20 @@ def test_q_sample_odd_layout_is_made_dense(sched):
     assert rel_err(out, reference.q_sample(sched, x.double(), t, n.double())) < 1e-6
 
 
+def test_strided_timesteps(sched):
+    """t as an expanded (stride 0) or strided view reads the right value for every sample."""
+    x, o, n = data((4, 2, 3, 3)), data((4, 2, 3, 3)), data((4, 2, 3, 3))
+    for t in (torch.tensor(7).expand(4), torch.arange(8)[::2] * 100):
+        ref_t = t.contiguous()
+        assert torch.equal(q_sample(sched, x, t, n, backend="triton"), q_sample(sched, x, ref_t, n, backend="triton"))
+        assert torch.equal(p_sample_step(sched, o, x, t, n, backend="triton")[0],
+                           p_sample_step(sched, o, x, ref_t, n, backend="triton")[0])
+        assert torch.equal(ddim_step(sched, o, x, t, t - 1, n, eta=1.0, backend="triton")[0],
+                           ddim_step(sched, o, x, ref_t, ref_t - 1, n, eta=1.0, backend="triton")[0])
+        assert torch.equal(diffusion_loss(sched, o, x, t, n, backend="triton"),
+                           diffusion_loss(sched, o, x, ref_t, n, backend="triton"))
+
+
 # ----------------------------------------------------------------------------- noise statistics
 def test_noise_statistics_and_streams(sched):
     x, t = torch.zeros(8, 4, 32, 32), torch.zeros(8, dtype=torch.long)

@@ -62,7 +62,7 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     partial = torch.empty(pred.shape[0], chunks(pred), dtype=dtype, device=pred.device)
     per_sample = torch.empty(pred.shape[0], dtype=dtype, device=pred.device)
     mean = torch.empty((), dtype=dtype, device=pred.device)
-    launch_loss(pred, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
+    launch_loss(pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
                 objective=objective, noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
                 wrap=wrap_triton)
     return mean if reduction == 1 else per_sample
@@ -78,7 +78,7 @@ def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tens
     pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                              noise, seed, objective, reduction)
     grad_pred = torch.empty_like(pred)
-    launch_loss_backward(grad.contiguous(), pred, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+    launch_loss_backward(grad.contiguous(), pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                          grad_pred, objective=objective, reduction=reduction, noise=eps, seed=seed, offset=offset,
                          min_snr_gamma=min_snr_gamma, wrap=wrap_triton)
     return grad_pred

@@ -37,7 +37,7 @@ def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod
     check_data(NAME, "noise", noise, x_start)
     x = dense(x_start)
     out = torch.empty_like(x)
-    launch_q_sample(x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
+    launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
                     noise=as_layout_of(noise.to(x.dtype), x), wrap=wrap_triton)
     return out
 
@@ -52,7 +52,7 @@ def _q_sample_philox_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_
     x = dense(x_start)
     out = torch.empty_like(x)
     noise = torch.empty_like(x) if write_noise else x.new_empty(0)
-    launch_q_sample(x, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out, seed=seed, offset=offset,
+    launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out, seed=seed, offset=offset,
                     noise_out=noise if write_noise else None, wrap=wrap_triton)
     return out, noise
 

@@ -58,8 +58,9 @@ def _p_sample_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torc
                            threshold_scale)
     torch._check((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None)
-    launch_p_sample(out, x, t, table, x_prev, objective=objective, noise=eps, seed=seed, offset=offset, clip=clip,
-                    threshold_scale=threshold_scale, x0_out=x0 if write_x0 else None,
+    launch_p_sample(out, x, t.contiguous(), table, x_prev, objective=objective, noise=eps, seed=seed, offset=offset, clip=clip,
+                    threshold_scale=None if threshold_scale is None else threshold_scale.contiguous(),
+                    x0_out=x0 if write_x0 else None,
                     noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
     return x_prev, x0, noise_out
 
@@ -74,11 +75,12 @@ def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Te
     x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
     _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta)
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None and eta != 0)
-    launch_ddim(out, x, t, t_prev, table, alphas_cumprod, x_prev, objective=objective, eta=eta,
+    launch_ddim(out, x, t.contiguous(), t_prev.contiguous(), table, alphas_cumprod, x_prev, objective=objective, eta=eta,
                 final_alpha_cumprod=final_alpha_cumprod, rederive_noise=rederive_noise and (
                     clip is not None or threshold_scale is not None),
                 noise=eps if eta != 0 else None, seed=seed, offset=offset, clip=clip,
-                threshold_scale=threshold_scale, x0_out=x0 if write_x0 else None,
+                threshold_scale=None if threshold_scale is None else threshold_scale.contiguous(),
+                    x0_out=x0 if write_x0 else None,
                 noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
     return x_prev, x0, noise_out
 
@@ -204,7 +206,10 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    table = schedule.reverse_table(variance) if table is None else table
+    if table is None:
+        table = schedule.reverse_table(variance)
+    else:
+        schedule = _Schedule(table)  # the x̂_0 rows, for the threshold's quantile
     if check:
         check_timesteps("p_sample_step", t, table.shape[1])
     if noise is None and seed is None:
