@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastddpm.ops.reverse_step import ddim_step as _fused_ddim_step
 from fastddpm.ops.reverse_step import p_sample_step as _fused_p_sample_step
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "FrozenDict"]
@@ -321,15 +322,24 @@ def _ddpm_update(model_output, sample, t, table, prediction_type, clip_range, th
 
 
 def _ddim_update(model_output, sample, t, t_prev, alphas_cumprod, final_alpha_cumprod, prediction_type, eta,
-                 clip_range, threshold, use_clipped_model_output, noise):
+                 clip_range, threshold, use_clipped_model_output, noise, fused=None):
     """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12) for per-sample t and t_prev (int64 [B]);
     t_prev < 0 reads ``final_alpha_cumprod`` (a 0-d tensor). Returns (prev_sample, pred_original_sample).
+    With ``fused`` = (x̂_0 table [4, T], ᾱ_final as a Python float) the step runs the fused DDIM op.
 
         x_prev = √ᾱ_prev x̂₀ + √(1 − ᾱ_prev − σ²) ε̂ + σ·noise,
         σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
 
     ``noise`` is None for no noise term. Computes in float32 and returns the sample's dtype; no host sync.
     """
+    if fused is not None:  # (x̂_0 table [4, T], ᾱ_final as a float): the fused DDIM op
+        x0_table, final = fused
+        prev, x0, _ = _fused_ddim_step(
+            None, model_output, sample, t, t_prev, noise, objective=_OBJECTIVES[prediction_type], eta=eta,
+            clip_denoised=False if clip_range is None else clip_range, threshold=threshold,
+            rederive_noise=use_clipped_model_output, final_alpha_cumprod=final, table=x0_table,
+            alphas_cumprod=alphas_cumprod, check=False)
+        return prev, x0
     cd = _compute_dtype(sample.dtype)
     x, out = sample.to(cd), model_output.to(cd)
     ac = _per_sample(alphas_cumprod[t].to(cd), sample)
@@ -881,6 +891,7 @@ class DDIMScheduler(_Scheduler):
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self._final_alpha_host = float(self.final_alpha_cumprod)  # a CPU tensor here: no device sync
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
         """Choose ``num_inference_steps`` timesteps spaced per ``timestep_spacing`` (or, beyond diffusers, your own
@@ -925,6 +936,13 @@ class DDIMScheduler(_Scheduler):
             prev[steps[keep]] = nxt[keep]
         return prev
 
+    def _x0_table(self, device) -> torch.Tensor:
+        """[4, T] float32, built in float64: √(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t) (the fused DDIM op's x̂_0 rows)."""
+        def build():
+            ac = self.alphas_cumprod.double()
+            return torch.stack([(1 / ac).sqrt(), (1 / ac - 1).sqrt(), ac.sqrt(), (1 - ac).sqrt()]).float()
+        return self._cached("x0_table", torch.device(device), build)
+
     def _device_tables(self, device):
         device = torch.device(device)
         prev = self._cached("prev", device, lambda: torch.from_numpy(self._prev_host().copy()))
@@ -965,8 +983,9 @@ class DDIMScheduler(_Scheduler):
                 raise ValueError(f"variance_noise must have the sample's shape {list(sample.shape)}, "
                                  f"got {list(variance_noise.shape)}")
             noise = variance_noise
+        fused = (self._x0_table(sample.device), self._final_alpha_host)
         prev, x0 = _ddim_update(model_output, sample, t, t_prev, ac, final, prediction_type, eta, clip_range,
-                                threshold, bool(use_clipped_model_output), noise)
+                                threshold, bool(use_clipped_model_output), noise, fused)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

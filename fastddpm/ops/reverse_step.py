@@ -225,18 +225,23 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
 
 def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="pred_noise", eta=0.0,
               clip_denoised=True, threshold=None, rederive_noise=True, final_alpha_cumprod=1.0, seed=None, offset=0,
-              generator=None, write_x0=True, write_noise=False, backend="auto", check=True):
-    """One DDIM step x_t → x_{t_prev} on the chosen backend; returns (x_prev, x̂_0, z). See p_sample_step."""
+              generator=None, table=None, alphas_cumprod=None, write_x0=True, write_noise=False, backend="auto",
+              check=True):
+    """One DDIM step x_t → x_{t_prev} on the chosen backend; returns (x_prev, x̂_0, z). See p_sample_step;
+    ``table`` ([≥4, T], rows √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)) and ``alphas_cumprod`` replace the schedule's."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    table = schedule.reverse_table("fixed_small")
+    if table is None:
+        table, alphas_cumprod = schedule.reverse_table("fixed_small"), schedule.alphas_cumprod
+    else:
+        schedule = _Schedule(table, alphas_cumprod)
     if check:
         check_timesteps("ddim_step", t, table.shape[1])
         check_timesteps("ddim_step", t_prev, table.shape[1], allow_negative=True)
     if noise is None and seed is None and eta != 0:
         seed = new_seed(x_t.device, generator)
     scale = _threshold_scale(schedule, model_output, x_t, t, objective, threshold)
-    args = (model_output, x_t, t, t_prev, table, schedule.alphas_cumprod, noise, seed, offset, OBJECTIVES[objective],
+    args = (model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, OBJECTIVES[objective],
             float(eta), float(final_alpha_cumprod), _clip_value(clip_denoised), scale, rederive_noise, write_x0,
             write_noise)
     backend = choose_backend("ddim_step", x_t.device, backend)
