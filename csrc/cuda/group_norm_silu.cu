@@ -14,7 +14,7 @@
 // Kernels (kThreads threads a block; every reduction in a fixed order, no float atomics):
 //   NCHW (a group is one contiguous run of M elements)
 //     gn_stats_nchw       grid (N·G, S): Welford over a 1/S share of a group; S > 1 only when N·G is
-//                         below the SM count. S == 1 writes mean/rstd, else a Welford partial.
+//                         below twice the SM count. S == 1 writes mean/rstd, else a Welford partial.
 //     gn_stats_combine    one warp per group merges its partials (Chan et al.) into mean/rstd.
 //     gn_silu_fwd_nchw    rows (n, c) of HW elements, 2^k threads a row, several rows a block.
 //     gn_bwd_sums_nchw    per-row A, B (or per-(row, split) partials), same row mapping.
@@ -52,6 +52,8 @@ constexpr int64_t kMaxSplit = 128;
 constexpr int64_t kMinVectorsPerThread = 4;
 // Blocks that fill the device for the streaming kernels: this many per SM.
 constexpr int64_t kBlocksPerSm = 4;
+// The NCHW statistics split each group's reduction when there are fewer groups than this many per SM.
+constexpr int64_t kSplitBelowBlocksPerSm = 2;
 // A grid's x and y limits.
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
@@ -217,6 +219,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* group = x + ng * group_vecs * V;
   const int64_t end = min64(group_vecs, (s + 1) * chunk_vecs);
   Welford w{0.f, 0.f, 0.f};
+  #pragma unroll 4
   for (int64_t i = s * chunk_vecs + threadIdx.x; i < end; i += kThreads) {
     float v[V];
     load<T, V>(group + i * V, v);
@@ -254,6 +257,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ty < RT && vc < CV) {
     const T* column = x + n * HW * C + vc * V;
     const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
+    #pragma unroll 4
     for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
       float v[V];
       load<T, V>(column + row * C, v);
@@ -352,6 +356,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + ri.row * HWV * V;
   T* yr = y + ri.row * HWV * V;
   const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
+  #pragma unroll 4
   for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
     float v[V];
     load<T, V>(xr + i * V, v);
@@ -389,6 +394,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
+  #pragma unroll 4
   for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
     float v[V];
     load<T, V>(x + offset + row * C, v);
@@ -431,6 +437,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* dyr = dy + ri.row * HWV * V;
     const T* xr = x + ri.row * HWV * V;
     const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
+    #pragma unroll 4
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
       float gv[V], xv[V];
       load<T, V>(dyr + i * V, gv);
@@ -496,6 +503,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const int64_t offset = n * HW * C + vc * V;
     const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
+    #pragma unroll 4
     for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
       float gv[V], xv[V];
       load<T, V>(dy + offset + row * C, gv);
@@ -620,6 +628,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + ri.row * HWV * V;
   T* dxr = dx + ri.row * HWV * V;
   const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
+  #pragma unroll 4
   for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
     float gv[V], xv[V];
     load<T, V>(dyr + i * V, gv);
@@ -657,6 +666,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
+  #pragma unroll 4
   for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
     float gv[V], xv[V];
     load<T, V>(dy + offset + row * C, gv);
@@ -706,8 +716,10 @@ NchwStatsPlan plan_nchw_stats(const GnShape& s, const void* x, int num_sms) {
   p.group_vecs = M / p.vec;
   p.splits = 1;
   const int64_t NG = s.N * s.G;
-  if (NG < num_sms) {  // too few groups to fill the device: split each group's reduction
-    const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms), NG);
+  // Fewer than kSplitBelowBlocksPerSm blocks an SM cannot keep enough loads in flight to stream from HBM:
+  // then each group's reduction is split across blocks, towards kBlocksPerSm blocks an SM.
+  if (NG < kSplitBelowBlocksPerSm * num_sms) {
+    const int64_t wanted = ceil_div(kBlocksPerSm * num_sms, NG);
     const int64_t most = std::max<int64_t>(1, p.group_vecs / (kThreads * kMinVectorsPerThread));
     p.splits = std::min({wanted, most, kMaxSplit});
   }
