@@ -45,7 +45,7 @@ bench: $(INSTALLED)
 cuda-check:
 	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
 
-$(CUDA_CHECKED): tools/check_cuda_build.sh setup.py $(CSRC)
+$(CUDA_CHECKED): tools/check_cuda_build.sh $(wildcard tools/cuda_emulator/*) setup.py $(CSRC)
 	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
 
 $(PY):

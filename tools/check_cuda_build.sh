@@ -7,6 +7,7 @@
 #     torch ($CUDA_TORCH, CUDA 13.0, installed once into $CUDA_VENV), from a copy of the sources, so the CPU
 #     build in fastddpm/ is never touched. The .so then loads into that torch with every symbol resolved
 #     (dlopen RTLD_NOW) and registers the CUDA kernels of the ops in csrc/cuda/*_binding.cpp.
+#  3. tools/cuda_emulator/emulate.py --quick runs the GroupNorm+SiLU kernels on the CPU against float64.
 # Without nvcc it says so and exits 0, except under CI=true, where it fails. On success it touches
 # $CUDA_VENV/.checked, the Makefile's stamp.
 set -euo pipefail
@@ -148,5 +149,14 @@ print(f"== cuda-check: {os.path.basename(path)} loads into torch {torch.__versio
       "CUDA kernels of group_norm_silu and group_norm_silu_backward registered")
 EOF
 
+# ---- 4. the GroupNorm+SiLU kernels run on the CPU (tools/cuda_emulator: threads as fibers, ASan), a quick
+# set of cases against float64: the only check here that executes the kernels' indexing and reductions.
+t0=$SECONDS
+"$CPY" tools/cuda_emulator/emulate.py --quick >"$tmp/emulate.log" 2>&1 \
+  || { grep -v '^ok ' "$tmp/emulate.log"; say "FAILED: the emulated GroupNorm+SiLU kernels"; exit 1; }
+say "$(tail -n 1 "$tmp/emulate.log" | sed 's/^emulate: //') (emulated GroupNorm+SiLU kernels)"
+t_emulate=$((SECONDS - t0))
+
 touch "$CUDA_VENV/.checked"
-say "OK in $((SECONDS - t_start))s (nvcc ${t_nvcc}s, venv ${t_venv}s, extension build ${t_build}s)"
+say "OK in $((SECONDS - t_start))s (nvcc ${t_nvcc}s, venv ${t_venv}s, extension build ${t_build}s," \
+  "emulation ${t_emulate}s)"

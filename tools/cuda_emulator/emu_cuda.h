@@ -2,9 +2,9 @@
 //
 // The .cu file is compiled by the host compiler after emulate.py rewrites each `k<<<grid, block, smem,
 // stream>>>(args)` into `::emu::Launch(k, grid, block, smem, stream)(args)`. Blocks run one after another;
-// the threads of a block are fibers (ucontext) of one OS thread, run round-robin; __syncthreads and the warp
-// shuffles are barriers that yield until every thread of the block (warp) has arrived, so a barrier that
-// some thread never reaches (an early return before __syncthreads) aborts as a deadlock. __shared__
+// the threads of a block are fibers (ucontext) of one OS thread, run round-robin; __syncthreads is a barrier
+// that yields until every thread of the block has arrived, so one that some thread never reaches (an early
+// return before __syncthreads) aborts as a deadlock; a warp shuffle waits for the lane it reads from. __shared__
 // variables become function statics (one block at a time). Device intrinsics are the exact host functions
 // (__expf is expf). Built with -fsanitize=address, every global access is checked against the exact-size
 // host allocations the driver makes.
@@ -51,9 +51,8 @@ struct State {
   uint3 bid;
   int bar_count = 0;
   long bar_gen = 0;
-  std::vector<int> warp_count;
-  std::vector<long> warp_gen;
-  std::vector<float> warp_buf;
+  std::vector<long> lane_seq;            // shuffles made so far, per thread
+  std::vector<std::vector<float>> shfl;  // per warp: shuffle k's value of lane l at k * 32 + l
   cudaError_t error = cudaSuccess;
   std::string log;
   // AddressSanitizer fiber bookkeeping: the scheduler's stack, as the first switch into a fiber reports it.
@@ -112,12 +111,11 @@ inline void run_block() {
     makecontext(&f.ctx, trampoline, 0);
   }
   S.bar_count = 0;
-  S.warp_count.assign((n + 31) / 32, 0);
-  S.warp_gen.assign((n + 31) / 32, 0);
-  S.warp_buf.assign(((n + 31) / 32) * 32, 0.f);
+  S.lane_seq.assign(n, 0);
+  S.shfl.assign((n + 31) / 32, {});
   for (long round = 0;; ++round) {
     bool any = false;
-    for (int i = 0; i < n; ++i) {
+    for (int i = n - 1; i >= 0; --i) {
       if (S.fibers[i].done) {
         continue;
       }
@@ -159,15 +157,28 @@ inline void barrier(int& count_ref, long& gen_ref, int count) {
 
 inline void syncthreads() { barrier(S.bar_count, S.bar_gen, S.nthreads); }
 
+// __shfl_down_sync of a converged warp: every lane makes the same sequence of shuffles; lane l's k-th shuffle
+// stores its value as (k, l) and reads (k, l + offset), waiting only until that lane has made its k-th
+// shuffle. Blocks run their threads from the last to the first, so a lane's source lane (a higher one) is
+// usually there already and no one waits.
 inline float shfl_down(float v, int offset) {
   const int t = flat_tid();
   const int w = t / 32, lane = t % 32;
   const int width = std::min(32, S.nthreads - w * 32);
-  S.warp_buf[w * 32 + lane] = v;
-  barrier(S.warp_count[w], S.warp_gen[w], width);
-  const float r = lane + offset < width ? S.warp_buf[w * 32 + lane + offset] : v;
-  barrier(S.warp_count[w], S.warp_gen[w], width);
-  return r;
+  const long seq = S.lane_seq[t]++;
+  std::vector<float>& buf = S.shfl[w];
+  if (static_cast<long>(buf.size()) < (seq + 1) * 32) {
+    buf.resize((seq + 1) * 32, NAN);
+  }
+  buf[seq * 32 + lane] = v;
+  const int src = lane + offset;
+  if (src >= width) {
+    return v;
+  }
+  while (S.lane_seq[w * 32 + src] <= seq) {
+    yield();
+  }
+  return S.shfl[w][seq * 32 + src];
 }
 
 inline cudaError_t last_error() {

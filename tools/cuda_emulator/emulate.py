@@ -207,12 +207,16 @@ def main():
     args = parser.parse_args()
     if args.lib:
         sys.exit(check(args.lib, args.quick))
+    asan = not args.no_asan
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    if asan and not os.path.isabs(libasan):  # g++ prints the bare name when it has no such library
+        print("emulate: no libasan.so for g++: running without AddressSanitizer/UBSan", flush=True)
+        asan = False
     with tempfile.TemporaryDirectory() as workdir:
-        lib = build(workdir, asan=not args.no_asan)
+        lib = build(workdir, asan=asan)
         env = dict(os.environ)
-        if not args.no_asan:
-            libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
-                                     check=True).stdout.strip()
+        if asan:
             env["LD_PRELOAD"] = libasan
             env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1"
         cmd = [sys.executable, os.path.abspath(__file__), "--lib", lib] + (["--quick"] if args.quick else [])
