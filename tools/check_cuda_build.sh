@@ -41,7 +41,7 @@ find_cuda_home() {
   fi
   top=$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
   if [ -n "$top" ] && [ -f "$top/include/cuda_runtime_api.h" ]; then
-    (cd "$top/.." && pwd)
+    (cd "$top" && pwd)
     return 0
   fi
   return 1
