@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* group = x + ng * group_vecs * V;
   const int64_t end = min64(group_vecs, (s + 1) * chunk_vecs);
   Welford w{0.f, 0.f, 0.f};
-  #pragma unroll 4
+#pragma unroll 4
   for (int64_t i = s * chunk_vecs + threadIdx.x; i < end; i += kThreads) {
     float v[V];
     load<T, V>(group + i * V, v);
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ty < RT && vc < CV) {
     const T* column = x + n * HW * C + vc * V;
     const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
-    #pragma unroll 4
+#pragma unroll 4
     for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
       float v[V];
       load<T, V>(column + row * C, v);
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + ri.row * HWV * V;
   T* yr = y + ri.row * HWV * V;
   const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
-  #pragma unroll 4
+#pragma unroll 4
   for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
     float v[V];
     load<T, V>(xr + i * V, v);
@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
-  #pragma unroll 4
+#pragma unroll 4
   for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
     float v[V];
     load<T, V>(x + offset + row * C, v);
@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* dyr = dy + ri.row * HWV * V;
     const T* xr = x + ri.row * HWV * V;
     const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
-    #pragma unroll 4
+#pragma unroll 4
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
       float gv[V], xv[V];
       load<T, V>(dyr + i * V, gv);
@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const int64_t offset = n * HW * C + vc * V;
     const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
-    #pragma unroll 4
+#pragma unroll 4
     for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
       float gv[V], xv[V];
       load<T, V>(dy + offset + row * C, gv);
@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + ri.row * HWV * V;
   T* dxr = dx + ri.row * HWV * V;
   const int64_t step = static_cast<int64_t>(ri.tpr) * gridDim.y;
-  #pragma unroll 4
+#pragma unroll 4
   for (int64_t i = static_cast<int64_t>(blockIdx.y) * ri.tpr + ri.j; i < HWV; i += step) {
     float gv[V], xv[V];
     load<T, V>(dyr + i * V, gv);
@@ -666,7 +666,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
-  #pragma unroll 4
+#pragma unroll 4
   for (int64_t row = r * rows_per_chunk + ty; row < end; row += RT) {
     float gv[V], xv[V];
     load<T, V>(dy + offset + row * C, gv);
