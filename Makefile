@@ -1,4 +1,4 @@
-# make build | make test | make demo | make bench | make clean
+# make build | make test | make demo | make bench | make cuda-check | make clean
 #
 # Each target creates .venv when it is absent, installs the tools, torch and triton into it once, and
 # (re)builds fastddpm into it, in place, whenever setup.py, pyproject.toml or a file under csrc/ changes.
@@ -21,13 +21,17 @@ CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/
 
 DEPS := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
+# tools/check_cuda_build.sh: nvcc compiles csrc/cuda/*.cu, and the whole extension builds against a CUDA torch
+# in its own venv; no GPU needed. The stamp skips it while nothing it reads has changed.
+CUDA_VENV ?= .venv-cuda
+CUDA_CHECKED := $(CUDA_VENV)/.checked
 
-.PHONY: build test demo bench clean distclean
+.PHONY: build test demo bench cuda-check clean distclean
 
 build: $(INSTALLED)
 
 # The benchmarks run too, each case once (--benchmark-disable), so that they never rot.
-test: $(INSTALLED)
+test: $(INSTALLED) $(CUDA_CHECKED)
 	$(PY) -m pytest benchmarks/ -q --benchmark-disable
 	$(PY) -m pytest -q
 
@@ -39,6 +43,12 @@ bench: $(INSTALLED)
 	mkdir -p build
 	$(PY) -m pytest benchmarks/ -q --benchmark-json build/bench.json
 	$(PY) tools/bench_table.py build/bench.json
+
+cuda-check:
+	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
+
+$(CUDA_CHECKED): tools/check_cuda_build.sh $(wildcard tools/cuda_emulator/*) setup.py $(CSRC)
+	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +70,7 @@ $(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
 
 clean:
 	rm -rf build *.egg-info fastddpm/_C*.so $(INSTALLED)
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CUDA_VENV)
