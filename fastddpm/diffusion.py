@@ -321,26 +321,31 @@ class Diffusion(nn.Module):
         return x_prev, x0
 
     @torch.no_grad()
-    def p_sample_loop(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True):
+    def p_sample_loop(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True,
+                      cuda_graph: bool = False):
         """The T-step ancestral loop from x_T ~ N(0, I); returns x_0 in the model's range ([-1, 1])."""
-        return sampling.ancestral_loop(self, tuple(shape), generator, return_all_timesteps, progress)
+        return sampling.ancestral_loop(self, tuple(shape), generator, return_all_timesteps, progress, cuda_graph)
 
     @torch.no_grad()
-    def ddim_sample(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True):
+    def ddim_sample(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True,
+                    cuda_graph: bool = False):
         """DDIM over ``sampling_timesteps`` steps (η = ddim_sampling_eta); returns x_0 in the model's range."""
-        return sampling.ddim_loop(self, tuple(shape), generator, return_all_timesteps, progress)
+        return sampling.ddim_loop(self, tuple(shape), generator, return_all_timesteps, progress, cuda_graph)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False,
-               generator: torch.Generator | None = None, progress: bool = True):
+               generator: torch.Generator | None = None, progress: bool = True, cuda_graph: bool = False):
         """Images from the reverse process, [B, C, H, W] ([0, 1] with auto_normalize).
 
         With ``return_all_timesteps`` the result is [B, steps + 1, C, H, W], x_T first. A ``generator``
         (on the model's device) makes the samples reproducible; without one torch's global RNG is used.
+        ``cuda_graph=True`` (CUDA, Triton backend) captures one whole step (network + fused reverse step) in a
+        CUDA graph and replays it for every t; it falls back to the eager loop, with one warning, when capture
+        is not possible. The same seed gives the same samples either way.
         """
         shape = (_positive_int(batch_size, "batch_size"), self.channels, *self.image_size)
         loop = self.ddim_sample if self.is_ddim_sampling else self.p_sample_loop
-        return self.unnormalize(loop(shape, return_all_timesteps, generator, progress))
+        return self.unnormalize(loop(shape, return_all_timesteps, generator, progress, cuda_graph))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:

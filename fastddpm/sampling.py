@@ -7,6 +7,7 @@ nothing is read back to the host inside the loop, so the GPU never waits on Pyth
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -45,44 +46,136 @@ def step_noise(in_kernel: bool, shape, device, generator):
     return torch.randn(shape, generator=generator, device=device), None
 
 
-def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, progress, desc):
+def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, progress, desc, cuda_graph=False):
     # The chain x_T → x_0 is kept in float32 whatever the network's dtype; only its input is cast.
     device, net_dtype = diffusion.device, model_dtype(diffusion.model)
     x = torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, I)
-    trajectory = [x] if return_all_timesteps else None
     in_kernel = step_noise_in_kernel(diffusion, op)
+    if cuda_graph:
+        graphed = _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype) if _can_graph(device, in_kernel) \
+            else None
+        if graphed is not None:
+            return _run_graphed(graphed, x, steps, generator, return_all_timesteps, progress, desc)
+    trajectory = [x] if return_all_timesteps else None
     for t, t_prev in _progress(steps, len(steps), progress, desc):
         tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
         noise, seed = step_noise(in_kernel, shape, device, generator)
         out = diffusion._model_output(x.to(net_dtype), tt)
-        x = step_fn(out, x, tt, t_prev, noise, seed=seed, offset=0)[0]
+        x = step_fn(out, x, tt, torch.full_like(tt, t_prev), noise, seed=seed)[0]
         if return_all_timesteps:
             trajectory.append(x)
     return torch.stack(trajectory, dim=1) if return_all_timesteps else x
 
 
-def ancestral_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True):
+# ----------------------------------------------------------------------------- CUDA graphs
+_graph_warnings: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _graph_warnings:
+        _graph_warnings.add(message)
+        warnings.warn(f"fastddpm: {message}; sampling with the eager loop", RuntimeWarning, stacklevel=4)
+
+
+def _can_graph(device: torch.device, in_kernel: bool) -> bool:
+    if device.type != "cuda":
+        _warn_once(f"cuda_graph=True needs CUDA tensors, the model is on {device}")
+        return False
+    if not in_kernel:
+        _warn_once("cuda_graph=True needs the fused reverse step with in-kernel noise (the Triton backend)")
+        return False
+    return True
+
+
+class _GraphedStep:
+    """One whole sampling step (network + fused reverse step) captured in a CUDA graph, replayed for every t.
+
+    Its inputs live in static device buffers that are refilled before each replay (t, t_prev, the Philox key)
+    and x is updated in place, so a replay draws fresh noise and nothing is read back to the host.
+    """
+
+    def __init__(self, graph, x, t, t_prev, seed):
+        self.graph, self.x, self.t, self.t_prev, self.seed = graph, x, t, t_prev, seed
+
+
+def _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype):
+    """The captured step for this shape and these settings, captured on first use and kept on the Diffusion.
+
+    The key holds everything the captured kernels depend on, the addresses of the network's parameters
+    included (in-place optimizer updates keep them; moving or replacing the network re-captures)."""
+    key = (op, tuple(x.shape), net_dtype, diffusion.objective, diffusion.variance, diffusion.clip_denoised,
+           diffusion.ddim_sampling_eta, diffusion.sampling_timesteps,
+           tuple(p.data_ptr() for p in diffusion.model.parameters()))
+    cache = diffusion.__dict__.setdefault("_cuda_graphs", {})
+    if key not in cache:
+        cache.clear()  # one graph (and its memory pool) at a time
+        cache[key] = _graph_step(diffusion, x, step_fn, in_kernel, net_dtype)
+    return cache[key]
+
+
+def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
+    x = x0.clone()
+    batch = x.shape[0]
+    t = torch.full((batch,), diffusion.num_timesteps - 1, dtype=torch.long, device=x.device)
+    t_prev = t - 1
+    seed = torch.zeros(1, dtype=torch.long, device=x.device)
+
+    def step():
+        out = diffusion._model_output(x.to(net_dtype), t)
+        x.copy_(step_fn(out, x, t, t_prev, None, seed=seed)[0])
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture (allocator, autotuning, lazy init)
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
+        torch.cuda.synchronize()
+        _warn_once(f"capturing the sampling step in a CUDA graph failed ({type(e).__name__}: {e})")
+        return None
+    return _GraphedStep(graph, x, t, t_prev, seed)
+
+
+def _run_graphed(graphed, x_T, steps, generator, return_all_timesteps, progress, desc):
+    graphed.x.copy_(x_T)
+    trajectory = [x_T] if return_all_timesteps else None
+    for t, t_prev in _progress(steps, len(steps), progress, desc):
+        graphed.t.fill_(t)
+        graphed.t_prev.fill_(t_prev)
+        # the same draw from the generator as the eager loop's step, so a seed gives the same samples
+        graphed.seed.copy_(ops.new_seed(graphed.x.device, generator))
+        graphed.graph.replay()
+        if return_all_timesteps:
+            trajectory.append(graphed.x.clone())
+    return torch.stack(trajectory, dim=1) if return_all_timesteps else graphed.x.clone()
+
+
+def ancestral_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True, cuda_graph=False):
     """T ancestral steps x_T → x_0 with the diffusion's objective, variance and clipping."""
-    def step(out, x, tt, t_prev, noise, seed, offset):
+    def step(out, x, tt, t_prev, noise, seed):
         return reverse_step.p_sample_step(
             diffusion.schedule, out, x, tt, noise, objective=diffusion.objective, variance=diffusion.variance,
-            clip_denoised=diffusion.clip_denoised, seed=seed, offset=offset, write_x0=False,
-            backend=diffusion.backend, check=False)
+            clip_denoised=diffusion.clip_denoised, seed=seed, write_x0=False, backend=diffusion.backend,
+            check=False)
 
     steps = [(t, t - 1) for t in reversed(range(diffusion.num_timesteps))]
     return _run(diffusion, shape, steps, step, "p_sample_step", generator, return_all_timesteps, progress,
-                "sampling")
+                "sampling", cuda_graph)
 
 
-def ddim_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True):
+def ddim_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True, cuda_graph=False):
     """``diffusion.sampling_timesteps`` DDIM steps with η = ``diffusion.ddim_sampling_eta``."""
-    def step(out, x, tt, t_prev, noise, seed, offset):
-        prev = torch.full_like(tt, t_prev)
+    def step(out, x, tt, t_prev, noise, seed):
         return reverse_step.ddim_step(
-            diffusion.schedule, out, x, tt, prev, noise, objective=diffusion.objective,
-            eta=diffusion.ddim_sampling_eta, clip_denoised=diffusion.clip_denoised, seed=seed, offset=offset,
-            write_x0=False, backend=diffusion.backend, check=False)
+            diffusion.schedule, out, x, tt, t_prev, noise, objective=diffusion.objective,
+            eta=diffusion.ddim_sampling_eta, clip_denoised=diffusion.clip_denoised, seed=seed, write_x0=False,
+            backend=diffusion.backend, check=False)
 
     steps = ddim_timesteps(diffusion.num_timesteps, diffusion.sampling_timesteps)
     return _run(diffusion, shape, steps, step, "ddim_step", generator, return_all_timesteps, progress,
-                "DDIM sampling")
+                "DDIM sampling", cuda_graph)

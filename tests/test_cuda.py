@@ -95,3 +95,20 @@ def test_triton_noise_matches_the_reference_stream_on_gpu():
                       write_noise=True, backend="triton")
     ref = philox_noise_like(x.cpu(), seed.cpu(), 12)
     assert (eps.cpu() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sampling_timesteps", [None, 10])
+def test_cuda_graph_sampling_equals_the_eager_loop(sampling_timesteps):
+    """One captured step replayed for every t gives the eager loop's samples for the same seed (the same
+    kernels on the same inputs; allclose rather than equal only in case cuDNN picks another algorithm inside
+    the graph), and the replay loop never syncs."""
+    d = small_diffusion(sampling_timesteps=sampling_timesteps, backend="triton")
+    eager = d.sample(3, generator=torch.Generator("cuda").manual_seed(5), progress=False)
+    d.sample(3, generator=torch.Generator("cuda").manual_seed(5), progress=False, cuda_graph=True)  # capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphed = d.sample(3, generator=torch.Generator("cuda").manual_seed(5), progress=False, cuda_graph=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)

@@ -332,3 +332,12 @@ def test_from_pretrained_keeps_a_given_model_where_it_is(tmp_path):
     other = UNet(**model.config).double()
     d = Diffusion.from_pretrained(tmp_path, model=other)
     assert d.model is other and other.conv_in.weight.dtype == torch.float64
+
+
+def test_cuda_graph_request_on_cpu_warns_once_and_samples_eagerly():
+    d = make()
+    g = torch.Generator().manual_seed(3)
+    with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors"):
+        a = d.sample(2, generator=g, progress=False, cuda_graph=True)
+    b = d.sample(2, generator=torch.Generator().manual_seed(3), progress=False)
+    assert torch.equal(a, b)
