@@ -1,0 +1,416 @@
+// The CPU kernels of group_norm_silu, written once against at::vec::Vectorized and compiled once per CPU
+// capability: included by exactly one .cpp per capability (group_norm_silu_default.cpp,
+// group_norm_silu_avx2.cpp), which defines CPU_CAPABILITY (and CPU_CAPABILITY_AVX2) first, as ATen's own
+// kernel files do, and instantiates Kernels<cap, T>. Declarations and task layout: group_norm_silu.h.
+//
+// Math, per sample n and group g of M = D * HW elements (biased variance, fp32 statistics, fp64 for fp64):
+//   mean = Σ x / M,  rstd = 1 / sqrt(Σ (x − mean)² / M + eps),  x̂ = (x − mean) * rstd
+//   z = x̂ * gamma[c] + beta[c],  y = SiLU(z) = z * σ(z) = z / (1 + exp(−z))
+// Backward, with dz = dy * dSiLU/dz = dy * σ(z) * (1 + z * (1 − σ(z))):
+//   dbeta[c] = Σ_{n, hw} dz,  dgamma[c] = Σ_{n, hw} dz * x̂
+//   dx = rstd * (gamma[c] * dz − (A + x̂ * B) / M),  A = Σ_group gamma * dz,  B = Σ_group gamma * dz * x̂
+// Statistics are exact-order reductions: a two-pass (mean, then Σ (x − mean)²) over blocks of at most
+// kBlock elements that stay in L1, the blocks combined with Chan et al.'s formula in double; sums of the
+// backward accumulate per vector lane in acc for at most kBlock elements, then in double.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "group_norm_silu.h"
+
+namespace fastddpm::group_norm_silu {
+namespace {  // internal linkage: each capability's copy stays in its own object file
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlock = 2048;  // elements of one statistics block (8 KB of fp32)
+
+// A scratch array of acc values; plain new[] rather than std::vector, whose out-of-line members would be
+// shared (and maybe AVX2-compiled) across object files.
+template <typename A>
+struct Scratch {
+  explicit Scratch(int64_t n) : data(new A[n]()) {}
+  ~Scratch() { delete[] data; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  A* data;
+};
+
+// Loads and stores of V = Vectorized<acc>::size() elements of T as one vector of acc; `n < V` variants
+// touch the first n elements only (loads fill the rest with zeros).
+template <typename T>
+struct IO {
+  using acc = acc_t<T>;
+  using Vec = Vectorized<acc>;
+  static constexpr int64_t V = Vec::size();
+
+  static Vec load(const T* p) {
+    if constexpr (std::is_same_v<T, acc>) {
+      return Vec::loadu(p);
+    } else {
+      Vec v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+  }
+  static Vec load(const T* p, int64_t n) {
+    if (n == V) {
+      return load(p);
+    }
+    if constexpr (std::is_same_v<T, acc>) {
+      return Vec::loadu(p, n);
+    } else {
+      T tmp[V];
+      for (int64_t i = 0; i < V; ++i) {
+        tmp[i] = i < n ? p[i] : T(0);
+      }
+      return load(tmp);
+    }
+  }
+  static void store(T* p, const Vec& v, int64_t n = V) {
+    if constexpr (std::is_same_v<T, acc>) {
+      v.store(p, n);
+    } else {
+#if defined(CPU_CAPABILITY_AVX2)
+      if (n == V) {  // round to nearest even, as c10's conversions do
+        __m128i h;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          h = at::vec::cvtfp32_bf16(__m256(v));
+        } else {
+          h = at::vec::cvtfp32_fp16(__m256(v));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+        return;
+      }
+#endif
+      __at_align__ acc tmp[V];
+      v.store(tmp);
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] = static_cast<T>(tmp[i]);
+      }
+    }
+  }
+};
+
+// Loads of n <= V elements of an acc array.
+template <typename A>
+Vectorized<A> load_acc(const A* p, int64_t n) {
+  return n == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, n);
+}
+
+// The lanes of v summed in double, in lane order.
+template <typename A>
+double hsum(const Vectorized<A>& v) {
+  __at_align__ A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  double s = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) {
+    s += tmp[i];
+  }
+  return s;
+}
+
+// exp(−z) by at::vec's inline polynomial exp_u20 (AVX2: within 20 ulp = 2.4e-6 relative, saturating at
+// ±88.7 instead of overflowing to inf; Sleef's exp, one library call per vector, was the bottleneck); the
+// DEFAULT capability maps it to std::exp.
+template <typename A>
+Vectorized<A> exp_neg(const Vectorized<A>& z) {
+  return z.neg().exp_u20();
+}
+
+// σ(z) = 1 / (1 + exp(−z)). With AVX2, for float: the reciprocal estimate (12 bits) and one Newton step,
+// r(2 − d r), about 2 ulp, instead of a division (the divider, one per 3.5 cycles, bounded the kernels).
+// exp_u20 saturates, so d stays finite and r goes to 0 for z → −∞.
+template <typename A>
+Vectorized<A> sigmoid(const Vectorized<A>& z) {
+  const Vectorized<A> d = Vectorized<A>(1) + exp_neg(z);
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 r = _mm256_rcp_ps(d);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+  }
+#endif
+  return Vectorized<A>(1) / d;
+}
+
+template <typename A>
+Vectorized<A> silu(const Vectorized<A>& z) {
+  return z * sigmoid(z);
+}
+
+// dy * dSiLU(z)/dz = dy * σ(z) * (1 + z * (1 − σ(z))); 0 where dy is 0.
+template <typename A>
+Vectorized<A> silu_grad(const Vectorized<A>& dy, const Vectorized<A>& z) {
+  const Vectorized<A> one(1);
+  const Vectorized<A> sig = sigmoid(z);
+  return dy * sig * at::vec::fmadd(z, one - sig, one);
+}
+
+// {count, mean, m2} of n <= kBlock contiguous values, two-pass (the block stays in L1 between passes).
+template <typename T>
+Moments block_moments(const T* x, int64_t n) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  using acc = typename io::acc;
+  constexpr int64_t V = io::V;
+  Vec s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    s0 += io::load(x + i);
+    s1 += io::load(x + i + V);
+  }
+  for (; i < n; i += V) {
+    s0 += io::load(x + i, std::min(V, n - i));  // zero-filled lanes add nothing
+  }
+  const double mean = hsum(s0 + s1) / n;
+  const acc shift = static_cast<acc>(mean);
+  const Vec c(shift);
+  Vec q0(0), q1(0);
+  i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec d0 = io::load(x + i) - c, d1 = io::load(x + i + V) - c;
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
+  }
+  double tail = 0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(static_cast<acc>(x[i]) - shift);
+    tail += d * d;
+  }
+  // Σ (x − shift)² = m2 + n (mean − shift)²: remove the rounding of the shift.
+  const double m2 = hsum(q0 + q1) + tail - n * (mean - shift) * (mean - shift);
+  Moments m;
+  m.add(static_cast<double>(n), mean, std::max(m2, 0.0));
+  return m;
+}
+
+// y[i] = SiLU(x[i] * scale + shift) for n contiguous values.
+template <typename T>
+void silu_affine(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> shift) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  const Vec a(scale), b(shift);
+  for (int64_t i = 0; i < n; i += V) {
+    const int64_t k = std::min(V, n - i);
+    io::store(y + i, silu(at::vec::fmadd(io::load(x + i, k), a, b)), k);
+  }
+}
+
+}  // namespace
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const acc* gamma, const acc* beta,
+                                   const Shape& s, double eps, int64_t begin, int64_t end) {
+  const int64_t D = s.D(), HW = s.HW, M = s.M();
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const T* xg = x + ng * M;
+    T* yg = y + ng * M;
+    Moments m;
+    for (int64_t lo = 0; lo < M; lo += kBlock) {
+      const Moments b = block_moments(xg + lo, std::min(kBlock, M - lo));
+      m.add(b.count, b.mean, b.m2);
+    }
+    const acc mu = static_cast<acc>(m.mean), rs = static_cast<acc>(1.0 / std::sqrt(m.m2 / M + eps));
+    mean[ng] = mu;
+    rstd[ng] = rs;
+    // The group was just read: its second read, to normalise, comes from cache.
+    const int64_t c0 = (ng % s.G) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const acc scale = rs * gamma[c0 + d];
+      silu_affine(xg + d * HW, yg + d * HW, HW, scale, beta[c0 + d] - mu * scale);
+    }
+  }
+}
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Shape& s, int64_t rows,
+                                           int64_t begin, int64_t end) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  const int64_t C = s.C, G = s.G, D = s.D(), HW = s.HW;
+  const int64_t chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;
+  Scratch<acc> sum(Cv), sq(Cv), shift(Cv);  // zero-filled, so lanes past C stay 0
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+    const T* xs = x + (n * HW + r0) * C;
+    // Pass 1: per-channel sums over the chunk's rows; pass 2: Σ (x − channel mean)², the chunk in cache.
+    std::fill(sum.data, sum.data + Cv, acc(0));
+    std::fill(sq.data, sq.data + Cv, acc(0));
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < C; c += V) {
+        (Vec::loadu(sum.data + c) + io::load(xs + r * C + c, std::min(V, C - c))).store(sum.data + c);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      shift.data[c] = static_cast<acc>(static_cast<double>(sum.data[c]) / R);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < C; c += V) {
+        const Vec d = io::load(xs + r * C + c, std::min(V, C - c)) - Vec::loadu(shift.data + c);
+        at::vec::fmadd(d, d, Vec::loadu(sq.data + c)).store(sq.data + c);
+      }
+    }
+    // Each group's D channels of R values: mean of the channel means, m2 = Σ within + Σ between.
+    for (int64_t g = 0; g < G; ++g) {
+      double gmean = 0;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        gmean += static_cast<double>(sum.data[c]) / R;
+      }
+      gmean /= D;
+      double m2 = 0;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        const double cmean = static_cast<double>(sum.data[c]) / R, off = cmean - shift.data[c];
+        m2 += static_cast<double>(sq.data[c]) - R * off * off + R * (cmean - gmean) * (cmean - gmean);
+      }
+      moments[(task * G + g) * 2] = gmean;
+      moments[(task * G + g) * 2 + 1] = std::max(m2, 0.0);
+    }
+  }
+}
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, const acc* scale, const acc* shift, const Shape& s,
+                                         int64_t rows, int64_t begin, int64_t end) {
+  using io = IO<T>;
+  constexpr int64_t V = io::V;
+  const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+    const acc* a = scale + n * C;
+    const acc* b = shift + n * C;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = (n * HW + r0 + r) * C;
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t k = std::min(V, C - c);
+        io::store(y + row + c, silu(at::vec::fmadd(io::load(x + row + c, k), load_acc(a + c, k), load_acc(b + c, k))),
+                  k);
+      }
+    }
+  }
+}
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
+                                    const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat, const Shape& s,
+                                    int64_t begin, int64_t end) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  const int64_t C = s.C, D = s.D(), HW = s.HW, M = s.M();
+  Scratch<acc> dz_buf(M + V);  // the group's dz, kept (in cache) for the second pass
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const int64_t n = ng / s.G, c0 = (ng % s.G) * D;
+    const acc rs = rstd[ng], nmr = -mean[ng] * rstd[ng];
+    const Vec rs_v(rs), nmr_v(nmr);
+    // Pass 1: dz, and per channel Σ dz and Σ dz x̂; A and B of the group.
+    double A = 0, B = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* xr = x + ng * M + d * HW;
+      const T* dyr = dy + ng * M + d * HW;
+      acc* dzr = dz_buf.data + d * HW;
+      const Vec gamma_v(gamma[c0 + d]), beta_v(beta[c0 + d]);
+      double s_dz = 0, s_dz_xhat = 0;
+      for (int64_t lo = 0; lo < HW; lo += kBlock) {
+        const int64_t hi = std::min(HW, lo + kBlock);
+        Vec a_dz(0), a_dz_xhat(0);
+        for (int64_t i = lo; i < hi; i += V) {
+          const int64_t k = std::min(V, hi - i);
+          const Vec xhat = at::vec::fmadd(io::load(xr + i, k), rs_v, nmr_v);
+          const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xhat, gamma_v, beta_v));
+          dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
+          a_dz += dz;
+          a_dz_xhat = at::vec::fmadd(dz, xhat, a_dz_xhat);
+        }
+        s_dz += hsum(a_dz);
+        s_dz_xhat += hsum(a_dz_xhat);
+      }
+      sum_dz[n * C + c0 + d] = s_dz;
+      sum_dz_xhat[n * C + c0 + d] = s_dz_xhat;
+      A += gamma[c0 + d] * s_dz;
+      B += gamma[c0 + d] * s_dz_xhat;
+    }
+    // Pass 2: dx = rstd * gamma * dz + x̂ * (−rstd B / M) + (−rstd A / M), x and dz from cache.
+    const Vec cA(static_cast<acc>(-rs * A / M)), cB(static_cast<acc>(-rs * B / M));
+    for (int64_t d = 0; d < D; ++d) {
+      const T* xr = x + ng * M + d * HW;
+      const acc* dzr = dz_buf.data + d * HW;
+      T* dxr = dx + ng * M + d * HW;
+      const Vec a(rs * gamma[c0 + d]);
+      for (int64_t i = 0; i < HW; i += V) {
+        const int64_t k = std::min(V, HW - i);
+        const Vec xhat = at::vec::fmadd(io::load(xr + i, k), rs_v, nmr_v);
+        io::store(dxr + i, at::vec::fmadd(a, Vec::loadu(dzr + i), at::vec::fmadd(xhat, cB, cA)), k);
+      }
+    }
+  }
+}
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
+                                         const acc* gamma, const acc* beta, double* sums, const Shape& s,
+                                         int64_t rows, int64_t begin, int64_t end) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;
+  Scratch<acc> a_dz(Cv), a_dz_xhat(Cv);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+    const acc* p = xhat_scale + n * C;
+    const acc* q = xhat_shift + n * C;
+    std::fill(a_dz.data, a_dz.data + Cv, acc(0));
+    std::fill(a_dz_xhat.data, a_dz_xhat.data + Cv, acc(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = (n * HW + r0 + r) * C;
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t k = std::min(V, C - c);
+        const Vec xhat = at::vec::fmadd(io::load(x + row + c, k), load_acc(p + c, k), load_acc(q + c, k));
+        const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
+        const Vec dz = silu_grad(io::load(dy + row + c, k), z);  // 0 in the lanes past C
+        (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
+        at::vec::fmadd(dz, xhat, Vec::loadu(a_dz_xhat.data + c)).store(a_dz_xhat.data + c);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sums[(task * C + c) * 2] = a_dz.data[c];
+      sums[(task * C + c) * 2 + 1] = a_dz_xhat.data[c];
+    }
+  }
+}
+
+template <Capability cap, typename T>
+void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
+                                          const acc* gamma, const acc* beta, const acc* coef_dz,
+                                          const acc* coef_xhat, const acc* coef_one, T* dx, const Shape& s,
+                                          int64_t rows, int64_t begin, int64_t end) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+    const int64_t nc = n * C;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = (n * HW + r0 + r) * C;
+      for (int64_t c = 0; c < C; c += V) {
+        const int64_t k = std::min(V, C - c);
+        const Vec xhat = at::vec::fmadd(io::load(x + row + c, k), load_acc(xhat_scale + nc + c, k),
+                                        load_acc(xhat_shift + nc + c, k));
+        const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
+        const Vec dz = silu_grad(io::load(dy + row + c, k), z);
+        const Vec rest = at::vec::fmadd(load_acc(coef_xhat + nc + c, k), xhat, load_acc(coef_one + nc + c, k));
+        io::store(dx + row + c, at::vec::fmadd(load_acc(coef_dz + nc + c, k), dz, rest), k);
+      }
+    }
+  }
+}
+
+}  // namespace fastddpm::group_norm_silu
