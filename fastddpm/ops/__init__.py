@@ -23,7 +23,7 @@ IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "diffusion_loss": {"cpp": (), "triton": ()},
     "p_sample_step": {"cpp": (), "triton": ()},
     "ddim_step": {"cpp": (), "triton": ()},
-    "group_norm_silu": {"cpp": (), "triton": ()},
+    "group_norm_silu": {"cpp": ("cpu", "cuda"), "triton": ()},
 }
 
 _warned: set[tuple[str, str, str]] = set()
