@@ -174,9 +174,9 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, c
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
     K::forward_nhwc_moments(xp, moments.data(), s, rows, begin, end);
   });
-  // Per (n, g): the chunks' moments combined in chunk order; then per (n, c) scale and shift.
+  // Per (n, g): the chunks' moments combined in chunk order; then per (n, c) mean and scale = rstd gamma.
   const int64_t D = s.D();
-  std::vector<acc> scale(s.N * s.C), shift(s.N * s.C);
+  std::vector<acc> mean_nc(s.N * s.C), scale(s.N * s.C);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t g = 0; g < s.G; ++g) {
       Moments m;
@@ -188,13 +188,13 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, c
       mp[n * s.G + g] = mu;
       rp[n * s.G + g] = rs;
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        mean_nc[n * s.C + c] = mu;
         scale[n * s.C + c] = rs * gamma[c];
-        shift[n * s.C + c] = beta[c] - mu * scale[n * s.C + c];
       }
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::forward_nhwc_apply(xp, yp, scale.data(), shift.data(), s, rows, begin, end);
+    K::forward_nhwc_apply(xp, yp, mean_nc.data(), scale.data(), beta.data(), s, rows, begin, end);
   });
 }
 
@@ -254,19 +254,18 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
     return;
   }
   const int64_t D = s.D(), rows = rows_per_chunk(s), chunks = (s.HW + rows - 1) / rows, tasks = s.N * chunks;
-  // x̂ = x * rstd + (−mean * rstd), per (n, c).
-  std::vector<acc> xhat_scale(s.N * s.C), xhat_shift(s.N * s.C);
+  // x̂ = (x − mean) * rstd, with the group statistics spread per (n, c).
+  std::vector<acc> mean_nc(s.N * s.C), rstd_nc(s.N * s.C);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t ng = n * s.G + c / D;
-      xhat_scale[n * s.C + c] = rp[ng];
-      xhat_shift[n * s.C + c] = -mp[ng] * rp[ng];
+      mean_nc[n * s.C + c] = mp[n * s.G + c / D];
+      rstd_nc[n * s.C + c] = rp[n * s.G + c / D];
     }
   }
   std::vector<double> sums(tasks * s.C * 2);
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_sums(dyp, xp, xhat_scale.data(), xhat_shift.data(), gamma.data(), beta.data(), sums.data(),
-                          s, rows, begin, end);
+    K::backward_nhwc_sums(dyp, xp, mean_nc.data(), rstd_nc.data(), gamma.data(), beta.data(), sums.data(), s, rows,
+                          begin, end);
   });
   // Per (n, c): the chunks' sums in chunk order; per (n, g): A = Σ gamma dz, B = Σ gamma dz x̂; then the
   // coefficients of dx = rstd gamma dz + x̂ (−rstd B / M) + (−rstd A / M), as in the NCHW kernel.
@@ -294,8 +293,8 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_apply(dyp, xp, xhat_scale.data(), xhat_shift.data(), gamma.data(), beta.data(),
-                           coef_dz.data(), coef_xhat.data(), coef_one.data(), dxp, s, rows, begin, end);
+    K::backward_nhwc_apply(dyp, xp, mean_nc.data(), rstd_nc.data(), gamma.data(), beta.data(), coef_dz.data(),
+                           coef_xhat.data(), coef_one.data(), dxp, s, rows, begin, end);
   });
 }
 

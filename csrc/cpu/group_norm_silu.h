@@ -58,15 +58,16 @@ struct Kernels {
   using acc = acc_t<T>;
 
   // NCHW forward, tasks = groups n * G + g (contiguous blocks of M elements): statistics, then
-  // y = SiLU(x * scale + shift) with scale = rstd * gamma[c], shift = beta[c] − mean * scale.
+  // y = SiLU((x − mean) * scale + beta[c]) with scale = rstd * gamma[c]. (Subtracting the mean first, rather
+  // than folding it into a shift, keeps z exact where x == mean: a constant group gives z = beta.)
   static void forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const acc* gamma, const acc* beta,
                            const Shape& s, double eps, int64_t begin, int64_t end);
   // NHWC forward, pass 1: moments[(task * G + g) * 2 + {0, 1}] = {mean, m2} of group g in the chunk.
   static void forward_nhwc_moments(const T* x, double* moments, const Shape& s, int64_t rows, int64_t begin,
                                    int64_t end);
-  // NHWC forward, pass 2: y = SiLU(x * scale[n, c] + shift[n, c]).
-  static void forward_nhwc_apply(const T* x, T* y, const acc* scale, const acc* shift, const Shape& s,
-                                 int64_t rows, int64_t begin, int64_t end);
+  // NHWC forward, pass 2: y = SiLU((x − mean[n, c]) * scale[n, c] + beta[c]).
+  static void forward_nhwc_apply(const T* x, T* y, const acc* mean, const acc* scale, const acc* beta,
+                                 const Shape& s, int64_t rows, int64_t begin, int64_t end);
 
   // NCHW backward, tasks = groups: dz = dy * SiLU'(z), sum_dz[n * C + c] = Σ dz and
   // sum_dz_xhat[n * C + c] = Σ dz * x̂ over the channel, then dx of the whole group.
@@ -74,15 +75,14 @@ struct Kernels {
                             const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat, const Shape& s,
                             int64_t begin, int64_t end);
   // NHWC backward, pass 1: sums[(task * C + c) * 2 + {0, 1}] = {Σ dz, Σ dz * x̂} over the chunk's rows,
-  // with x̂ = x * xhat_scale[n, c] + xhat_shift[n, c] (rstd and −mean * rstd of the channel's group).
-  static void backward_nhwc_sums(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
-                                 const acc* gamma, const acc* beta, double* sums, const Shape& s,
-                                 int64_t rows, int64_t begin, int64_t end);
+  // with x̂ = (x − mean[n, c]) * rstd[n, c] (the statistics of the channel's group).
+  static void backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
+                                 const acc* beta, double* sums, const Shape& s, int64_t rows, int64_t begin,
+                                 int64_t end);
   // NHWC backward, pass 2: dx = coef_dz[n, c] * dz + coef_xhat[n, c] * x̂ + coef_one[n, c].
-  static void backward_nhwc_apply(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
-                                  const acc* gamma, const acc* beta, const acc* coef_dz, const acc* coef_xhat,
-                                  const acc* coef_one, T* dx, const Shape& s, int64_t rows, int64_t begin,
-                                  int64_t end);
+  static void backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
+                                  const acc* beta, const acc* coef_dz, const acc* coef_xhat, const acc* coef_one,
+                                  T* dx, const Shape& s, int64_t rows, int64_t begin, int64_t end);
 };
 
 }  // namespace fastddpm::group_norm_silu

@@ -9,9 +9,9 @@
 // Backward, with dz = dy * dSiLU/dz = dy * σ(z) * (1 + z * (1 − σ(z))):
 //   dbeta[c] = Σ_{n, hw} dz,  dgamma[c] = Σ_{n, hw} dz * x̂
 //   dx = rstd * (gamma[c] * dz − (A + x̂ * B) / M),  A = Σ_group gamma * dz,  B = Σ_group gamma * dz * x̂
-// Statistics are exact-order reductions: a two-pass (mean, then Σ (x − mean)²) over blocks of at most
-// kBlock elements that stay in L1, the blocks combined with Chan et al.'s formula in double; sums of the
-// backward accumulate per vector lane in acc for at most kBlock elements, then in double.
+// Statistics are fixed-order reductions: a corrected two-pass (a shift ≈ mean, then Σ (x − shift) and
+// Σ (x − shift)²) over blocks that stay in cache, the blocks combined with Chan et al.'s formula in double;
+// the backward's sums accumulate per vector lane in acc for at most kBlock elements, then in double.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -152,7 +152,9 @@ Vectorized<A> silu_grad(const Vectorized<A>& dy, const Vectorized<A>& z) {
   return dy * sig * at::vec::fmadd(z, one - sig, one);
 }
 
-// {count, mean, m2} of n <= kBlock contiguous values, two-pass (the block stays in L1 between passes).
+// {count, mean, m2} of n <= kBlock contiguous values, by the corrected two-pass algorithm (Chan, Golub and
+// LeVeque 1983): pass 1 sums to a shift c ≈ mean; pass 2 (the block now in L1) sums d = x − c and d², then
+// mean = c + Σd / n and m2 = Σd² − (Σd)² / n, so the rounding of pass 1 cancels out.
 template <typename T>
 Moments block_moments(const T* x, int64_t n) {
   using io = IO<T>;
@@ -168,38 +170,40 @@ Moments block_moments(const T* x, int64_t n) {
   for (; i < n; i += V) {
     s0 += io::load(x + i, std::min(V, n - i));  // zero-filled lanes add nothing
   }
-  const double mean = hsum(s0 + s1) / n;
-  const acc shift = static_cast<acc>(mean);
+  const acc shift = static_cast<acc>(hsum(s0 + s1) / n);
   const Vec c(shift);
-  Vec q0(0), q1(0);
+  Vec e0(0), e1(0), q0(0), q1(0);
   i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
     const Vec d0 = io::load(x + i) - c, d1 = io::load(x + i + V) - c;
+    e0 += d0;
+    e1 += d1;
     q0 = at::vec::fmadd(d0, d0, q0);
     q1 = at::vec::fmadd(d1, d1, q1);
   }
-  double tail = 0;
+  double e = 0, q = 0;
   for (; i < n; ++i) {
     const double d = static_cast<double>(static_cast<acc>(x[i]) - shift);
-    tail += d * d;
+    e += d;
+    q += d * d;
   }
-  // Σ (x − shift)² = m2 + n (mean − shift)²: remove the rounding of the shift.
-  const double m2 = hsum(q0 + q1) + tail - n * (mean - shift) * (mean - shift);
+  e += hsum(e0 + e1);
+  q += hsum(q0 + q1);
   Moments m;
-  m.add(static_cast<double>(n), mean, std::max(m2, 0.0));
+  m.add(static_cast<double>(n), shift + e / n, std::max(q - e * e / n, 0.0));
   return m;
 }
 
-// y[i] = SiLU(x[i] * scale + shift) for n contiguous values.
+// y[i] = SiLU((x[i] − mean) * scale + shift) for n contiguous values.
 template <typename T>
-void silu_affine(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> shift) {
+void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
-  const Vec a(scale), b(shift);
+  const Vec m(mean), a(scale), b(shift);
   for (int64_t i = 0; i < n; i += V) {
     const int64_t k = std::min(V, n - i);
-    io::store(y + i, silu(at::vec::fmadd(io::load(x + i, k), a, b)), k);
+    io::store(y + i, silu(at::vec::fmadd(io::load(x + i, k) - m, a, b)), k);
   }
 }
 
@@ -223,8 +227,7 @@ void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const
     // The group was just read: its second read, to normalise, comes from cache.
     const int64_t c0 = (ng % s.G) * D;
     for (int64_t d = 0; d < D; ++d) {
-      const acc scale = rs * gamma[c0 + d];
-      silu_affine(xg + d * HW, yg + d * HW, HW, scale, beta[c0 + d] - mu * scale);
+      silu_affine(xg + d * HW, yg + d * HW, HW, mu, rs * gamma[c0 + d], beta[c0 + d]);
     }
   }
 }
@@ -241,9 +244,9 @@ void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Sh
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
     const T* xs = x + (n * HW + r0) * C;
-    // Pass 1: per-channel sums over the chunk's rows; pass 2: Σ (x − channel mean)², the chunk in cache.
+    // Per channel, the corrected two-pass of block_moments over the chunk's R rows (the chunk stays in
+    // cache): pass 1 sums to the shifts, pass 2 sums d = x − shift and d².
     std::fill(sum.data, sum.data + Cv, acc(0));
-    std::fill(sq.data, sq.data + Cv, acc(0));
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < C; c += V) {
         (Vec::loadu(sum.data + c) + io::load(xs + r * C + c, std::min(V, C - c))).store(sum.data + c);
@@ -252,9 +255,12 @@ void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Sh
     for (int64_t c = 0; c < C; ++c) {
       shift.data[c] = static_cast<acc>(static_cast<double>(sum.data[c]) / R);
     }
+    std::fill(sum.data, sum.data + Cv, acc(0));
+    std::fill(sq.data, sq.data + Cv, acc(0));
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < C; c += V) {
         const Vec d = io::load(xs + r * C + c, std::min(V, C - c)) - Vec::loadu(shift.data + c);
+        (Vec::loadu(sum.data + c) + d).store(sum.data + c);
         at::vec::fmadd(d, d, Vec::loadu(sq.data + c)).store(sq.data + c);
       }
     }
@@ -262,36 +268,38 @@ void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Sh
     for (int64_t g = 0; g < G; ++g) {
       double gmean = 0;
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        gmean += static_cast<double>(sum.data[c]) / R;
+        gmean += shift.data[c] + static_cast<double>(sum.data[c]) / R;
       }
       gmean /= D;
       double m2 = 0;
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        const double cmean = static_cast<double>(sum.data[c]) / R, off = cmean - shift.data[c];
-        m2 += static_cast<double>(sq.data[c]) - R * off * off + R * (cmean - gmean) * (cmean - gmean);
+        const double e = sum.data[c], cmean = shift.data[c] + e / R;
+        m2 += std::max(static_cast<double>(sq.data[c]) - e * e / R, 0.0) + R * (cmean - gmean) * (cmean - gmean);
       }
       moments[(task * G + g) * 2] = gmean;
-      moments[(task * G + g) * 2 + 1] = std::max(m2, 0.0);
+      moments[(task * G + g) * 2 + 1] = m2;
     }
   }
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, const acc* scale, const acc* shift, const Shape& s,
-                                         int64_t rows, int64_t begin, int64_t end) {
+void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, const acc* mean, const acc* scale, const acc* beta,
+                                         const Shape& s, int64_t rows, int64_t begin, int64_t end) {
   using io = IO<T>;
+  using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+    const acc* m = mean + n * C;
     const acc* a = scale + n * C;
-    const acc* b = shift + n * C;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t row = (n * HW + r0 + r) * C;
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
-        io::store(y + row + c, silu(at::vec::fmadd(io::load(x + row + c, k), load_acc(a + c, k), load_acc(b + c, k))),
-                  k);
+        const Vec z = at::vec::fmadd(io::load(x + row + c, k) - load_acc(m + c, k), load_acc(a + c, k),
+                                     load_acc(beta + c, k));
+        io::store(y + row + c, silu(z), k);
       }
     }
   }
@@ -308,8 +316,8 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
   Scratch<acc> dz_buf(M + V);  // the group's dz, kept (in cache) for the second pass
   for (int64_t ng = begin; ng < end; ++ng) {
     const int64_t n = ng / s.G, c0 = (ng % s.G) * D;
-    const acc rs = rstd[ng], nmr = -mean[ng] * rstd[ng];
-    const Vec rs_v(rs), nmr_v(nmr);
+    const acc rs = rstd[ng];
+    const Vec rs_v(rs), mean_v(mean[ng]);
     // Pass 1: dz, and per channel Σ dz and Σ dz x̂; A and B of the group.
     double A = 0, B = 0;
     for (int64_t d = 0; d < D; ++d) {
@@ -323,7 +331,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
         Vec a_dz(0), a_dz_xhat(0);
         for (int64_t i = lo; i < hi; i += V) {
           const int64_t k = std::min(V, hi - i);
-          const Vec xhat = at::vec::fmadd(io::load(xr + i, k), rs_v, nmr_v);
+          const Vec xhat = (io::load(xr + i, k) - mean_v) * rs_v;
           const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xhat, gamma_v, beta_v));
           dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
           a_dz += dz;
@@ -346,7 +354,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
       const Vec a(rs * gamma[c0 + d]);
       for (int64_t i = 0; i < HW; i += V) {
         const int64_t k = std::min(V, HW - i);
-        const Vec xhat = at::vec::fmadd(io::load(xr + i, k), rs_v, nmr_v);
+        const Vec xhat = (io::load(xr + i, k) - mean_v) * rs_v;
         io::store(dxr + i, at::vec::fmadd(a, Vec::loadu(dzr + i), at::vec::fmadd(xhat, cB, cA)), k);
       }
     }
@@ -354,7 +362,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
+void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* rstd,
                                          const acc* gamma, const acc* beta, double* sums, const Shape& s,
                                          int64_t rows, int64_t begin, int64_t end) {
   using io = IO<T>;
@@ -364,15 +372,15 @@ void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* xha
   Scratch<acc> a_dz(Cv), a_dz_xhat(Cv);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
-    const acc* p = xhat_scale + n * C;
-    const acc* q = xhat_shift + n * C;
+    const acc* m = mean + n * C;
+    const acc* rs = rstd + n * C;
     std::fill(a_dz.data, a_dz.data + Cv, acc(0));
     std::fill(a_dz_xhat.data, a_dz_xhat.data + Cv, acc(0));
     for (int64_t r = 0; r < R; ++r) {
       const int64_t row = (n * HW + r0 + r) * C;
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
-        const Vec xhat = at::vec::fmadd(io::load(x + row + c, k), load_acc(p + c, k), load_acc(q + c, k));
+        const Vec xhat = (io::load(x + row + c, k) - load_acc(m + c, k)) * load_acc(rs + c, k);
         const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
         const Vec dz = silu_grad(io::load(dy + row + c, k), z);  // 0 in the lanes past C
         (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
@@ -387,7 +395,7 @@ void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* xha
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* xhat_scale, const acc* xhat_shift,
+void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* rstd,
                                           const acc* gamma, const acc* beta, const acc* coef_dz,
                                           const acc* coef_xhat, const acc* coef_one, T* dx, const Shape& s,
                                           int64_t rows, int64_t begin, int64_t end) {
@@ -402,8 +410,7 @@ void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* xh
       const int64_t row = (n * HW + r0 + r) * C;
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
-        const Vec xhat = at::vec::fmadd(io::load(x + row + c, k), load_acc(xhat_scale + nc + c, k),
-                                        load_acc(xhat_shift + nc + c, k));
+        const Vec xhat = (io::load(x + row + c, k) - load_acc(mean + nc + c, k)) * load_acc(rstd + nc + c, k);
         const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
         const Vec dz = silu_grad(io::load(dy + row + c, k), z);
         const Vec rest = at::vec::fmadd(load_acc(coef_xhat + nc + c, k), xhat, load_acc(coef_one + nc + c, k));
