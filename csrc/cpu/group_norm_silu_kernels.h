@@ -116,27 +116,38 @@ double hsum(const Vectorized<A>& v) {
   return s;
 }
 
-// exp(−z) by at::vec's inline polynomial exp_u20 (AVX2: within 20 ulp = 2.4e-6 relative, saturating at
-// ±88.7 instead of overflowing to inf; Sleef's exp, one library call per vector, was the bottleneck); the
-// DEFAULT capability maps it to std::exp.
-template <typename A>
-Vectorized<A> exp_neg(const Vectorized<A>& z) {
-  return z.neg().exp_u20();
-}
-
-// σ(z) = 1 / (1 + exp(−z)). With AVX2, for float: the reciprocal estimate (12 bits) and one Newton step,
-// r(2 − d r), about 2 ulp, instead of a division (the divider, one per 3.5 cycles, bounded the kernels).
-// exp_u20 saturates, so d stays finite and r goes to 0 for z → −∞.
+// σ(z) = 1 / (1 + exp(−z)).
+//   AVX2, float: exp(−z) for −z clamped to [−87, 88] (so 2^n stays a normal float and 1 + exp(−z) finite;
+//   σ then saturates at 1.6e-38 and 1 − 6e-39) as 2^n · p(r), n = round(−z / ln 2), r = −z − n ln 2 (ln 2
+//   split in two), p the degree-5 minimax polynomial of at::vec's exp_u20 (≈ 1e-7 relative); the rounding
+//   to n by the 1.5·2^23 shifter and 2^n by an integer add to the exponent bits; then 1 / d by the
+//   reciprocal estimate (12 bits) and one Newton step, r (2 − d r), ≈ 2 ulp, instead of a division (the
+//   divider, one per 3.5 cycles, and Sleef's exp, a library call per vector, bounded the kernels).
+//   Elsewhere: at::vec's exp_u20 (std::exp in the DEFAULT capability) and a division.
 template <typename A>
 Vectorized<A> sigmoid(const Vectorized<A>& z) {
-  const Vectorized<A> d = Vectorized<A>(1) + exp_neg(z);
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<A, float>) {
-    const __m256 r = _mm256_rcp_ps(d);
-    return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
+    const __m256 x = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), _mm256_set1_ps(88.f)),
+                                   _mm256_set1_ps(-87.f));
+    const __m256 shifter = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: t's low bits hold round(x / ln 2)
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+    const __m256 n = _mm256_sub_ps(t, shifter);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
+    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
+    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
+    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(t), 23);  // (n + shifter bits) << 23
+    const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
+    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), e);
+    const __m256 rcp = _mm256_rcp_ps(d);
+    return _mm256_mul_ps(rcp, _mm256_fnmadd_ps(d, rcp, _mm256_set1_ps(2.f)));
   }
 #endif
-  return Vectorized<A>(1) / d;
+  return Vectorized<A>(1) / (Vectorized<A>(1) + z.neg().exp_u20());
 }
 
 template <typename A>
@@ -194,15 +205,25 @@ Moments block_moments(const T* x, int64_t n) {
   return m;
 }
 
-// y[i] = SiLU((x[i] − mean) * scale + shift) for n contiguous values.
+// Asks for the cache line holding p in L2, ahead of its use by the next task: the kernels' compute-heavy
+// second passes then overlap the memory reads of the next group.
 template <typename T>
-void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift) {
+inline void prefetch(const T* p) {
+  if (p != nullptr) {
+    __builtin_prefetch(p, 0, 2);
+  }
+}
+
+// y[i] = SiLU((x[i] − mean) * scale + shift) for n contiguous values; prefetches next[0, n) if not null.
+template <typename T>
+void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift, const T* next) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const Vec m(mean), a(scale), b(shift);
   for (int64_t i = 0; i < n; i += V) {
     const int64_t k = std::min(V, n - i);
+    prefetch(next == nullptr ? nullptr : next + i);
     io::store(y + i, silu(at::vec::fmadd(io::load(x + i, k) - m, a, b)), k);
   }
 }
@@ -226,8 +247,10 @@ void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const
     rstd[ng] = rs;
     // The group was just read: its second read, to normalise, comes from cache.
     const int64_t c0 = (ng % s.G) * D;
+    const T* next = ng + 1 < end ? xg + M : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      silu_affine(xg + d * HW, yg + d * HW, HW, mu, rs * gamma[c0 + d], beta[c0 + d]);
+      silu_affine(xg + d * HW, yg + d * HW, HW, mu, rs * gamma[c0 + d], beta[c0 + d],
+                  next == nullptr ? nullptr : next + d * HW);
     }
   }
 }
@@ -352,8 +375,13 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
       const acc* dzr = dz_buf.data + d * HW;
       T* dxr = dx + ng * M + d * HW;
       const Vec a(rs * gamma[c0 + d]);
+      const bool more = ng + 1 < end;  // prefetch the next group's x and dy
       for (int64_t i = 0; i < HW; i += V) {
         const int64_t k = std::min(V, HW - i);
+        if (more) {
+          prefetch(xr + M + i);
+          prefetch(dy + (ng + 1) * M + d * HW + i);
+        }
         const Vec xhat = (io::load(xr + i, k) - mean_v) * rs_v;
         io::store(dxr + i, at::vec::fmadd(a, Vec::loadu(dzr + i), at::vec::fmadd(xhat, cB, cA)), k);
       }

@@ -4,7 +4,8 @@ The schemas live in csrc/fastddpm.cpp (C++ kernels: csrc/cpu/group_norm_silu*.cp
 adds their fake (meta) implementations and the autograd of the forward op, and chooses the backend per call.
 
     group_norm_silu(x, num_groups, weight, bias, eps) -> (y, mean, rstd)
-    group_norm_silu_backward(grad_y, x, mean, rstd, weight, bias, num_groups) -> (grad_x, grad_weight, grad_bias)
+    group_norm_silu_backward(grad_y, x, mean, rstd, weight, bias, num_groups)
+        -> (grad_x, grad_weight, grad_bias)
 
 y and grad_x are ``empty_like(x)`` (x's dtype and, for dense x, its memory format); mean and rstd are the
 [N, G] group statistics (rstd = 1/sqrt(var + eps), biased variance) in float32, float64 for a float64 x,
@@ -35,7 +36,7 @@ def _register() -> None:
     def _(x, num_groups, weight, bias, eps):
         torch._check(x.dim() >= 2, lambda: "group_norm_silu: x must have at least 2 dimensions [N, C, *]")
         torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
-                     lambda: f"group_norm_silu: C = {x.shape[1]} must be divisible by num_groups = {num_groups}")
+                     lambda: f"group_norm_silu: C = {x.shape[1]} is not divisible by {num_groups} groups")
         stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
         return torch.empty_like(x), stats, torch.empty_like(stats)
 
@@ -69,7 +70,8 @@ _register()
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+                    bias: torch.Tensor | None = None, eps: float = 1e-5,
+                    backend: str = "auto") -> torch.Tensor:
     """SiLU(GroupNorm(x)) on the chosen backend: the fused C++ op (CPU; CUDA where built), else the reference.
 
     No argument checks here: :func:`fastddpm.functional.group_norm_silu` does them.

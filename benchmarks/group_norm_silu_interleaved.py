@@ -1,0 +1,90 @@
+"""Interleaved timing of group_norm_silu: eager / torch.compile / fastddpm, forward and forward+backward.
+
+    .venv/bin/python benchmarks/group_norm_silu_interleaved.py [--reps 40] [--threads 2] [--device cpu]
+
+pytest-benchmark times one provider after the other; on a shared machine the load changes in between.
+Here every round runs each provider once, in turn, so all of them see the same conditions; the table gives
+per provider the median and the minimum over the rounds, and the speed-ups of fastddpm from the medians.
+Forward+backward is torch.autograd.grad of y with respect to x, weight and bias, for a given dy.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from fastddpm import reference
+from fastddpm.functional import group_norm_silu
+
+GROUPS = 32
+CASES = [  # (shape, memory format, dtype)
+    ((16, 128, 32, 32), "contiguous", torch.float32),
+    ((16, 256, 16, 16), "contiguous", torch.float32),
+    ((64, 64, 32, 32), "contiguous", torch.float32),
+    ((16, 128, 32, 32), "channels_last", torch.float32),
+    ((16, 128, 32, 32), "contiguous", torch.bfloat16),
+]
+
+
+def make_fn(op, x, weight, bias, dy, backward):
+    if not backward:
+        def fn():
+            with torch.no_grad():
+                return op(x, GROUPS, weight, bias)
+        return fn
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+
+    def fn():
+        return torch.autograd.grad(op(leaves[0], GROUPS, leaves[1], leaves[2]), leaves, dy)
+    return fn
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=40, help="rounds (each runs every provider once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.reps} rounds")
+    print("| case | pass | eager median (min) | compile median (min) | fastddpm median (min) | vs eager "
+          "| vs compile |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, layout, dtype in CASES:
+        gen = torch.Generator().manual_seed(0)
+        x = (-2.3 + 0.5 * torch.randn(shape, generator=gen)).to(dtype).to(args.device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = (1 + 0.3 * torch.randn(shape[1], generator=gen)).to(dtype).to(args.device)
+        bias = (0.2 * torch.randn(shape[1], generator=gen)).to(dtype).to(args.device)
+        dy = torch.randn(shape, generator=gen).to(dtype).to(args.device)
+        for backward in (False, True):
+            # A fresh torch.compile per case and pass: no recompilation limit, no dynamic-shape graphs.
+            providers = {"eager": reference.group_norm_silu,
+                         "compile": torch.compile(reference.group_norm_silu),
+                         "fastddpm": group_norm_silu}
+            fns = {name: make_fn(op, x, weight, bias, dy, backward) for name, op in providers.items()}
+            for fn in fns.values():  # warm-up: compilation, allocator
+                for _ in range(3):
+                    fn()
+            sync()
+            times = {name: [] for name in fns}
+            for _ in range(args.reps):
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            low = {k: min(v) * 1e3 for k, v in times.items()}
+            case = "×".join(map(str, shape)) + (" cl" if layout == "channels_last" else "")
+            case += f" {str(dtype)[6:]}"
+            cells = " | ".join(f"{med[k]:.2f} ms ({low[k]:.2f})" for k in fns)
+            speedups = f"{med['eager'] / med['fastddpm']:.2f}× | {med['compile'] / med['fastddpm']:.2f}×"
+            print(f"| {case} | {'fwd+bwd' if backward else 'fwd'} | {cells} | {speedups} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
