@@ -228,6 +228,42 @@ void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc
   }
 }
 
+// Channels-last rows: for the W vectors of channels [c, c + W V) (the last holding k <= V channels) of R rows
+// of C values, the corrected two-pass per channel: shift = Σ x / R, then e = Σ (x − shift), q = Σ (x − shift)²,
+// stored at [c, c + W V) of the three arrays (lanes past the k channels get 0).
+template <int W, typename T>
+void column_moments(const T* xs, int64_t C, int64_t R, int64_t c, int64_t k, acc_t<T>* shift, acc_t<T>* e_out,
+                    acc_t<T>* q_out) {
+  using io = IO<T>;
+  using Vec = typename io::Vec;
+  constexpr int64_t V = io::V;
+  Vec s[W], e[W], q[W];
+  for (int j = 0; j < W; ++j) {
+    s[j] = e[j] = q[j] = Vec(0);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < W; ++j) {
+      s[j] += io::load(xs + r * C + c + j * V, j == W - 1 ? k : V);
+    }
+  }
+  const Vec inv_r(static_cast<acc_t<T>>(1.0 / R));
+  for (int j = 0; j < W; ++j) {
+    s[j] = s[j] * inv_r;
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < W; ++j) {
+      const Vec d = io::load(xs + r * C + c + j * V, j == W - 1 ? k : V) - s[j];
+      e[j] += d;
+      q[j] = at::vec::fmadd(d, d, q[j]);
+    }
+  }
+  for (int j = 0; j < W; ++j) {
+    s[j].store(shift + c + j * V);
+    e[j].store(e_out + c + j * V);
+    q[j].store(q_out + c + j * V);
+  }
+}
+
 }  // namespace
 
 template <Capability cap, typename T>
@@ -263,29 +299,18 @@ void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Sh
   constexpr int64_t V = io::V;
   const int64_t C = s.C, G = s.G, D = s.D(), HW = s.HW;
   const int64_t chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;
-  Scratch<acc> sum(Cv), sq(Cv), shift(Cv);  // zero-filled, so lanes past C stay 0
+  Scratch<acc> sum(Cv), sq(Cv), shift(Cv);  // per channel: Σ (x − shift), Σ (x − shift)², shift
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
     const T* xs = x + (n * HW + r0) * C;
     // Per channel, the corrected two-pass of block_moments over the chunk's R rows (the chunk stays in
-    // cache): pass 1 sums to the shifts, pass 2 sums d = x − shift and d².
-    std::fill(sum.data, sum.data + Cv, acc(0));
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; c += V) {
-        (Vec::loadu(sum.data + c) + io::load(xs + r * C + c, std::min(V, C - c))).store(sum.data + c);
-      }
+    // cache), W vectors of channels at a time with their sums in registers.
+    int64_t c = 0;
+    for (; c + 4 * V <= C; c += 4 * V) {
+      column_moments<4>(xs, C, R, c, V, shift.data, sum.data, sq.data);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      shift.data[c] = static_cast<acc>(static_cast<double>(sum.data[c]) / R);
-    }
-    std::fill(sum.data, sum.data + Cv, acc(0));
-    std::fill(sq.data, sq.data + Cv, acc(0));
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; c += V) {
-        const Vec d = io::load(xs + r * C + c, std::min(V, C - c)) - Vec::loadu(shift.data + c);
-        (Vec::loadu(sum.data + c) + d).store(sum.data + c);
-        at::vec::fmadd(d, d, Vec::loadu(sq.data + c)).store(sq.data + c);
-      }
+    for (; c < C; c += V) {
+      column_moments<1>(xs, C, R, c, std::min(V, C - c), shift.data, sum.data, sq.data);
     }
     // Each group's D channels of R values: mean of the channel means, m2 = Σ within + Σ between.
     for (int64_t g = 0; g < G; ++g) {
