@@ -254,24 +254,25 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
     return;
   }
   const int64_t D = s.D(), rows = rows_per_chunk(s), chunks = (s.HW + rows - 1) / rows, tasks = s.N * chunks;
-  // x̂ = (x − mean) * rstd, with the group statistics spread per (n, c).
-  std::vector<acc> mean_nc(s.N * s.C), rstd_nc(s.N * s.C);
+  // z = (x − mean) * scale + beta, scale = rstd * gamma, with the group statistics spread per (n, c).
+  std::vector<acc> mean_nc(s.N * s.C), scale(s.N * s.C);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t c = 0; c < s.C; ++c) {
       mean_nc[n * s.C + c] = mp[n * s.G + c / D];
-      rstd_nc[n * s.C + c] = rp[n * s.G + c / D];
+      scale[n * s.C + c] = rp[n * s.G + c / D] * gamma[c];
     }
   }
   std::vector<double> sums(tasks * s.C * 2);
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_sums(dyp, xp, mean_nc.data(), rstd_nc.data(), gamma.data(), beta.data(), sums.data(), s, rows,
-                          begin, end);
+    K::backward_nhwc_sums(dyp, xp, mean_nc.data(), scale.data(), beta.data(), sums.data(), s, rows, begin, end);
   });
-  // Per (n, c): the chunks' sums in chunk order; per (n, g): A = Σ gamma dz, B = Σ gamma dz x̂; then the
-  // coefficients of dx = rstd gamma dz + x̂ (−rstd B / M) + (−rstd A / M), as in the NCHW kernel.
-  std::vector<acc> coef_dz(s.N * s.C), coef_xhat(s.N * s.C), coef_one(s.N * s.C);
+  // Per (n, c): the chunks' sums in chunk order (Σ dz x̂ = rstd Σ dz (x − mean)); per (n, g): A = Σ gamma dz,
+  // B = Σ gamma dz x̂; then the coefficients of dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M),
+  // as in the NCHW kernel.
+  std::vector<acc> coef_xd(s.N * s.C), coef_one(s.N * s.C);
   for (int64_t n = 0; n < s.N; ++n) {
     for (int64_t g = 0; g < s.G; ++g) {
+      const acc rs = rp[n * s.G + g];
       double A = 0, B = 0;
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
         double a = 0, b = 0;
@@ -280,21 +281,19 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
           b += sums[((n * chunks + k) * s.C + c) * 2 + 1];
         }
         sum_dz[n * s.C + c] = a;
-        sum_dz_xhat[n * s.C + c] = b;
+        sum_dz_xhat[n * s.C + c] = rs * b;
         A += gamma[c] * a;
-        B += gamma[c] * b;
+        B += gamma[c] * (rs * b);
       }
-      const acc rs = rp[n * s.G + g];
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        coef_dz[n * s.C + c] = rs * gamma[c];
-        coef_xhat[n * s.C + c] = static_cast<acc>(-rs * B / s.M());
+        coef_xd[n * s.C + c] = static_cast<acc>(-rs * (rs * B) / s.M());
         coef_one[n * s.C + c] = static_cast<acc>(-rs * A / s.M());
       }
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_apply(dyp, xp, mean_nc.data(), rstd_nc.data(), gamma.data(), beta.data(), coef_dz.data(),
-                           coef_xhat.data(), coef_one.data(), dxp, s, rows, begin, end);
+    K::backward_nhwc_apply(dyp, xp, mean_nc.data(), scale.data(), beta.data(), coef_xd.data(), coef_one.data(), dxp,
+                           s, rows, begin, end);
   });
 }
 

@@ -74,15 +74,14 @@ struct Kernels {
   static void backward_nchw(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
                             const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat, const Shape& s,
                             int64_t begin, int64_t end);
-  // NHWC backward, pass 1: sums[(task * C + c) * 2 + {0, 1}] = {Σ dz, Σ dz * x̂} over the chunk's rows,
-  // with x̂ = (x − mean[n, c]) * rstd[n, c] (the statistics of the channel's group).
-  static void backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
-                                 const acc* beta, double* sums, const Shape& s, int64_t rows, int64_t begin,
-                                 int64_t end);
-  // NHWC backward, pass 2: dx = coef_dz[n, c] * dz + coef_xhat[n, c] * x̂ + coef_one[n, c].
-  static void backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
-                                  const acc* beta, const acc* coef_dz, const acc* coef_xhat, const acc* coef_one,
-                                  T* dx, const Shape& s, int64_t rows, int64_t begin, int64_t end);
+  // NHWC backward, pass 1: sums[(task * C + c) * 2 + {0, 1}] = {Σ dz, Σ dz * (x − mean[n, c])} over the
+  // chunk's rows, with z = (x − mean[n, c]) * scale[n, c] + beta[c], scale = rstd * gamma.
+  static void backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* scale, const acc* beta,
+                                 double* sums, const Shape& s, int64_t rows, int64_t begin, int64_t end);
+  // NHWC backward, pass 2: dx = scale[n, c] * dz + coef_xd[n, c] * (x − mean[n, c]) + coef_one[n, c].
+  static void backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* scale, const acc* beta,
+                                  const acc* coef_xd, const acc* coef_one, T* dx, const Shape& s, int64_t rows,
+                                  int64_t begin, int64_t end);
 };
 
 }  // namespace fastddpm::group_norm_silu

@@ -9,6 +9,8 @@
 // Backward, with dz = dy * dSiLU/dz = dy * σ(z) * (1 + z * (1 − σ(z))):
 //   dbeta[c] = Σ_{n, hw} dz,  dgamma[c] = Σ_{n, hw} dz * x̂
 //   dx = rstd * (gamma[c] * dz − (A + x̂ * B) / M),  A = Σ_group gamma * dz,  B = Σ_group gamma * dz * x̂
+// The kernels work with x − mean rather than x̂ (rstd goes into the per-channel coefficients: one multiply
+// less per element): z = (x − mean) * (rstd gamma) + beta, Σ dz x̂ = rstd Σ dz (x − mean).
 // Statistics are fixed-order reductions: a corrected two-pass (a shift ≈ mean, then Σ (x − shift) and
 // Σ (x − shift)²) over blocks that stay in cache, the blocks combined with Chan et al.'s formula in double;
 // the backward's sums accumulate per vector lane in acc for at most kBlock elements, then in double.
@@ -365,93 +367,92 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
   for (int64_t ng = begin; ng < end; ++ng) {
     const int64_t n = ng / s.G, c0 = (ng % s.G) * D;
     const acc rs = rstd[ng];
-    const Vec rs_v(rs), mean_v(mean[ng]);
-    // Pass 1: dz, and per channel Σ dz and Σ dz x̂; A and B of the group.
+    const Vec mean_v(mean[ng]);
+    // Pass 1: dz, and per channel Σ dz and Σ dz x̂ = rstd Σ dz (x − mean); A and B of the group.
     double A = 0, B = 0;
     for (int64_t d = 0; d < D; ++d) {
       const T* xr = x + ng * M + d * HW;
       const T* dyr = dy + ng * M + d * HW;
       acc* dzr = dz_buf.data + d * HW;
-      const Vec gamma_v(gamma[c0 + d]), beta_v(beta[c0 + d]);
-      double s_dz = 0, s_dz_xhat = 0;
+      const Vec scale_v(rs * gamma[c0 + d]), beta_v(beta[c0 + d]);
+      double s_dz = 0, s_dz_xd = 0;
       for (int64_t lo = 0; lo < HW; lo += kBlock) {
         const int64_t hi = std::min(HW, lo + kBlock);
-        Vec a_dz(0), a_dz_xhat(0);
+        Vec a_dz(0), a_dz_xd(0);
         for (int64_t i = lo; i < hi; i += V) {
           const int64_t k = std::min(V, hi - i);
-          const Vec xhat = (io::load(xr + i, k) - mean_v) * rs_v;
-          const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xhat, gamma_v, beta_v));
+          const Vec xd = io::load(xr + i, k) - mean_v;
+          const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xd, scale_v, beta_v));
           dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
           a_dz += dz;
-          a_dz_xhat = at::vec::fmadd(dz, xhat, a_dz_xhat);
+          a_dz_xd = at::vec::fmadd(dz, xd, a_dz_xd);
         }
         s_dz += hsum(a_dz);
-        s_dz_xhat += hsum(a_dz_xhat);
+        s_dz_xd += hsum(a_dz_xd);
       }
       sum_dz[n * C + c0 + d] = s_dz;
-      sum_dz_xhat[n * C + c0 + d] = s_dz_xhat;
+      sum_dz_xhat[n * C + c0 + d] = rs * s_dz_xd;
       A += gamma[c0 + d] * s_dz;
-      B += gamma[c0 + d] * s_dz_xhat;
+      B += gamma[c0 + d] * (rs * s_dz_xd);
     }
-    // Pass 2: dx = rstd * gamma * dz + x̂ * (−rstd B / M) + (−rstd A / M), x and dz from cache.
-    const Vec cA(static_cast<acc>(-rs * A / M)), cB(static_cast<acc>(-rs * B / M));
+    // Pass 2: dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M), x and dz from cache.
+    const Vec c_one(static_cast<acc>(-rs * A / M)), c_xd(static_cast<acc>(-rs * (rs * B) / M));
+    const bool more = ng + 1 < end;  // prefetch the next group's x and dy
     for (int64_t d = 0; d < D; ++d) {
       const T* xr = x + ng * M + d * HW;
       const acc* dzr = dz_buf.data + d * HW;
       T* dxr = dx + ng * M + d * HW;
-      const Vec a(rs * gamma[c0 + d]);
-      const bool more = ng + 1 < end;  // prefetch the next group's x and dy
+      const Vec c_dz(rs * gamma[c0 + d]);
       for (int64_t i = 0; i < HW; i += V) {
         const int64_t k = std::min(V, HW - i);
         if (more) {
           prefetch(xr + M + i);
           prefetch(dy + (ng + 1) * M + d * HW + i);
         }
-        const Vec xhat = (io::load(xr + i, k) - mean_v) * rs_v;
-        io::store(dxr + i, at::vec::fmadd(a, Vec::loadu(dzr + i), at::vec::fmadd(xhat, cB, cA)), k);
+        const Vec xd = io::load(xr + i, k) - mean_v;
+        io::store(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(xd, c_xd, c_one)), k);
       }
     }
   }
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* rstd,
-                                         const acc* gamma, const acc* beta, double* sums, const Shape& s,
-                                         int64_t rows, int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* scale,
+                                         const acc* beta, double* sums, const Shape& s, int64_t rows,
+                                         int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;
-  Scratch<acc> a_dz(Cv), a_dz_xhat(Cv);
+  Scratch<acc> a_dz(Cv), a_dz_xd(Cv);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
     const acc* m = mean + n * C;
-    const acc* rs = rstd + n * C;
+    const acc* a = scale + n * C;
     std::fill(a_dz.data, a_dz.data + Cv, acc(0));
-    std::fill(a_dz_xhat.data, a_dz_xhat.data + Cv, acc(0));
+    std::fill(a_dz_xd.data, a_dz_xd.data + Cv, acc(0));
     for (int64_t r = 0; r < R; ++r) {
       const int64_t row = (n * HW + r0 + r) * C;
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
-        const Vec xhat = (io::load(x + row + c, k) - load_acc(m + c, k)) * load_acc(rs + c, k);
-        const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
+        const Vec xd = io::load(x + row + c, k) - load_acc(m + c, k);
+        const Vec z = at::vec::fmadd(xd, load_acc(a + c, k), load_acc(beta + c, k));
         const Vec dz = silu_grad(io::load(dy + row + c, k), z);  // 0 in the lanes past C
         (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
-        at::vec::fmadd(dz, xhat, Vec::loadu(a_dz_xhat.data + c)).store(a_dz_xhat.data + c);
+        at::vec::fmadd(dz, xd, Vec::loadu(a_dz_xd.data + c)).store(a_dz_xd.data + c);
       }
     }
     for (int64_t c = 0; c < C; ++c) {
       sums[(task * C + c) * 2] = a_dz.data[c];
-      sums[(task * C + c) * 2 + 1] = a_dz_xhat.data[c];
+      sums[(task * C + c) * 2 + 1] = a_dz_xd.data[c];
     }
   }
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* rstd,
-                                          const acc* gamma, const acc* beta, const acc* coef_dz,
-                                          const acc* coef_xhat, const acc* coef_one, T* dx, const Shape& s,
-                                          int64_t rows, int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* scale,
+                                          const acc* beta, const acc* coef_xd, const acc* coef_one, T* dx,
+                                          const Shape& s, int64_t rows, int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
@@ -463,11 +464,11 @@ void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* me
       const int64_t row = (n * HW + r0 + r) * C;
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
-        const Vec xhat = (io::load(x + row + c, k) - load_acc(mean + nc + c, k)) * load_acc(rstd + nc + c, k);
-        const Vec z = at::vec::fmadd(xhat, load_acc(gamma + c, k), load_acc(beta + c, k));
-        const Vec dz = silu_grad(io::load(dy + row + c, k), z);
-        const Vec rest = at::vec::fmadd(load_acc(coef_xhat + nc + c, k), xhat, load_acc(coef_one + nc + c, k));
-        io::store(dx + row + c, at::vec::fmadd(load_acc(coef_dz + nc + c, k), dz, rest), k);
+        const Vec xd = io::load(x + row + c, k) - load_acc(mean + nc + c, k);
+        const Vec a = load_acc(scale + nc + c, k);
+        const Vec dz = silu_grad(io::load(dy + row + c, k), at::vec::fmadd(xd, a, load_acc(beta + c, k)));
+        const Vec rest = at::vec::fmadd(load_acc(coef_xd + nc + c, k), xd, load_acc(coef_one + nc + c, k));
+        io::store(dx + row + c, at::vec::fmadd(a, dz, rest), k);
       }
     }
   }
