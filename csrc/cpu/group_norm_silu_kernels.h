@@ -32,6 +32,9 @@ namespace {  // internal linkage: each capability's copy stays in its own object
 using at::vec::Vectorized;
 
 constexpr int64_t kBlock = 2048;  // elements of one statistics block (8 KB of fp32)
+// Groups of at most this many elements prefetch the next group while they compute; beyond it, the group no
+// longer stays in L2 between its passes, and a group-ahead prefetch would only evict it.
+constexpr int64_t kPrefetchGroup = 16384;
 
 // A scratch array of acc values; plain new[] rather than std::vector, whose out-of-line members would be
 // shared (and maybe AVX2-compiled) across object files.
@@ -285,7 +288,7 @@ void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const
     rstd[ng] = rs;
     // The group was just read: its second read, to normalise, comes from cache.
     const int64_t c0 = (ng % s.G) * D;
-    const T* next = ng + 1 < end ? xg + M : nullptr;
+    const T* next = ng + 1 < end && M <= kPrefetchGroup ? xg + M : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       silu_affine(xg + d * HW, yg + d * HW, HW, mu, rs * gamma[c0 + d], beta[c0 + d],
                   next == nullptr ? nullptr : next + d * HW);
@@ -369,6 +372,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
     const acc rs = rstd[ng];
     const Vec mean_v(mean[ng]);
     // Pass 1: dz, and per channel Σ dz and Σ dz x̂ = rstd Σ dz (x − mean); A and B of the group.
+    const bool more = ng + 1 < end && M <= kPrefetchGroup;
     double A = 0, B = 0;
     for (int64_t d = 0; d < D; ++d) {
       const T* xr = x + ng * M + d * HW;
@@ -381,6 +385,10 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
         Vec a_dz(0), a_dz_xd(0);
         for (int64_t i = lo; i < hi; i += V) {
           const int64_t k = std::min(V, hi - i);
+          if (more) {  // the next group's x and dy, while this pass computes
+            prefetch(xr + M + i);
+            prefetch(dyr + M + i);
+          }
           const Vec xd = io::load(xr + i, k) - mean_v;
           const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xd, scale_v, beta_v));
           dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
@@ -397,7 +405,6 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
     }
     // Pass 2: dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M), x and dz from cache.
     const Vec c_one(static_cast<acc>(-rs * A / M)), c_xd(static_cast<acc>(-rs * (rs * B) / M));
-    const bool more = ng + 1 < end;  // prefetch the next group's x and dy
     for (int64_t d = 0; d < D; ++d) {
       const T* xr = x + ng * M + d * HW;
       const acc* dzr = dz_buf.data + d * HW;
@@ -405,10 +412,6 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
       const Vec c_dz(rs * gamma[c0 + d]);
       for (int64_t i = 0; i < HW; i += V) {
         const int64_t k = std::min(V, HW - i);
-        if (more) {
-          prefetch(xr + M + i);
-          prefetch(dy + (ng + 1) * M + d * HW + i);
-        }
         const Vec xd = io::load(xr + i, k) - mean_v;
         io::store(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(xd, c_xd, c_one)), k);
       }
