@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from fastddpm import reference
+from fastddpm.ops import group_norm_silu as _group_norm_silu_op
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
     """y = SiLU(GroupNorm(x)), the normalisation + activation pair in every block of the DDPM U-Net.
 
     Arguments follow ``F.group_norm``: ``x`` is [N, C, *], ``C`` divisible by ``num_groups``, and the
-    optional affine ``weight``/``bias`` are 1-D of size ``C``.
+    optional affine ``weight``/``bias`` are 1-D of size ``C``. Differentiable in x, weight and bias; the
+    output has x's dtype and memory format (contiguous or channels_last).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
@@ -40,4 +41,5 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
                 f"group_norm_silu: {name} must be 1-D of size C={channels} (x.shape[1]), "
                 f"got shape {tuple(param.shape)}"
             )
-    return reference.group_norm_silu(x, num_groups, weight, bias, eps)
+    # The fused op: C++ on CPU (and CUDA where built), else the PyTorch reference (FASTDDPM_BACKEND picks).
+    return _group_norm_silu_op.group_norm_silu(x, num_groups, weight, bias, eps)

@@ -25,7 +25,7 @@ IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "diffusion_loss": {"cpp": (), "triton": _TRITON},
     "p_sample_step": {"cpp": (), "triton": _TRITON},
     "ddim_step": {"cpp": (), "triton": _TRITON},
-    "group_norm_silu": {"cpp": (), "triton": ()},
+    "group_norm_silu": {"cpp": ("cpu", "cuda"), "triton": ()},
 }
 
 _warned: set[tuple[str, str, str]] = set()

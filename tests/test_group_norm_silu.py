@@ -1,0 +1,425 @@
+"""The fused GroupNorm + SiLU op on the CPU (csrc/cpu/group_norm_silu*.cpp, fastddpm/ops/group_norm_silu.py).
+
+Forward, statistics and all three gradients against a float64 reference over shapes × layouts × dtypes
+(with NaN-poisoned allocations, so an unwritten element fails); gradcheck and opcheck; torch.compile;
+the profiler; thread-count independence; the DEFAULT (non-AVX2) kernels; bad inputs.
+"""
+
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastddpm
+from fastddpm import _extension
+from fastddpm.functional import group_norm_silu
+from fastddpm.nn import GroupNormSiLU
+from fastddpm.ops.group_norm_silu import group_norm_silu as group_norm_silu_op
+
+from .conftest import rel_err
+from .test_functional import group_norm_silu_fp64
+
+pytestmark = pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C++ extension (make build)")
+
+OP = torch.ops.fastddpm.group_norm_silu
+BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_backward
+
+CASES = [  # (shape, num_groups)
+    ((3, 6, 5, 4), 3),          # C = 6, G = 3
+    ((2, 96, 5, 7), 32),        # C = 96, G = 32, odd spatial sizes
+    ((4, 64, 1, 1), 8),         # HW = 1 (groups of 8: with 2-element groups dx is pure cancellation, ill-
+                                #   conditioned in float32 for any implementation, PyTorch's included)
+    ((1, 64, 9, 11), 8),        # N = 1
+    ((2, 16, 37), 4),           # 3-D
+    ((2, 8, 3, 5, 7), 4),       # 5-D
+    ((3, 12), 4),               # 2-D: [N, C]
+    ((2, 3, 3, 3), 1),          # C < one vector, G = 1
+    ((2, 40, 13, 64), 5),       # groups span several statistics blocks (8 × 832 elements)
+]
+BIG = ((1, 256, 64, 64), 32)
+LAYOUTS = ["contiguous", "channels_last", "view"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def make_x(shape, layout, dtype, gen):
+    """x = −2.3 + 0.5·randn in the given layout: channels-last (C innermost, any rank), or a strided view."""
+    if layout == "view":  # every other element of a wider tensor along the last dimension
+        wide = -2.3 + 0.5 * torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)
+        x = wide.to(dtype)[..., ::2]
+        assert not x.is_contiguous()
+        return x
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels_last / channels_last_3d for 4-D / 5-D
+    return x
+
+
+def make_params(c, dtype, gen, weight=True, bias=True):
+    w = (1.0 + 0.3 * torch.randn(c, generator=gen, dtype=torch.float64)).to(dtype) if weight else None
+    b = (0.2 * torch.randn(c, generator=gen, dtype=torch.float64)).to(dtype) if bias else None
+    return w, b
+
+
+def fp64_reference(x, num_groups, w, b, dy, eps=1e-5):
+    """(y, {x, w, b gradients}) of the hand-written float64 reference at the same (rounded) inputs."""
+    return grads_of(lambda x, w, b: group_norm_silu_fp64(x, num_groups, w, b, eps),
+                    x.double(), w.double() if w is not None else None, b.double() if b is not None else None,
+                    dy.double())
+
+
+def grads_of(fn, x, w, b, dy):
+    """(y, {x, w, b gradients}) of fn(x, w, b) through autograd."""
+    leaves = {"x": x.detach().requires_grad_()}
+    if w is not None:
+        leaves["w"] = w.detach().requires_grad_()
+    if b is not None:
+        leaves["b"] = b.detach().requires_grad_()
+    y = fn(leaves["x"], leaves.get("w"), leaves.get("b"))
+    return y.detach(), dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
+
+
+@pytest.fixture
+def poisoned():
+    """Every at::empty is NaN-filled while the test runs, so an output element left unwritten shows."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(8)).all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+def check_case(shape, num_groups, layout, dtype, affine, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_x(shape, layout, dtype, gen)
+    w, b = make_params(shape[1], dtype, gen, weight=affine, bias=affine)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    def fused(x, w, b):
+        y, mean, rstd = OP(x, num_groups, w, b, 1e-5)
+        assert not mean.requires_grad and not rstd.requires_grad  # marked non-differentiable
+        return y
+
+    y, grads = grads_of(fused, x, w, b, dy)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    assert y.stride() == torch.empty_like(x).stride()  # x's memory format, as the fake impl says
+    assert grads["x"].stride() == torch.empty_like(x).stride() and grads["x"].dtype == x.dtype
+    ref_y, ref_grads = fp64_reference(x, num_groups, w, b, dy)
+    errors = {"y": rel_err(y, ref_y), **{k: rel_err(grads[k], ref_grads[k]) for k in grads}}
+    if dtype == torch.float64:
+        limits = dict.fromkeys(errors, 1e-12)
+    elif dtype == torch.float32:
+        limits = {k: 1e-5 if k == "y" else 1e-4 for k in errors}  # elementwise; gradients (reductions)
+    else:  # 2 × the error of PyTorch's own F.silu(F.group_norm) at this dtype, against the same reference
+        def eager(x, w, b):
+            return F.silu(F.group_norm(x, num_groups, w, b, 1e-5))
+
+        torch_y, torch_grads = grads_of(eager, x, w, b, dy)
+        torch_errors = {"y": rel_err(torch_y, ref_y)}
+        torch_errors.update({k: rel_err(torch_grads[k], ref_grads[k]) for k in grads})
+        limits = {k: 2 * torch_errors[k] for k in errors}
+    assert all(errors[k] <= limits[k] for k in errors), (errors, limits)
+    return y
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,num_groups", CASES, ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES])
+def test_matches_fp64_reference(poisoned, shape, num_groups, layout, dtype, affine):
+    seed = zlib.crc32(repr((shape, layout, dtype, affine)).encode())
+    check_case(shape, num_groups, layout, dtype, affine, seed)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_fp64_reference_large(poisoned, layout):
+    check_case(*BIG, layout, torch.float32, True, seed=7)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, False), (False, True)])
+def test_weight_or_bias_alone(poisoned, weight, bias):
+    gen = torch.Generator().manual_seed(8)
+    x = make_x((2, 12, 5, 3), "contiguous", torch.float32, gen)
+    w, b = make_params(12, torch.float32, gen, weight, bias)
+    dy = torch.randn(x.shape, generator=gen)
+    y, grads = grads_of(lambda x, w, b: group_norm_silu(x, 3, w, b), x, w, b, dy)
+    ref_y, ref_grads = fp64_reference(x, 3, w, b, dy)
+    assert rel_err(y, ref_y) <= 1e-5
+    assert set(grads) == set(ref_grads) and all(rel_err(grads[k], ref_grads[k]) <= 1e-4 for k in grads)
+    # The raw backward returns empty tensors for the missing parameter.
+    _, mean, rstd = OP(x, 3, w, b, 1e-5)
+    _, gw, gb = BACKWARD_OP(dy, x, mean, rstd, w, b, 3)
+    assert (gw.numel() == 0) == (w is None) and (gb.numel() == 0) == (b is None)
+
+
+def test_permuted_dense_layout(poisoned):
+    # Dense but neither NCHW nor channels-last (batch not outermost): y and dx follow empty_like(x).
+    gen = torch.Generator().manual_seed(9)
+    x = make_x((6, 3, 5, 4), "contiguous", torch.float32, gen).transpose(0, 1)  # [3, 6, 5, 4]
+    w, b = make_params(6, torch.float32, gen)
+    dy = torch.randn(x.shape, generator=gen)
+    y, grads = grads_of(lambda x, w, b: OP(x, 3, w, b, 1e-5)[0], x, w, b, dy)
+    assert y.stride() == torch.empty_like(x).stride() == x.stride()
+    ref_y, ref_grads = fp64_reference(x, 3, w, b, dy)
+    assert rel_err(y, ref_y) <= 1e-5 and all(rel_err(grads[k], ref_grads[k]) <= 1e-4 for k in grads)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_statistics(layout, dtype):
+    gen = torch.Generator().manual_seed(10)
+    x = make_x((3, 32, 9, 7), layout, dtype, gen)
+    _, mean, rstd = OP(x, 8, None, None, 1e-5)
+    assert mean.shape == rstd.shape == (3, 8)
+    assert mean.dtype == rstd.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    g = x.double().reshape(3, 8, -1)
+    ref_mean = g.mean(-1)
+    ref_rstd = 1 / torch.sqrt((g - ref_mean[..., None]).square().mean(-1) + 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_err(mean, ref_mean) <= tol and rel_err(rstd, ref_rstd) <= tol
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_variance_of_a_large_offset_is_accurate(layout):
+    # mean/std = 3·10⁴: E[x²] − E[x]² in float32 would lose every digit of the variance here.
+    gen = torch.Generator().manual_seed(11)
+    x = (300.0 + 0.01 * torch.randn(2, 16, 24, 24, generator=gen, dtype=torch.float64)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, rstd = OP(x, 4, None, None, 1e-12)
+    g = x.double().reshape(2, 4, -1)
+    ref_rstd = 1 / torch.sqrt((g - g.mean(-1, keepdim=True)).square().mean(-1) + 1e-12)
+    assert rel_err(rstd, ref_rstd) <= 1e-4
+    assert rel_err(mean, g.mean(-1)) <= 1e-7
+
+
+def test_constant_group_gives_bias():
+    # Variance 0: x̂ = 0 exactly, so y = SiLU(bias) (no cancellation error scaled by 1/sqrt(eps)).
+    x = torch.full((2, 4, 3, 3), 1.7)
+    x[:, 2:] = -2.3 + 0.5 * torch.randn(2, 2, 3, 3)
+    w, b = torch.randn(4), torch.randn(4)
+    y = OP(x, 2, w, b, 1e-5)[0]
+    expected = F.silu(b[:2]).view(1, 2, 1, 1).expand(2, 2, 3, 3)
+    torch.testing.assert_close(y[:, :2], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mixed_dtype_bfloat16_x_float32_params():
+    gen = torch.Generator().manual_seed(12)
+    x = make_x((2, 32, 6, 6), "contiguous", torch.bfloat16, gen)
+    w, b = make_params(32, torch.float32, gen)
+    dy = torch.randn(x.shape, generator=gen).bfloat16()
+    y, grads = grads_of(lambda x, w, b: group_norm_silu(x, 8, w, b), x, w, b, dy)
+    assert y.dtype == grads["x"].dtype == torch.bfloat16
+    assert grads["w"].dtype == grads["b"].dtype == torch.float32
+    torch_y, torch_grads = grads_of(lambda x, w, b: F.silu(F.group_norm(x, 8, w, b)), x, w, b, dy)
+    ref_y, ref_grads = fp64_reference(x, 8, w, b, dy)
+    assert rel_err(y, ref_y) <= 2 * rel_err(torch_y, ref_y)
+    assert all(rel_err(grads[k], ref_grads[k]) <= 2 * rel_err(torch_grads[k], ref_grads[k]) for k in grads)
+
+
+def test_empty_inputs():
+    for shape in [(0, 4, 3, 3), (2, 4, 0)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = group_norm_silu(x, 2, torch.ones(4), torch.zeros(4))
+        assert y.shape == x.shape
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        assert gx.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- autograd, registration
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_fp64(layout):
+    gen = torch.Generator().manual_seed(13)
+    x = make_x((2, 6, 3, 4), layout, torch.float64, gen).requires_grad_()
+    w, b = make_params(6, torch.float64, gen)
+    w.requires_grad_()
+    b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: OP(x, 3, w, b, 1e-5)[0], (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: OP(x, 2, None, None, 1e-3)[0], (x,))
+
+
+def opcheck_args():
+    gen = torch.Generator().manual_seed(14)
+    cases = []
+    for shape, g, layout, dtype, affine in [((2, 6, 5, 3), 3, "contiguous", torch.float32, True),
+                                            ((2, 8, 4, 3), 4, "channels_last", torch.float32, True),
+                                            ((3, 4, 7), 2, "contiguous", torch.float64, False),
+                                            ((2, 16, 3, 3), 4, "contiguous", torch.bfloat16, True)]:
+        x = make_x(shape, layout, dtype, gen)
+        w, b = make_params(shape[1], dtype, gen, affine, affine)
+        cases.append((x, g, w, b))
+    return cases
+
+
+def test_opcheck_forward():
+    for x, g, w, b in opcheck_args():
+        x = x.requires_grad_(x.dtype != torch.bfloat16)
+        if w is not None:
+            w, b = w.requires_grad_(x.requires_grad), b.requires_grad_(x.requires_grad)
+        torch.library.opcheck(OP.default, (x, g, w, b, 1e-5))
+
+
+def test_opcheck_backward():
+    for x, g, w, b in opcheck_args():
+        _, mean, rstd = OP(x, g, w, b, 1e-5)
+        torch.library.opcheck(BACKWARD_OP.default, (torch.randn_like(x), x, mean, rstd, w, b, g))
+
+
+class ConvNormAct(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = GroupNormSiLU(4, 16)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_compile_fullgraph_module():
+    torch.manual_seed(15)
+    model = ConvNormAct()
+    with torch.no_grad():
+        model.norm.weight.normal_(1.0, 0.3)
+        model.norm.bias.normal_(0.0, 0.2)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    y, y_ref = compiled(x), model(x)
+    assert rel_err(y, y_ref) <= 1e-6
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *model.parameters()], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x, *model.parameters()], dy)
+    assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, grads_ref))
+
+
+def test_profiler_shows_the_fused_op():
+    model = GroupNormSiLU(8, 32)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "fastddpm::group_norm_silu" in names and "fastddpm::group_norm_silu_backward" in names
+    assert not names & {"aten::group_norm", "aten::native_group_norm", "aten::native_group_norm_backward",
+                        "aten::silu", "aten::silu_backward"}
+
+
+def test_backend_choice(monkeypatch):
+    assert fastddpm.build_info()["backends"]["cpu"]["group_norm_silu"] == "cpp"
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    for backend in ("cpp", "reference"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = group_norm_silu_op(x, 4, w, b, 1e-5, backend=backend)
+        names = {e.name for e in prof.events()}
+        assert ("fastddpm::group_norm_silu" in names) == (backend == "cpp")
+        assert rel_err(y, group_norm_silu_fp64(x, 4, w, b)) <= 1e-5
+    monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        group_norm_silu(x, 4, w, b)
+    assert "fastddpm::group_norm_silu" not in {e.name for e in prof.events()}
+
+
+# ----------------------------------------------------------------------------- determinism, capabilities
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_independent_of_thread_count(layout, dtype):
+    # Many groups and (channels-last) many row chunks per sample, so the threads' shares differ.
+    gen = torch.Generator().manual_seed(16)
+    x = make_x((6, 64, 24, 40), layout, dtype, gen)
+    w, b = make_params(64, dtype, gen)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, mean, rstd = OP(x, 32, w, b, 1e-5)
+            results.append((y, mean, rstd, *BACKWARD_OP(dy, x, mean, rstd, w, b, 32)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_default_capability_kernels():
+    # The kernels compiled without AVX2 (what a CPU without it runs), chosen by ATEN_CPU_CAPABILITY=default.
+    code = """
+import torch
+from tests.test_group_norm_silu import check_case
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+for i, (shape, g, layout, dtype) in enumerate([((3, 6, 5, 4), 3, "contiguous", torch.float32),
+                                              ((2, 20, 5, 7), 5, "channels_last", torch.float32),
+                                              ((2, 16, 9), 4, "view", torch.float64),
+                                              ((2, 12, 4, 5), 4, "contiguous", torch.bfloat16),
+                                              ((2, 12, 4, 5), 4, "channels_last", torch.bfloat16)]):
+    check_case(shape, g, layout, dtype, True, seed=i)
+print("ok")
+"""
+    import os
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "ok", r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+X6 = torch.randn(2, 6, 3)
+
+
+@pytest.mark.parametrize(
+    "x,num_groups,weight,bias,match",
+    [
+        (X6, 4, None, None, r"number of channels C = 6 \(x.shape\[1\]\) must be divisible by num_groups = 4"),
+        (X6, 0, None, None, "num_groups must be positive"),
+        (X6, 3, torch.ones(5), None, r"weight must be 1-D of size C = 6 \(x.shape\[1\]\), got shape \[5\]"),
+        (X6, 3, None, torch.ones(6, 1), r"bias must be 1-D of size C = 6"),
+        (X6, 3, torch.ones(6, dtype=torch.float64), None, "weight dtype Double does not match x dtype Float"),
+        (X6, 3, torch.ones(6), torch.ones(6).double(), "bias dtype Double does not match x dtype Float"),
+        (X6.bfloat16(), 3, torch.ones(6), torch.ones(6).bfloat16(), "weight and bias must have the same"),
+        (torch.ones(2, 4, 3).long(), 2, None, None, "x must be a floating-point tensor .* got Long"),
+        (torch.randn(4), 2, None, None, r"x must have at least 2 dimensions \[N, C, \*\], got shape \[4\]"),
+    ],
+)
+def test_bad_inputs_raw_op(x, num_groups, weight, bias, match):
+    with pytest.raises(RuntimeError, match=match):
+        OP(x, num_groups, weight, bias, 1e-5)
+
+
+def test_bad_inputs_raw_backward_op():
+    x = torch.randn(2, 6, 3)
+    _, mean, rstd = OP(x, 3, None, None, 1e-5)
+    dy = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match=r"mean must have shape \[N, num_groups\] = \[2, 3\], got \[2, 2"):
+        BACKWARD_OP(dy, x, mean[:, :2], rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match=r"rstd must have shape \[N, num_groups\] = \[2, 3\], got \[6\]"):
+        BACKWARD_OP(dy, x, mean, rstd.reshape(6), None, None, 3)
+    with pytest.raises(RuntimeError, match="mean must be Float for a Float x, got Double"):
+        BACKWARD_OP(dy, x, mean.double(), rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match=r"grad_y shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
+        BACKWARD_OP(dy[..., :2], x, mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="grad_y dtype Double must match x dtype Float"):
+        BACKWARD_OP(dy.double(), x, mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="must be divisible by num_groups = 4"):
+        BACKWARD_OP(dy, x, mean, rstd, None, None, 4)
+    with pytest.raises(RuntimeError, match="weight must be 1-D of size C = 6"):
+        BACKWARD_OP(dy, x, mean, rstd, torch.ones(3), None, 3)
+
+
+@pytest.mark.parametrize(
+    "x,num_groups,weight,exc,match",
+    [
+        (X6, 4, None, ValueError, r"channels \(6\) must be divisible by num_groups \(4\)"),
+        (X6, 3, torch.ones(5), ValueError, r"weight must be 1-D of size C=6 .* \(5,\)"),
+        (torch.ones(2, 4, 3, dtype=torch.int64), 2, None, TypeError, "floating-point"),
+        (torch.randn(4), 2, None, ValueError, "at least 2 dimensions"),
+    ],
+)
+def test_bad_inputs_functional(x, num_groups, weight, exc, match):
+    with pytest.raises(exc, match=match):
+        group_norm_silu(x, num_groups, weight)
