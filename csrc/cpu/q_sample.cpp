@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
+
+#include "common.h"
 
 namespace fastddpm {
 namespace {
@@ -131,10 +134,41 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
   return out;
 }
 
+// The same with ε drawn in-kernel from Philox (seed, offset) (csrc/cpu/fused_kernels.h): reads x_0, writes x_t
+// (and ε when write_noise). Outputs empty_like(x) for x = x_start made batch-outer dense.
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x_start, const at::Tensor& t,
+                                                       const at::Tensor& sqrt_alphas_cumprod,
+                                                       const at::Tensor& sqrt_one_minus_alphas_cumprod,
+                                                       const at::Tensor& seed, int64_t offset, bool write_noise) {
+  constexpr const char* op = "q_sample";
+  cpu::check_data(op, x_start, "x_start");
+  cpu::check_index(op, t, "t", x_start);
+  cpu::check_table(op, sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
+  cpu::check_table(op, sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0), op,
+              ": sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length");
+  cpu::QSampleArgs args;
+  args.noise.drawn = true;
+  args.noise.seed = cpu::check_seed(op, seed);
+  args.noise.offset = offset;
+  const std::vector<int64_t> ts = cpu::timesteps(op, t, "t", sqrt_alphas_cumprod.size(0));
+  args.a = cpu::gather(sqrt_alphas_cumprod, 0, ts);
+  args.s = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
+  args.x = cpu::dense(x_start);
+  args.out = at::empty_like(args.x);
+  at::Tensor noise = write_noise ? at::empty_like(args.x) : args.x.new_empty({0});
+  if (write_noise) {
+    args.noise_out = noise;
+  }
+  cpu::kernels().q_sample_philox(args);
+  return {args.out, noise};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
+  m.impl("q_sample_philox", &q_sample_philox_cpu);
 }
 
 }  // namespace fastddpm
