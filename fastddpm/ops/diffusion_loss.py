@@ -1,7 +1,7 @@
 """diffusion_loss: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
 
-Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl here on the reference math until
-csrc/cpu has a fused one; CUDA impl = the Triton kernels) and its Triton twin
+Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl csrc/cpu/diffusion_loss.cpp, or the
+reference math here in a build without it; CUDA impl = the Triton kernels) and its Triton twin
 ``fastddpm::diffusion_loss_triton`` (kernels/loss.py; CUDA, or CPU through the interpreter). Both take ε
 given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with, so during
 training ε is never stored. The backward is one sweep (``diffusion_loss_backward``) that recomputes the target.
