@@ -117,37 +117,15 @@ inline __m256 uniform_ps(__m256i x) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
 }
 
-// The 32 normals of counters c .. c + 7, in element order.
-inline void philox_normal32(uint64_t seed, uint64_t c, float* out) {
-  alignas(32) uint32_t lo[8], hi[8];
-  for (int k = 0; k < 8; ++k) {
-    lo[k] = static_cast<uint32_t>(c + k);
-    hi[k] = static_cast<uint32_t>((c + k) >> 32);
-  }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int round = 0; round < 10; ++round) {
-    __m256i hi_a, lo_a, hi_b, lo_b;
-    mulhilo(c2, mb, &hi_b, &lo_b);
-    mulhilo(c0, ma, &hi_a, &lo_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    c1 = lo_b;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c3 = lo_a;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
+// Box–Muller on the four Philox words of 8 counters, stored as their 32 normals in element order.
+inline void box_muller_store(__m256i w0, __m256i w1, __m256i w2, __m256i w3, float* out) {
   const __m256 two_pi = _mm256_set1_ps(6.283185307179586f), minus_two = _mm256_set1_ps(-2.0f);
   const __m256 tiny = _mm256_set1_ps(1e-7f);
-  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, log_ps(_mm256_max_ps(uniform_ps(c0), tiny))));
-  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, log_ps(_mm256_max_ps(uniform_ps(c2), tiny))));
+  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, log_ps(_mm256_max_ps(uniform_ps(w0), tiny))));
+  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, log_ps(_mm256_max_ps(uniform_ps(w2), tiny))));
   __m256 s01, co01, s23, co23;
-  sincos_ps(_mm256_mul_ps(two_pi, uniform_ps(c1)), &s01, &co01);
-  sincos_ps(_mm256_mul_ps(two_pi, uniform_ps(c3)), &s23, &co23);
+  sincos_ps(_mm256_mul_ps(two_pi, uniform_ps(w1)), &s01, &co01);
+  sincos_ps(_mm256_mul_ps(two_pi, uniform_ps(w3)), &s23, &co23);
   const __m256 n0 = _mm256_mul_ps(r01, co01), n1 = _mm256_mul_ps(r01, s01);
   const __m256 n2 = _mm256_mul_ps(r23, co23), n3 = _mm256_mul_ps(r23, s23);
   // transpose [lane][counter] → [counter][lane]
@@ -162,13 +140,71 @@ inline void philox_normal32(uint64_t seed, uint64_t c, float* out) {
   _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(t0, t1, 0x31));
   _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(t2, t3, 0x31));
 }
+
+// The round keys of a seed, broadcast: (k0 + r·A, k1 + r·B) for rounds r = 0..9.
+struct RoundKeys {
+  __m256i k0[10], k1[10];
+  explicit RoundKeys(uint64_t seed) {
+    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r, a += kPhiloxKeyA, b += kPhiloxKeyB) {
+      k0[r] = _mm256_set1_epi32(static_cast<int>(a));
+      k1[r] = _mm256_set1_epi32(static_cast<int>(b));
+    }
+  }
+};
+
+// Counter words (lo, hi) of counters c .. c + 7.
+inline void counter_words(uint64_t c, __m256i* lo, __m256i* hi) {
+  if (static_cast<uint32_t>(c) <= 0xFFFFFFFFu - 7u) {  // no carry into the high word within the 8
+    *lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(c))),
+                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    *hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    return;
+  }
+  alignas(32) uint32_t l[8], h[8];
+  for (int k = 0; k < 8; ++k) {
+    l[k] = static_cast<uint32_t>(c + k);
+    h[k] = static_cast<uint32_t>((c + k) >> 32);
+  }
+  *lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(l));
+  *hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
+}
+
+// The 64 normals of counters c .. c + 15, in element order: two independent 8-counter Philox chains
+// interleaved, so that the multiplies of one hide the latency of the other.
+inline void philox_normal64(const RoundKeys& keys, uint64_t c, float* out) {
+  __m256i a0, a1, b0, b1;
+  counter_words(c, &a0, &a1);
+  counter_words(c + 8, &b0, &b1);
+  __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi_a, lo_a, hi_b, lo_b, hi_c, lo_c, hi_d, lo_d;
+    mulhilo(a2, mb, &hi_b, &lo_b);
+    mulhilo(a0, ma, &hi_a, &lo_a);
+    mulhilo(b2, mb, &hi_d, &lo_d);
+    mulhilo(b0, ma, &hi_c, &lo_c);
+    a0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, a1), keys.k0[round]);
+    a1 = lo_b;
+    a2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, a3), keys.k1[round]);
+    a3 = lo_a;
+    b0 = _mm256_xor_si256(_mm256_xor_si256(hi_d, b1), keys.k0[round]);
+    b1 = lo_d;
+    b2 = _mm256_xor_si256(_mm256_xor_si256(hi_c, b3), keys.k1[round]);
+    b3 = lo_c;
+  }
+  box_muller_store(a0, a1, a2, a3, out);
+  box_muller_store(b0, b1, b2, b3, out + 32);
+}
 #endif
 
-// n normals starting at counter c (element 0 = lane 0 of c) into out, which has room for n rounded up to 32.
+// n normals starting at counter c (element 0 = lane 0 of c) into out, which has room for n rounded up to 64.
 inline void normals(uint64_t seed, uint64_t c, int64_t n, float* out) {
 #if FASTDDPM_AVX2
-  for (int64_t i = 0; i < n; i += 32) {
-    philox_normal32(seed, c + static_cast<uint64_t>(i / 4), out + i);
+  const RoundKeys keys(seed);
+  for (int64_t i = 0; i < n; i += 64) {
+    philox_normal64(keys, c + static_cast<uint64_t>(i / 4), out + i);
   }
 #else
   for (int64_t i = 0; i < n; i += 4) {
@@ -187,7 +223,7 @@ void for_each_block(int64_t B, int64_t N, const Noise* noise, const Fn& fn) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const uint64_t rows = static_cast<uint64_t>((N + 3) / 4);
   at::parallel_for(0, B * chunks, std::max<int64_t>(1, kGrainElements / kChunk), [&](int64_t begin, int64_t end) {
-    alignas(32) float z[kBlock + 32];
+    alignas(32) float z[kBlock + 64];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
       const int64_t chunk_end = std::min(N, (task % chunks + 1) * kChunk);
