@@ -170,7 +170,7 @@ struct StepArgs {
 };
 
 struct Kernels {
-  void (*q_sample_philox)(const QSampleArgs&);
+  void (*q_sample)(const QSampleArgs&);  // ε given or drawn
   std::vector<double> (*loss_forward)(const LossArgs&);  // per-sample Σ (pred − target)², float64
   void (*loss_backward)(const LossArgs&);
   void (*step)(const StepArgs&);

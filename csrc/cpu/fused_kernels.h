@@ -240,7 +240,7 @@ void for_each_block(int64_t B, int64_t N, const Noise* noise, const Fn& fn) {
   });
 }
 
-// ---------------------------------------------------------------- q_sample with drawn noise
+// ---------------------------------------------------------------- q_sample (noise given or drawn)
 template <typename scalar_t>
 void q_sample_philox_typed(const QSampleArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -248,11 +248,20 @@ void q_sample_philox_typed(const QSampleArgs& args) {
   const scalar_t* x = args.x.const_data_ptr<scalar_t>();
   scalar_t* out = args.out.mutable_data_ptr<scalar_t>();
   scalar_t* noise_out = args.noise_out.defined() ? args.noise_out.mutable_data_ptr<scalar_t>() : nullptr;
-  for_each_block(B, N, &args.noise, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
+  const scalar_t* given = args.noise.drawn ? nullptr : args.noise.given.const_data_ptr<scalar_t>();
+  for_each_block(B, N, args.noise.drawn ? &args.noise : nullptr,
+                 [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
     const int64_t base = b * N + lo;
     const auto a = static_cast<opmath_t>(args.a[b]), s = static_cast<opmath_t>(args.s[b]);
     const scalar_t* xb = x + base;
     scalar_t* ob = out + base;
+    if (given != nullptr) {
+      const scalar_t* gb = given + base;
+      for (int64_t i = 0; i < n; ++i) {
+        ob[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(xb[i]) + s * static_cast<opmath_t>(gb[i]));
+      }
+      return;
+    }
     for (int64_t i = 0; i < n; ++i) {
       ob[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(xb[i]) + s * static_cast<opmath_t>(z[i]));
     }
@@ -266,7 +275,7 @@ void q_sample_philox_typed(const QSampleArgs& args) {
 }
 
 void q_sample_philox(const QSampleArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "q_sample_philox",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "q_sample",
                                   [&] { q_sample_philox_typed<scalar_t>(args); });
 }
 
