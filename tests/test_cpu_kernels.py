@@ -462,3 +462,37 @@ def test_bad_input_raises_clear_errors(sched):
     for message, call in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+def test_portable_kernels_for_cpus_without_avx2():
+    """The build chosen on CPUs without AVX2/FMA (forced by FASTDDPM_CPU_KERNELS=portable, read once per
+    process): the same stream within float rounding, the same results, thread-count independent."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fastddpm import reference
+from fastddpm.ops.q_sample import philox_noise_like
+from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+sched = NoiseSchedule(get_beta_schedule("linear", 1000))
+tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+x, t, seed = torch.randn(6, 3, 61, 67), torch.tensor([0, 1, 999, 5, 500, 77]), torch.tensor([2**40 + 9])
+outs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    x_t, eps = torch.ops.fastddpm.q_sample_philox(x, t, *tables, seed, 2**32 - 100, True)
+    loss = torch.ops.fastddpm.diffusion_loss(x * 0.5, x, t, *tables, None, seed, 2**32 - 100, 2, 5.0, 0)
+    step = torch.ops.fastddpm.ddim_step(x * 0.5, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, None,
+                                        seed, 3, 0, 0.5, 1.0, 1.0, None, True, True, True)
+    outs.append([x_t, eps, loss, *step])
+assert all(torch.equal(a, b) for a, b in zip(*outs))
+expected = philox_noise_like(x, seed, 2**32 - 100)
+assert (eps - expected).abs().max() <= 1e-6 + 6e-8 * expected.abs().max()
+ref = reference.q_sample(sched, x.double(), t, expected.double())
+assert ((x_t - ref).norm() / ref.norm()) < 1e-6
+print("portable ok")
+"""
+    env = {**__import__("os").environ, "FASTDDPM_CPU_KERNELS": "portable"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "portable ok" in result.stdout, result.stderr[-2000:]

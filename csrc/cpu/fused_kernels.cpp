@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -47,10 +49,17 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
+// FASTDDPM_CPU_KERNELS=portable forces the portable build (how the tests exercise it on an AVX2 machine).
 const Kernels& kernels() {
 #if FASTDDPM_HAVE_AVX2_BUILD
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has_avx2 ? avx2::table : portable::table;
+  static const bool use_avx2 = [] {
+    const char* forced = std::getenv("FASTDDPM_CPU_KERNELS");
+    if (forced != nullptr && std::strcmp(forced, "portable") == 0) {
+      return false;
+    }
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use_avx2 ? avx2::table : portable::table;
 #else
   return portable::table;
 #endif
