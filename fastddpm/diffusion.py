@@ -236,9 +236,9 @@ class Diffusion(nn.Module):
         loss_args = dict(objective=self.objective, min_snr_gamma=gamma, reduction=reduction, backend=self.backend,
                          check=False)
         if (noise is None and self.offset_noise_strength == 0
-                and choose_backend("diffusion_loss", x_start.device, self.backend) == "triton"):
-            # Fused path: ε is drawn inside q_sample from a Philox key and regenerated inside the loss from the
-            # same key, so it never goes to memory.
+                and choose_backend("diffusion_loss", x_start.device, self.backend) in ("triton", "cpp")):
+            # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key and
+            # regenerated inside the loss from the same key, so it never goes to memory.
             seed = new_seed(x_start.device)
             x_t, _ = _q_sample_op(self.schedule, x_start, t, seed=seed, backend=self.backend, check=False)
             out = self._model_output(x_t, t)

@@ -33,8 +33,9 @@ def model_dtype(model, default: torch.dtype = torch.float32) -> torch.dtype:
 
 
 def step_noise_in_kernel(diffusion, op: str) -> bool:
-    """Whether the step noise z is drawn inside the fused kernel (Triton) rather than by torch.randn."""
-    return ops.choose_backend(op, diffusion.device, diffusion.backend) == "triton"
+    """Whether the step noise z is drawn inside the fused kernel (Triton, or the C++ CPU kernels) rather than by
+    torch.randn."""
+    return ops.choose_backend(op, diffusion.device, diffusion.backend) in ("triton", "cpp")
 
 
 def step_noise(in_kernel: bool, shape, device, generator):

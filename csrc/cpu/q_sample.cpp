@@ -2,25 +2,21 @@
 //   x_t[b] = sqrt_alphas_cumprod[t[b]] * x_start[b] + sqrt_one_minus_alphas_cumprod[t[b]] * noise[b]
 //
 // Math in float (double for double inputs), output in x_start's dtype and memory format. Each element
-// is computed on its own by the same code whatever the thread count, so results never depend on it.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+// is computed on its own by the same code whatever the thread count, so results never depend on it. The
+// element loop is csrc/cpu/fused_kernels.h's (AVX2 where the CPU has it), shared with q_sample_philox.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
+
+#include "common.h"
 
 namespace fastddpm {
 namespace {
-
-// Elements per task of the parallel loop: a fixed split of each sample, independent of thread count.
-constexpr int64_t kChunk = 4096;
-// Fewest elements worth a thread (ATen's own GRAIN_SIZE for elementwise kernels).
-constexpr int64_t kGrainElements = 32768;
 
 bool is_float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
@@ -105,36 +101,54 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
   if (S == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "q_sample_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* n_ptr = n.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = work.mutable_data_ptr<scalar_t>();
-    // Tasks are (sample, chunk) pairs; a thread takes a run of them, at least kGrainElements' worth.
-    const int64_t chunks = (S + kChunk - 1) / kChunk;
-    at::parallel_for(0, B * chunks, kGrainElements / kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / chunks;
-        const int64_t lo = b * S + (task % chunks) * kChunk;
-        const int64_t hi = std::min(lo + kChunk, (b + 1) * S);
-        const auto a = static_cast<opmath_t>(coef_x[b]), s = static_cast<opmath_t>(coef_n[b]);
-        for (int64_t i = lo; i < hi; ++i) {
-          out_ptr[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(x_ptr[i]) +
-                                             s * static_cast<opmath_t>(n_ptr[i]));
-        }
-      }
-    });
-  });
+  cpu::QSampleArgs args;
+  args.x = x;
+  args.out = work;
+  args.a = coef_x;
+  args.s = coef_n;
+  args.noise.given = n;
+  cpu::kernels().q_sample(args);
   if (!direct) {
     out.copy_(work);
   }
   return out;
 }
 
+// The same with ε drawn in-kernel from Philox (seed, offset) (csrc/cpu/fused_kernels.h): reads x_0, writes x_t
+// (and ε when write_noise). Outputs empty_like(x) for x = x_start made batch-outer dense.
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x_start, const at::Tensor& t,
+                                                       const at::Tensor& sqrt_alphas_cumprod,
+                                                       const at::Tensor& sqrt_one_minus_alphas_cumprod,
+                                                       const at::Tensor& seed, int64_t offset, bool write_noise) {
+  constexpr const char* op = "q_sample";
+  cpu::check_data(op, x_start, "x_start");
+  cpu::check_index(op, t, "t", x_start);
+  cpu::check_table(op, sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
+  cpu::check_table(op, sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0), op,
+              ": sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length");
+  cpu::QSampleArgs args;
+  args.noise.drawn = true;
+  args.noise.seed = cpu::check_seed(op, seed);
+  args.noise.offset = offset;
+  const std::vector<int64_t> ts = cpu::timesteps(op, t, "t", sqrt_alphas_cumprod.size(0));
+  args.a = cpu::gather(sqrt_alphas_cumprod, 0, ts);
+  args.s = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
+  args.x = cpu::dense(x_start);
+  args.out = at::empty_like(args.x);
+  at::Tensor noise = write_noise ? at::empty_like(args.x) : args.x.new_empty({0});
+  if (write_noise) {
+    args.noise_out = noise;
+  }
+  cpu::kernels().q_sample(args);
+  return {args.out, noise};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
+  m.impl("q_sample_philox", &q_sample_philox_cpu);
 }
 
 }  // namespace fastddpm

@@ -22,9 +22,9 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 _TRITON = ("cuda", "cpu")
 IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "q_sample": {"cpp": ("cpu",), "triton": _TRITON},
-    "diffusion_loss": {"cpp": (), "triton": _TRITON},
-    "p_sample_step": {"cpp": (), "triton": _TRITON},
-    "ddim_step": {"cpp": (), "triton": _TRITON},
+    "diffusion_loss": {"cpp": ("cpu",), "triton": _TRITON},
+    "p_sample_step": {"cpp": ("cpu",), "triton": _TRITON},
+    "ddim_step": {"cpp": ("cpu",), "triton": _TRITON},
     "group_norm_silu": {"cpp": ("cpu", "cuda"), "triton": ()},
 }
 

@@ -1,7 +1,7 @@
 """diffusion_loss: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
 
-Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl here on the reference math until
-csrc/cpu has a fused one; CUDA impl = the Triton kernels) and its Triton twin
+Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl csrc/cpu/diffusion_loss.cpp, or the
+reference math here in a build without it; CUDA impl = the Triton kernels) and its Triton twin
 ``fastddpm::diffusion_loss_triton`` (kernels/loss.py; CUDA, or CPU through the interpreter). Both take ε
 given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with, so during
 training ε is never stored. The backward is one sweep (``diffusion_loss_backward``) that recomputes the target.
@@ -155,13 +155,13 @@ def _make_backward(backward_op):
                                 objective, min_snr_gamma, reduction)
         # The target depends on ε and x_0: ∂L/∂target = −∂L/∂pred; ε (ε objective) or x_0 (x_0 objective)
         # directly, v = √ᾱ ε − √(1 − ᾱ) x_0 through its coefficients.
+        # (−∂L/∂pred is formed only where an input needs it: a full pass over the data.)
         grad_x0 = grad_noise = None
-        minus = -grad_pred
         if ctx.needs_input_grad[1] and objective in (1, 2):
-            grad_x0 = minus if objective == 1 else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred
+            grad_x0 = -grad_pred if objective == 1 else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred
             grad_x0 = grad_x0.to(x_start.dtype)
         if ctx.needs_input_grad[5] and objective in (0, 2):
-            grad_noise = minus if objective == 0 else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred
+            grad_noise = -grad_pred if objective == 0 else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred
             grad_noise = grad_noise.to(noise.dtype)
         return (grad_pred.to(model_output.dtype), grad_x0, None, None, None, grad_noise) + (None,) * 5
     return backward

@@ -5,8 +5,8 @@ with ``triton_op`` (kernels/q_sample.py; CUDA tensors, or CPU tensors through th
   q_sample(x_start, t, sqrt_ac, sqrt_1m_ac, noise) -> x_t                        ε given
   q_sample_philox(x_start, t, sqrt_ac, sqrt_1m_ac, seed, offset, write_noise) -> (x_t, ε or [0])
                                                                                   ε drawn in-kernel
-This file adds fake impls and autograd to both, a CPU impl of q_sample_philox (the reference math on the
-reference Philox stream until csrc/cpu has a fused one), and chooses the backend per call.
+This file adds fake impls and autograd to both, a CPU impl of q_sample_philox on the reference math and Philox
+stream (registered only in a build without csrc/cpu/q_sample.cpp's fused one), and chooses the backend per call.
 """
 
 from __future__ import annotations

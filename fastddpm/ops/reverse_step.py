@@ -1,7 +1,7 @@
 """Reverse steps: the ancestral DDPM update (``p_sample_step``) and the DDIM update (``ddim_step``).
 
-C++ schemas in csrc/fastddpm.cpp (CPU impls here on the reference math until csrc/cpu has fused ones; CUDA impls
-= the Triton kernels) and Triton twins ``fastddpm::p_sample_step_triton`` / ``ddim_step_triton``
+C++ schemas in csrc/fastddpm.cpp (CPU impls: csrc/cpu/reverse_step.cpp, or the reference math here in a build
+without them; CUDA impls = the Triton kernels) and Triton twins ``fastddpm::p_sample_step_triton`` / ``ddim_step_triton``
 (kernels/reverse_step.py). Both read model output and x_t once and write x_{t−1} (+ x̂_0 and the noise drawn,
 on request). Sampling is not differentiated: no autograd is registered.
 """
@@ -220,7 +220,9 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
     backend = choose_backend("p_sample_step", x_t.device, backend)
     if backend == "triton":
         return torch.ops.fastddpm.p_sample_step_triton(*args)
-    return _p_sample_step_cpu(*args) if not _extension.cpu_built() else torch.ops.fastddpm.p_sample_step(*args)
+    if backend == "cpp" and _extension.cpu_built():
+        return torch.ops.fastddpm.p_sample_step(*args)
+    return _p_sample_step_cpu(*args)
 
 
 def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="pred_noise", eta=0.0,
@@ -247,4 +249,6 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="
     backend = choose_backend("ddim_step", x_t.device, backend)
     if backend == "triton":
         return torch.ops.fastddpm.ddim_step_triton(*args)
-    return _ddim_step_cpu(*args) if not _extension.cpu_built() else torch.ops.fastddpm.ddim_step(*args)
+    if backend == "cpp" and _extension.cpu_built():
+        return torch.ops.fastddpm.ddim_step(*args)
+    return _ddim_step_cpu(*args)

@@ -1,0 +1,155 @@
+// diffusion_loss on the CPU: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
+//
+//   loss[b] = w_b · mean_i (pred[b, i] − target[b, i])²,  target = ε (objective 0), x_0 (1) or
+//   v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (2), ε given or regenerated from the Philox (seed, offset) q_sample_philox
+//   drew it with; w_b = 1, or min-SNR-γ from SNR_t = ᾱ_t / (1 − ᾱ_t) on the objective's scale
+//   (ε → min(SNR, γ)/SNR, x_0 → min(SNR, γ), v → min(SNR, γ)/(SNR + 1)); reduction 0 → [B], 1 → the mean.
+//   Backward: ∂L/∂pred = g_b · w_b · 2 (pred − target) / N, g_b = grad[b] (none) or grad / B (mean).
+//
+// The loss is float32 (float64 for float64 pred); per-task partial sums are combined in a fixed order.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+namespace fastddpm {
+namespace {
+
+constexpr const char* kOp = "diffusion_loss";
+
+cpu::LossArgs prepare(const at::Tensor& model_output, const std::optional<at::Tensor>& x_start, const at::Tensor& t,
+                      const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac, const std::optional<at::Tensor>& noise,
+                      const std::optional<at::Tensor>& seed, int64_t offset, int64_t objective, int64_t reduction) {
+  cpu::check_data(kOp, model_output, "model_output");
+  cpu::check_index(kOp, t, "t", model_output);
+  cpu::check_table(kOp, sqrt_ac, "sqrt_alphas_cumprod");
+  cpu::check_table(kOp, sqrt_1m_ac, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_ac.size(0) == sqrt_1m_ac.size(0), kOp,
+              ": sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length");
+  TORCH_CHECK(0 <= objective && objective <= 2, kOp, ": objective must be 0 (ε), 1 (x_0) or 2 (v), got ", objective);
+  TORCH_CHECK(reduction == 0 || reduction == 1, kOp, ": reduction must be 0 (none) or 1 (mean), got ", reduction);
+  TORCH_CHECK(model_output.size(0) > 0, kOp, ": empty batch");
+  if (objective != 0) {
+    TORCH_CHECK(x_start.has_value(), kOp, ": the x_0 and v objectives need x_start");
+  }
+  if (x_start.has_value()) {
+    cpu::check_data(kOp, *x_start, "x_start", &model_output);
+  }
+  if (objective != 1) {
+    TORCH_CHECK(noise.has_value() != seed.has_value(), kOp, ": give exactly one of noise and seed");
+  }
+  if (noise.has_value()) {
+    cpu::check_data(kOp, *noise, "noise", &model_output);
+  }
+  cpu::LossArgs args;
+  if (seed.has_value()) {
+    args.noise.seed = cpu::check_seed(kOp, *seed);
+  }
+  args.objective = static_cast<int>(objective);
+  const std::vector<int64_t> ts = cpu::timesteps(kOp, t, "t", sqrt_ac.size(0));
+  args.a = cpu::gather(sqrt_ac, 0, ts);
+  args.s = cpu::gather(sqrt_1m_ac, 0, ts);
+  // (x_0 and ε only where the objective reads them)
+  const at::Tensor* x0_in = x_start.has_value() && objective != 0 ? &*x_start : nullptr;
+  const at::Tensor* noise_in = noise.has_value() && objective != 1 ? &*noise : nullptr;
+  args.pred = cpu::dense(model_output);
+  args.pred = args.pred.to(cpu::work_dtype(args.pred.scalar_type(), {x0_in, noise_in}));
+  if (x_start.has_value() && objective != 0) {
+    args.x0 = cpu::as_layout_of(*x_start, args.pred);
+  }
+  if (objective != 1) {
+    args.noise.drawn = !noise.has_value();
+    args.noise.offset = offset;
+    if (noise.has_value()) {
+      args.noise.given = cpu::as_layout_of(*noise, args.pred);
+    }
+  }
+  return args;
+}
+
+// w_b: 1, or min-SNR-γ on the objective's scale.
+std::vector<double> weights(const cpu::LossArgs& args, std::optional<double> gamma) {
+  std::vector<double> w(args.a.size(), 1.0);
+  if (!gamma.has_value()) {
+    return w;
+  }
+  for (size_t b = 0; b < w.size(); ++b) {
+    const double snr = (args.a[b] * args.a[b]) / (args.s[b] * args.s[b]);
+    const double clipped = std::min(snr, *gamma);
+    w[b] = args.objective == 0 ? clipped / snr : args.objective == 1 ? clipped : clipped / (snr + 1.0);
+  }
+  return w;
+}
+
+at::ScalarType loss_dtype(const at::Tensor& pred) { return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor diffusion_loss_cpu(const at::Tensor& model_output, const std::optional<at::Tensor>& x_start,
+                              const at::Tensor& t, const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac,
+                              const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                              int64_t offset, int64_t objective, std::optional<double> min_snr_gamma,
+                              int64_t reduction) {
+  const cpu::LossArgs args =
+      prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
+  const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
+  std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
+  const std::vector<double> w = weights(args, min_snr_gamma);
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    per_sample[b] = w[b] * per_sample[b] / static_cast<double>(N);
+    total += per_sample[b];
+  }
+  const auto options = args.pred.options().dtype(loss_dtype(model_output));
+  if (reduction == 1) {
+    return at::empty({}, options).fill_(total / static_cast<double>(B));
+  }
+  at::Tensor out = at::empty({B}, options.dtype(at::kDouble));
+  std::copy(per_sample.begin(), per_sample.end(), out.mutable_data_ptr<double>());
+  return out.to(loss_dtype(model_output));
+}
+
+at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& model_output,
+                                       const std::optional<at::Tensor>& x_start, const at::Tensor& t,
+                                       const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac,
+                                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                                       int64_t offset, int64_t objective, std::optional<double> min_snr_gamma,
+                                       int64_t reduction) {
+  cpu::LossArgs args = prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
+  const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
+  cpu::check_cpu(kOp, grad, "grad");
+  TORCH_CHECK(grad.is_floating_point(), kOp, ": grad must be a floating tensor, got ", grad.scalar_type());
+  TORCH_CHECK(reduction == 1 ? grad.numel() == 1 : (grad.dim() == 1 && grad.size(0) == B), kOp,
+              ": grad must have the loss's shape (", reduction == 1 ? "[]" : "[B]", "), got ", grad.sizes());
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+  const std::vector<double> w = weights(args, min_snr_gamma);
+  args.grad_scale.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const double gb = reduction == 1 ? gp[0] / static_cast<double>(B) : gp[b];
+    args.grad_scale[b] = gb * w[b] * 2.0 / static_cast<double>(N);
+  }
+  // empty_like of the dense model_output (the fake impl's layout); computed in the work dtype
+  at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
+  args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
+  if (N > 0) {
+    cpu::kernels().loss_backward(args);
+  }
+  if (!args.grad_pred.is_same(grad_pred)) {
+    grad_pred.copy_(args.grad_pred);
+  }
+  return grad_pred;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
+  m.impl("diffusion_loss", &diffusion_loss_cpu);
+  m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,498 @@
+"""The fused C++ CPU kernels (csrc/cpu/) against the float64 reference, on the grids of tests/test_kernels.py.
+
+Every op is called through its C++ op (fastddpm::<op>) by forcing backend='cpp'. The in-kernel noise is checked
+against fastddpm.reference.philox_normal and against the Triton kernel's (through the interpreter) for the same
+(seed, offset); outputs must not depend on the thread count; unwritten output elements show as NaN (PyTorch
+fills fresh tensors with NaN under torch.use_deterministic_algorithms).
+"""
+import itertools
+
+import pytest
+import torch
+
+from fastddpm import _extension, reference
+from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops.q_sample import philox_noise_like, q_sample
+from fastddpm.ops.reverse_step import ddim_step, p_sample_step
+from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+from .conftest import rel_err
+
+if not _extension.cpu_built() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU"):
+    pytest.skip("fastddpm._C without the C++ CPU kernels", allow_module_level=True)
+
+T = 1000
+SHAPES = [(3, 1, 7, 5), (1, 3, 1, 1), (1, 3, 8, 8), (64, 3, 32, 32), (5, 2, 9), (2, 3, 4, 3, 5)]
+IDS = ["x".join(map(str, s)) for s in SHAPES]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
+ops = torch.ops.fastddpm
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return NoiseSchedule(get_beta_schedule("linear", T))
+
+
+def data(shape, dtype=torch.float32, channels_last=False, scale=1.0):
+    x = (torch.randn(shape) * scale).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def timesteps(batch):
+    """A batch mixing the edge steps 0, 1 and T − 1 with random ones."""
+    t = torch.randint(0, T, (batch,))
+    t[: min(batch, 3)] = torch.tensor([0, 1, T - 1])[: min(batch, 3)]
+    return t
+
+
+def tolerance(ref64, dtype, fp32_tol=1e-5, native=None):
+    """DESIGN.md's bounds (as tests/test_kernels.py): fp32 ≤ fp32_tol; fp16/bf16 ≤ twice the error of the
+    reference math run natively in that dtype (or of the exact result rounded to it)."""
+    if dtype == torch.float32:
+        return fp32_tol
+    baseline = native if native is not None and torch.isfinite(native).all() else ref64.to(dtype)
+    return max(2 * rel_err(baseline, ref64), fp32_tol)
+
+
+def in_low_precision(fn, *args, **kwargs):
+    """fn (a fastddpm.reference function) computing natively in its inputs' dtype."""
+    compute_dtype = reference._compute_dtype
+    reference._compute_dtype = lambda dtype: dtype
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        reference._compute_dtype = compute_dtype
+
+
+def layouts(shape):
+    return [False, True] if len(shape) == 4 else [False]
+
+
+def close_to_stream(eps, expected):
+    """ε as drawn (float32, then rounded to eps's dtype): within half an ulp of the dtype plus 1e-6 for the
+    log/sin/cos of the kernels against PyTorch's."""
+    bound = torch.finfo(eps.dtype).eps * expected.abs() / 2 + 1e-6
+    return bool(((eps.float() - expected).abs() <= bound).all())
+
+
+# ----------------------------------------------------------------------------- noise and q_sample
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_q_sample_drawn_noise(sched, shape, dtype):
+    for cl in layouts(shape):
+        x, t, seed = data(shape, dtype, cl), timesteps(shape[0]), torch.randint(0, 2**62, (1,))
+        out, eps = q_sample(sched, x, t, seed=seed, offset=17, write_noise=True, backend="cpp")
+        assert out.dtype == eps.dtype == dtype and out.stride() == eps.stride() == x.stride()
+        expected = philox_noise_like(x, seed, 17)
+        assert close_to_stream(eps, expected)
+        ref = reference.q_sample(sched, x.double(), t, expected.double())
+        native = in_low_precision(reference.q_sample, sched, x, t, expected.to(dtype))
+        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
+        out2, none = q_sample(sched, x, t, seed=seed, offset=17, backend="cpp")
+        assert none.numel() == 0 and torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_q_sample_given_noise(sched, shape, dtype):
+    for cl in layouts(shape):
+        x, n, t = data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
+        out = q_sample(sched, x, t, n, backend="cpp")
+        ref = reference.q_sample(sched, x.double(), t, n.double())
+        assert out.dtype == dtype and out.stride() == x.stride()
+        native = in_low_precision(reference.q_sample, sched, x, t, n)
+        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
+
+
+def test_noise_is_the_reference_stream_for_any_key_and_counter(sched):
+    """Seeds with both key words set, offsets that carry into the counter's high word, odd sample sizes."""
+    x = torch.zeros(3, 5, 7, 3)
+    t = torch.zeros(3, dtype=torch.long)
+    for seed, offset in ((0, 0), (2**62 + 12345, 3), (-7, 2**32 - 60), (1, 2**40 + 1)):
+        seed = torch.tensor([seed])
+        eps = q_sample(sched, x, t, seed=seed, offset=offset, write_noise=True, backend="cpp")[1]
+        assert close_to_stream(eps, philox_noise_like(x, seed, offset))
+    big = torch.zeros(16, 3, 64, 64)  # 196608 normals: the tails of the distribution
+    eps = q_sample(sched, big, torch.zeros(16, dtype=torch.long), seed=torch.tensor([99]), write_noise=True,
+                   backend="cpp")[1]
+    expected = philox_noise_like(big, torch.tensor([99]), 0)
+    assert close_to_stream(eps, expected) and (eps - expected).abs().max() <= 2e-6
+    n = eps.numel()
+    assert abs(eps.mean().item()) < 4 / n**0.5 and abs(eps.var().item() - 1) < 4 * (2 / n) ** 0.5
+
+
+def test_noise_matches_the_triton_kernel(sched):
+    """The same (seed, offset) gives the same ε in the C++ kernel and in the Triton kernel (interpreter)."""
+    x, t = data((3, 2, 9, 5)), timesteps(3)
+    for seed, offset in ((torch.tensor([42]), 0), (torch.tensor([2**61 + 3]), 2**32 - 10)):
+        cpp = q_sample(sched, x, t, seed=seed, offset=offset, write_noise=True, backend="cpp")
+        tri = q_sample(sched, x, t, seed=seed, offset=offset, write_noise=True, backend="triton")
+        assert (cpp[1] - tri[1]).abs().max() <= 1e-6
+        assert (cpp[0] - tri[0]).abs().max() <= 2e-6
+        # the loss regenerates the ε q_sample drew, in both
+        pred = torch.randn_like(x)
+        for objective in OBJECTIVES:
+            a = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="cpp")
+            b = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="triton")
+            assert rel_err(a, b) <= 1e-5
+        z_cpp = p_sample_step(sched, pred, x, t, seed=seed, offset=offset, write_noise=True, backend="cpp")[2]
+        z_tri = p_sample_step(sched, pred, x, t, seed=seed, offset=offset, write_noise=True, backend="triton")[2]
+        assert (z_cpp - z_tri).abs().max() <= 1e-6
+
+
+def test_loss_regenerates_the_noise_q_sample_drew(sched):
+    x, t, seed = data((4, 3, 8, 8)), timesteps(4), torch.tensor([42])
+    _, eps = q_sample(sched, x, t, seed=seed, offset=5, write_noise=True, backend="cpp")
+    pred = torch.randn_like(x)
+    for objective in OBJECTIVES:
+        regenerated = diffusion_loss(sched, pred, x, t, seed=seed, offset=5, objective=objective, backend="cpp")
+        stored = diffusion_loss(sched, pred, x, t, eps, objective=objective, backend="cpp")
+        assert torch.equal(regenerated, stored)
+
+
+def test_odd_layout_is_made_dense(sched):
+    x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
+    t, seed = timesteps(4), torch.tensor([4])
+    out, eps = q_sample(sched, x, t, seed=seed, write_noise=True, backend="cpp")
+    assert out.is_contiguous() and eps.is_contiguous()
+    assert rel_err(out, reference.q_sample(sched, x.double(), t, eps.double())) < 1e-6
+    o = torch.randn(4, 6, 5, 3)[:, ::2]
+    x_prev, x0, _ = p_sample_step(sched, o, x, t, torch.randn(4, 3, 5, 3), backend="cpp")
+    assert x_prev.is_contiguous() and x0.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- loss
+def _loss_case(sched, shape, dtype, cl, objective, gamma, reduction, drawn):
+    x, t = data(shape, dtype, cl), timesteps(shape[0])
+    pred = data(shape, dtype, cl).requires_grad_(True)
+    seed = torch.randint(0, 2**62, (1,))
+    noise = None if drawn else data(shape, dtype, cl)
+    eps64 = (philox_noise_like(x, seed, 3) if drawn else noise).double()
+    loss = diffusion_loss(sched, pred, x, t, noise, seed=seed if drawn else None, offset=3, objective=objective,
+                          min_snr_gamma=gamma, reduction=reduction, backend="cpp")
+    pred64 = pred.detach().double().requires_grad_(True)
+    ref = reference.diffusion_loss(sched, pred64, x.double(), t, eps64, objective, gamma, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    assert rel_err(loss, ref) <= (1e-4 if dtype != torch.float32 else 1e-5)
+    g = torch.rand_like(ref)
+    (grad,) = torch.autograd.grad(loss, pred, g.float())
+    (grad_ref,) = torch.autograd.grad(ref, pred64, g)
+    assert grad.dtype == dtype and grad.stride() == pred.stride()
+    native = None
+    if dtype != torch.float32:
+        pred_lp = pred.detach().clone().requires_grad_(True)
+        loss_lp = in_low_precision(reference.diffusion_loss, sched, pred_lp, x, t, eps64.to(dtype), objective, gamma,
+                                   reduction)
+        (native,) = torch.autograd.grad(loss_lp, pred_lp, g.to(loss_lp.dtype))
+    assert rel_err(grad, grad_ref) <= tolerance(grad_ref, dtype, 1e-4, native=native)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
+    for cl in layouts(shape):
+        _loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_loss_objectives_weights_reductions(sched, objective):
+    for gamma, reduction, drawn in itertools.product((None, 5.0), ("mean", "none"), (False, True)):
+        _loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn)
+
+
+def test_loss_float64_and_gradients_reach_x_start_and_noise(sched):
+    for objective in OBJECTIVES:
+        x, n, p = (torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        t = timesteps(3)
+        # min-SNR-γ: SNR from the float32 √ tables (as the Triton kernel), the reference reads its own SNR table
+        weighted = diffusion_loss(sched, p, x, t, n, objective=objective, min_snr_gamma=5.0, reduction="none",
+                                  backend="cpp")
+        assert rel_err(weighted, reference.diffusion_loss(sched, p, x, t, n, objective, 5.0, "none")) < 1e-6
+        out = diffusion_loss(sched, p, x, t, n, objective=objective, reduction="none", backend="cpp")
+        assert out.dtype == torch.float64
+        ref = reference.diffusion_loss(sched, p, x, t, n, objective, None, "none")
+        assert rel_err(out, ref) < 1e-12
+        g = torch.rand(3, dtype=torch.float64)
+        got = torch.autograd.grad(out, (p, x, n), g, allow_unused=True)
+        want = torch.autograd.grad(ref, (p, x, n), g, allow_unused=True)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None or b.abs().max() == 0)
+            if a is not None:
+                assert rel_err(a, b) < 1e-10
+
+
+def test_loss_mixed_dtypes_read_each_input_exactly(sched):
+    """A bf16 network output against fp32 data: x_0 and ε are not rounded to bf16 on the way in."""
+    x, t = data((3, 2, 6, 6)), timesteps(3)
+    pred = data((3, 2, 6, 6), torch.bfloat16)
+    n = data((3, 2, 6, 6))
+    loss = diffusion_loss(sched, pred, x, t, n, objective="pred_v", backend="cpp")
+    ref = reference.diffusion_loss(sched, pred.double(), x.double(), t, n.double(), "pred_v")
+    assert loss.dtype == torch.float32 and rel_err(loss, ref) < 1e-6
+
+
+# ----------------------------------------------------------------------------- reverse steps
+def _check_step(out, ref, dtype, native=(None, None)):
+    for a, b, c in zip(out, ref, native):
+        assert a.dtype == dtype
+        assert rel_err(a, b) <= tolerance(b, dtype, native=c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
+    for cl in layouts(shape):
+        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
+        x_prev, x0, none = p_sample_step(sched, o, x, t, n, objective="pred_v", write_noise=True, backend="cpp")
+        assert x_prev.stride() == x0.stride() == x.stride() and none.numel() == 0  # noise given: not written
+        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), "pred_v")
+        native = in_low_precision(reference.p_sample_step, sched, o, x, t, n, "pred_v")
+        _check_step((x_prev, x0), ref, dtype, native)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
+    for clip, threshold in ((True, None), (False, None), (2.5, None), (True, (0.9, 1.5))):
+        x, o, n, t = data((4, 3, 5, 6), scale=2), data((4, 3, 5, 6)), data((4, 3, 5, 6)), timesteps(4)
+        out = p_sample_step(sched, o, x, t, n, objective=objective, variance=variance, clip_denoised=clip,
+                            threshold=threshold, backend="cpp")
+        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), objective, variance, clip,
+                                      threshold)
+        _check_step(out[:2], ref, torch.float32)
+
+
+def test_p_sample_step_drawn_noise_and_t0(sched):
+    x, o, t, seed = data((4, 3, 6, 6)), data((4, 3, 6, 6)), timesteps(4), torch.tensor([9])
+    x_prev, x0, z = p_sample_step(sched, o, x, t, seed=seed, offset=11, write_noise=True, backend="cpp")
+    assert close_to_stream(z, philox_noise_like(x, seed, 11))
+    ref = reference.p_sample_step(sched, o.double(), x.double(), t, z.double())
+    _check_step((x_prev, x0), ref, torch.float32)
+    # t = 0 (sample 0): x_{t−1} is the posterior mean alone, whatever z
+    mean0 = sched.posterior_mean_coef1[0].double() * x0[0].double() + sched.posterior_mean_coef2[0].double() * x[0]
+    assert rel_err(x_prev[0], mean0) < 1e-6
+    _, x0_none, z_none = p_sample_step(sched, o, x, t, seed=seed, write_x0=False, backend="cpp")
+    assert x0_none.numel() == 0 and z_none.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
+    for cl in layouts(shape):
+        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
+        t_prev = (t - 20).clamp(min=-1)
+        out = ddim_step(sched, o, x, t, t_prev, n, objective="pred_noise", eta=0.5, backend="cpp")
+        assert out[0].stride() == x.stride()
+        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), "pred_noise", 0.5)
+        native = in_low_precision(reference.ddim_step, sched, o, x, t, t_prev, n, "pred_noise", 0.5)
+        _check_step(out[:2], ref, dtype, native)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_ddim_step_objectives_eta_limits(sched, objective):
+    for eta, clip, threshold, rederive in itertools.product((0.0, 1.0), (True, False), (None, (0.9, 1.5)),
+                                                            (True, False)):
+        x, o, n, t = data((3, 2, 5, 7), scale=2), data((3, 2, 5, 7)), data((3, 2, 5, 7)), timesteps(3)
+        t_prev = torch.tensor([-1, 0, 949])
+        out = ddim_step(sched, o, x, t, t_prev, n, objective=objective, eta=eta, clip_denoised=clip,
+                        threshold=threshold, rederive_noise=rederive, backend="cpp")
+        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), objective, eta, clip,
+                                  threshold, rederive)
+        _check_step(out[:2], ref, torch.float32)
+
+
+def test_ddim_drawn_noise_and_final_alpha(sched):
+    x, o, t, seed = data((2, 3, 4, 4)), data((2, 3, 4, 4)), torch.tensor([10, 500]), torch.tensor([77])
+    t_prev = torch.tensor([-1, 480])
+    out = ddim_step(sched, o, x, t, t_prev, seed=seed, eta=0.8, final_alpha_cumprod=0.9999, write_noise=True,
+                    backend="cpp")
+    assert close_to_stream(out[2], philox_noise_like(x, seed, 0))
+    ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, out[2].double(), eta=0.8,
+                              final_alpha_cumprod=0.9999)
+    _check_step(out[:2], ref, torch.float32)
+    # η = 0: deterministic, no noise drawn or written
+    det = ddim_step(sched, o, x, t, t_prev, eta=0.0, write_noise=True, backend="cpp")
+    assert det[2].numel() == 0
+
+
+def test_float64_steps(sched):
+    x, o, n = (torch.randn(3, 2, 5, 5, dtype=torch.float64) for _ in range(3))
+    t = timesteps(3)
+    out = p_sample_step(sched, o, x, t, n, objective="pred_x0", clip_denoised=False, backend="cpp")
+    ref = reference.p_sample_step(sched, o, x, t, n, "pred_x0", clip_denoised=False)
+    assert out[0].dtype == torch.float64 and rel_err(out[0], ref[0]) < 1e-6  # the tables are float32
+
+
+# ----------------------------------------------------------------------------- threads, poison, opcheck
+def _every_op(sched, x, t, seed):
+    o = torch.sin(x * 3)
+    n = torch.cos(x * 5)
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    table = sched.reverse_table()
+    g = torch.tensor(0.7)
+    return [ops.q_sample(x, t, *tables, n),
+            *ops.q_sample_philox(x, t, *tables, seed, 5, True),
+            *(ops.diffusion_loss(o, x, t, *tables, None, seed, 5, obj, gamma, red)
+              for obj, gamma, red in ((0, None, 1), (1, 5.0, 0), (2, 5.0, 1))),
+            ops.diffusion_loss(o, x, t, *tables, n, None, 0, 2, None, 1),
+            ops.diffusion_loss_backward(g, o, x, t, *tables, None, seed, 5, 2, 5.0, 1),
+            *ops.p_sample_step(o, x, t, table, None, seed, 5, 0, 1.0, None, True, True),
+            *ops.ddim_step(o, x, t, (t - 7).clamp(min=-1), table, sched.alphas_cumprod, None, seed, 5, 2, 0.6, 1.0,
+                           1.0, None, True, True, True)]
+
+
+def test_results_do_not_depend_on_the_thread_count(sched):
+    x, t, seed = data((6, 3, 61, 67)), timesteps(6), torch.tensor([31337])  # 12261 elements per sample
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _every_op(sched, x, t, seed)
+        torch.set_num_threads(2)
+        two = _every_op(sched, x, t, seed)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one) == len(two) == 14
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_every_output_element_is_written(sched):
+    """Under deterministic algorithms PyTorch fills new tensors (at::empty_like in the kernels too) with NaN."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isnan(torch.empty(3)).all()  # the poison is on
+        outs = []
+        for shape, cl in (((3, 1, 7, 5), False), ((2, 3, 5, 5), True), ((5, 2, 9), False)):
+            x, t, seed = data(shape, channels_last=cl), timesteps(shape[0]), torch.tensor([1])
+            outs += _every_op(sched, x, t, seed)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert all(torch.isfinite(out).all() for out in outs)
+
+
+def test_opcheck_every_op(sched):
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    table = sched.reverse_table()
+    for dtype, cl in ((torch.float32, False), (torch.float64, False), (torch.float32, True), (torch.bfloat16, False)):
+        x = data((3, 2, 5, 5), dtype, cl)
+        p, n, t, seed = data((3, 2, 5, 5), dtype, cl).requires_grad_(True), data((3, 2, 5, 5), dtype, cl), \
+            timesteps(3), torch.tensor([3])
+        cases = [(ops.q_sample_philox.default, (x, t, *tables, seed, 7, True)),
+                 (ops.q_sample_philox.default, (x, t, *tables, seed, 0, False)),
+                 (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
+                 (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
+                 (ops.diffusion_loss.default, (p, x, t, *tables, None, None, 0, 1, 2.0, 0)),
+                 (ops.diffusion_loss_backward.default, (torch.rand(3), p.detach(), x, t, *tables, None, seed, 0, 2,
+                                                        None, 0)),
+                 (ops.p_sample_step.default, (n, x, t, table, None, seed, 0, 0, 1.0, None, True, True)),
+                 (ops.p_sample_step.default, (n, x, t, table, n, None, 0, 2, None, torch.rand(3) + 1, False, False)),
+                 (ops.ddim_step.default, (n, x, t, t - 1, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,
+                                          None, True, True, False)),
+                 (ops.ddim_step.default, (n, x, t, t - 1, table, sched.alphas_cumprod, None, seed, 0, 1, 1.0, 1.0,
+                                          1.0, None, True, False, True))]
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+
+def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
+    """Diffusion on the cpp backend takes the fused path (ε drawn in q_sample, regenerated in the loss) and its
+    sampling loops draw z in-kernel; both reproducible under torch.manual_seed."""
+    from fastddpm import Diffusion
+    from fastddpm.sampling import step_noise_in_kernel
+
+    from .conftest import TinyNet
+
+    d = Diffusion(TinyNet(timesteps=20), image_size=6, timesteps=20, beta_schedule="cosine", backend="cpp")
+    assert step_noise_in_kernel(d, "p_sample_step") and step_noise_in_kernel(d, "ddim_step")
+    x0 = torch.rand(2, 3, 6, 6) * 2 - 1
+    torch.manual_seed(1)
+    a = d.p_losses(x0, torch.tensor([3, 17]))
+    torch.manual_seed(1)
+    b = d.p_losses(x0, torch.tensor([3, 17]))
+    assert torch.equal(a, b) and torch.isfinite(a)
+    a.backward()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_raises_clear_errors(sched):
+    x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    table, seed = sched.reverse_table(), torch.tensor([1])
+    cases = [
+        (r"timesteps must lie in \[0, 1000\), got t\[1\] = 1000",
+         lambda: ops.q_sample_philox(x, torch.tensor([0, 1000]), *tables, seed, 0, False)),
+        (r"got t\[0\] = -1", lambda: ops.diffusion_loss(x, x, torch.tensor([-1, 3]), *tables, n, None, 0, 0, None, 1)),
+        (r"got t\[1\] = 4000", lambda: ops.p_sample_step(x, x, torch.tensor([0, 4000]), table, n, None, 0, 0, None,
+                                                         None, False, False)),
+        (r"timesteps must lie in \[-1, 1000\), got t_prev\[0\] = -2",
+         lambda: ops.ddim_step(x, x, t, torch.tensor([-2, 0]), table, sched.alphas_cumprod, None, None, 0, 0, 0.0,
+                               1.0, None, None, True, False, False)),
+        ("x_start must be float16, bfloat16, float32 or float64, got Long",
+         lambda: ops.q_sample_philox(x.long(), t, *tables, seed, 0, False)),
+        (r"t must be int64 of shape \[2\]", lambda: ops.q_sample_philox(x, t.int(), *tables, seed, 0, False)),
+        (r"x_start has shape \[2, 3, 4, 3\], expected \[2, 3, 4, 4\]",
+         lambda: ops.diffusion_loss(x, x[..., :3], t, *tables, None, None, 0, 1, None, 1)),
+        ("seed is on meta, the data on cpu",  # (meta tensors meet the fake impl)
+         lambda: ops.diffusion_loss(x, x, t, *tables, None, seed.to("meta"), 0, 0, None, 1)),
+        ("give exactly one of noise and seed", lambda: ops.diffusion_loss(x, x, t, *tables, n, seed, 0, 0, None, 1)),
+        ("the x_0 and v objectives need x_start",
+         lambda: ops.diffusion_loss(x, None, t, *tables, n, None, 0, 2, None, 1)),
+        ("objective must be 0", lambda: ops.diffusion_loss(x, x, t, *tables, n, None, 0, 3, None, 1)),
+        ("reduction must be 0", lambda: ops.diffusion_loss(x, x, t, *tables, n, None, 0, 0, None, 2)),
+        (r"grad must have the loss's shape", lambda: ops.diffusion_loss_backward(torch.ones(3), x, x, t, *tables, n,
+                                                                                 None, 0, 0, None, 0)),
+        (r"table table must be \[7, T\]",
+         lambda: ops.p_sample_step(x, x, t, sched.betas, n, None, 0, 0, None, None, False, False)),
+        ("seed must be an int64 tensor", lambda: ops.q_sample_philox(x, t, *tables, torch.tensor([1.0]), 0, False)),
+        (r"threshold_scale must be a float tensor of shape \[2\]",
+         lambda: ops.p_sample_step(x, x, t, table, n, None, 0, 0, None, torch.ones(3), False, False)),
+        ("clip must be positive", lambda: ops.p_sample_step(x, x, t, table, n, None, 0, 0, -1.0, None, False, False)),
+        ("eta must be >= 0", lambda: ops.ddim_step(x, x, t, t, table, sched.alphas_cumprod, n, None, 0, 0, -0.5, 1.0,
+                                                   None, None, True, False, False)),
+        ("with eta > 0|give exactly one of noise and seed",
+         lambda: ops.ddim_step(x, x, t, t, table, sched.alphas_cumprod, None, None, 0, 0, 0.5, 1.0, None, None, True,
+                               False, False)),
+        (r"model_output has shape \[2, 3, 4, 5\], expected \[2, 3, 4, 4\]",
+         lambda: ops.p_sample_step(torch.randn(2, 3, 4, 5), x, t, table, n, None, 0, 0, None, None, False, False)),
+        ("table sqrt_alphas_cumprod must be float32 or float64",
+         lambda: ops.q_sample_philox(x, t, tables[0].half(), tables[1], seed, 0, False)),
+    ]
+    for message, call in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def test_portable_kernels_for_cpus_without_avx2():
+    """The build chosen on CPUs without AVX2/FMA (forced by FASTDDPM_CPU_KERNELS=portable, read once per
+    process): the same stream within float rounding, the same results, thread-count independent."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fastddpm import reference
+from fastddpm.ops.q_sample import philox_noise_like
+from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+sched = NoiseSchedule(get_beta_schedule("linear", 1000))
+tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+x, t, seed = torch.randn(6, 3, 61, 67), torch.tensor([0, 1, 999, 5, 500, 77]), torch.tensor([2**40 + 9])
+outs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    x_t, eps = torch.ops.fastddpm.q_sample_philox(x, t, *tables, seed, 2**32 - 100, True)
+    loss = torch.ops.fastddpm.diffusion_loss(x * 0.5, x, t, *tables, None, seed, 2**32 - 100, 2, 5.0, 0)
+    step = torch.ops.fastddpm.ddim_step(x * 0.5, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, None,
+                                        seed, 3, 0, 0.5, 1.0, 1.0, None, True, True, True)
+    outs.append([x_t, eps, loss, *step])
+assert all(torch.equal(a, b) for a, b in zip(*outs))
+expected = philox_noise_like(x, seed, 2**32 - 100)
+assert (eps - expected).abs().max() <= 1e-6 + 6e-8 * expected.abs().max()
+ref = reference.q_sample(sched, x.double(), t, expected.double())
+assert ((x_t - ref).norm() / ref.norm()) < 1e-6
+print("portable ok")
+"""
+    env = {**__import__("os").environ, "FASTDDPM_CPU_KERNELS": "portable"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "portable ok" in result.stdout, result.stderr[-2000:]
