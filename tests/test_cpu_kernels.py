@@ -17,56 +17,18 @@ from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from .conftest import rel_err
+from .kernel_grid import (DTYPES, IDS, OBJECTIVES, SHAPES, T, check_step, data, in_low_precision, layouts, loss_case,
+                          timesteps, tolerance)
 
 if not _extension.cpu_built() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU"):
     pytest.skip("fastddpm._C without the C++ CPU kernels", allow_module_level=True)
 
-T = 1000
-SHAPES = [(3, 1, 7, 5), (1, 3, 1, 1), (1, 3, 8, 8), (64, 3, 32, 32), (5, 2, 9), (2, 3, 4, 3, 5)]
-IDS = ["x".join(map(str, s)) for s in SHAPES]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
 ops = torch.ops.fastddpm
 
 
 @pytest.fixture(scope="module")
 def sched():
     return NoiseSchedule(get_beta_schedule("linear", T))
-
-
-def data(shape, dtype=torch.float32, channels_last=False, scale=1.0):
-    x = (torch.randn(shape) * scale).to(dtype)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
-
-
-def timesteps(batch):
-    """A batch mixing the edge steps 0, 1 and T − 1 with random ones."""
-    t = torch.randint(0, T, (batch,))
-    t[: min(batch, 3)] = torch.tensor([0, 1, T - 1])[: min(batch, 3)]
-    return t
-
-
-def tolerance(ref64, dtype, fp32_tol=1e-5, native=None):
-    """DESIGN.md's bounds (as tests/test_kernels.py): fp32 ≤ fp32_tol; fp16/bf16 ≤ twice the error of the
-    reference math run natively in that dtype (or of the exact result rounded to it)."""
-    if dtype == torch.float32:
-        return fp32_tol
-    baseline = native if native is not None and torch.isfinite(native).all() else ref64.to(dtype)
-    return max(2 * rel_err(baseline, ref64), fp32_tol)
-
-
-def in_low_precision(fn, *args, **kwargs):
-    """fn (a fastddpm.reference function) computing natively in its inputs' dtype."""
-    compute_dtype = reference._compute_dtype
-    reference._compute_dtype = lambda dtype: dtype
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        reference._compute_dtype = compute_dtype
-
-
-def layouts(shape):
-    return [False, True] if len(shape) == 4 else [False]
 
 
 def close_to_stream(eps, expected):
@@ -163,42 +125,17 @@ def test_odd_layout_is_made_dense(sched):
 
 
 # ----------------------------------------------------------------------------- loss
-def _loss_case(sched, shape, dtype, cl, objective, gamma, reduction, drawn):
-    x, t = data(shape, dtype, cl), timesteps(shape[0])
-    pred = data(shape, dtype, cl).requires_grad_(True)
-    seed = torch.randint(0, 2**62, (1,))
-    noise = None if drawn else data(shape, dtype, cl)
-    eps64 = (philox_noise_like(x, seed, 3) if drawn else noise).double()
-    loss = diffusion_loss(sched, pred, x, t, noise, seed=seed if drawn else None, offset=3, objective=objective,
-                          min_snr_gamma=gamma, reduction=reduction, backend="cpp")
-    pred64 = pred.detach().double().requires_grad_(True)
-    ref = reference.diffusion_loss(sched, pred64, x.double(), t, eps64, objective, gamma, reduction)
-    assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    assert rel_err(loss, ref) <= (1e-4 if dtype != torch.float32 else 1e-5)
-    g = torch.rand_like(ref)
-    (grad,) = torch.autograd.grad(loss, pred, g.float())
-    (grad_ref,) = torch.autograd.grad(ref, pred64, g)
-    assert grad.dtype == dtype and grad.stride() == pred.stride()
-    native = None
-    if dtype != torch.float32:
-        pred_lp = pred.detach().clone().requires_grad_(True)
-        loss_lp = in_low_precision(reference.diffusion_loss, sched, pred_lp, x, t, eps64.to(dtype), objective, gamma,
-                                   reduction)
-        (native,) = torch.autograd.grad(loss_lp, pred_lp, g.to(loss_lp.dtype))
-    assert rel_err(grad, grad_ref) <= tolerance(grad_ref, dtype, 1e-4, native=native)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
     for cl in layouts(shape):
-        _loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True)
+        loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True, backend="cpp")
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_loss_objectives_weights_reductions(sched, objective):
     for gamma, reduction, drawn in itertools.product((None, 5.0), ("mean", "none"), (False, True)):
-        _loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn)
+        loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn, "cpp")
 
 
 def test_loss_float64_and_gradients_reach_x_start_and_noise(sched):
@@ -233,12 +170,6 @@ def test_loss_mixed_dtypes_read_each_input_exactly(sched):
 
 
 # ----------------------------------------------------------------------------- reverse steps
-def _check_step(out, ref, dtype, native=(None, None)):
-    for a, b, c in zip(out, ref, native):
-        assert a.dtype == dtype
-        assert rel_err(a, b) <= tolerance(b, dtype, native=c)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
@@ -248,7 +179,7 @@ def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
         assert x_prev.stride() == x0.stride() == x.stride() and none.numel() == 0  # noise given: not written
         ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), "pred_v")
         native = in_low_precision(reference.p_sample_step, sched, o, x, t, n, "pred_v")
-        _check_step((x_prev, x0), ref, dtype, native)
+        check_step((x_prev, x0), ref, dtype, native)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -260,7 +191,7 @@ def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
                             threshold=threshold, backend="cpp")
         ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), objective, variance, clip,
                                       threshold)
-        _check_step(out[:2], ref, torch.float32)
+        check_step(out[:2], ref, torch.float32)
 
 
 def test_p_sample_step_drawn_noise_and_t0(sched):
@@ -268,7 +199,7 @@ def test_p_sample_step_drawn_noise_and_t0(sched):
     x_prev, x0, z = p_sample_step(sched, o, x, t, seed=seed, offset=11, write_noise=True, backend="cpp")
     assert close_to_stream(z, philox_noise_like(x, seed, 11))
     ref = reference.p_sample_step(sched, o.double(), x.double(), t, z.double())
-    _check_step((x_prev, x0), ref, torch.float32)
+    check_step((x_prev, x0), ref, torch.float32)
     # t = 0 (sample 0): x_{t−1} is the posterior mean alone, whatever z
     mean0 = sched.posterior_mean_coef1[0].double() * x0[0].double() + sched.posterior_mean_coef2[0].double() * x[0]
     assert rel_err(x_prev[0], mean0) < 1e-6
@@ -286,7 +217,7 @@ def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
         assert out[0].stride() == x.stride()
         ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), "pred_noise", 0.5)
         native = in_low_precision(reference.ddim_step, sched, o, x, t, t_prev, n, "pred_noise", 0.5)
-        _check_step(out[:2], ref, dtype, native)
+        check_step(out[:2], ref, dtype, native)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -299,7 +230,7 @@ def test_ddim_step_objectives_eta_limits(sched, objective):
                         threshold=threshold, rederive_noise=rederive, backend="cpp")
         ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), objective, eta, clip,
                                   threshold, rederive)
-        _check_step(out[:2], ref, torch.float32)
+        check_step(out[:2], ref, torch.float32)
 
 
 def test_ddim_drawn_noise_and_final_alpha(sched):
@@ -310,7 +241,7 @@ def test_ddim_drawn_noise_and_final_alpha(sched):
     assert close_to_stream(out[2], philox_noise_like(x, seed, 0))
     ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, out[2].double(), eta=0.8,
                               final_alpha_cumprod=0.9999)
-    _check_step(out[:2], ref, torch.float32)
+    check_step(out[:2], ref, torch.float32)
     # η = 0: deterministic, no noise drawn or written
     det = ddim_step(sched, o, x, t, t_prev, eta=0.0, write_noise=True, backend="cpp")
     assert det[2].numel() == 0

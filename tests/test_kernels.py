@@ -21,17 +21,14 @@ from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from .conftest import rel_err
+from .kernel_grid import (DTYPES, IDS, OBJECTIVES, SHAPES, T, check_step, data, in_low_precision, layouts, loss_case,
+                          timesteps, tolerance)
 
 DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE", "cpu")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1", allow_module_level=True)
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("FASTDDPM_TEST_DEVICE=cuda without a GPU", allow_module_level=True)
-T = 1000
-SHAPES = [(3, 1, 7, 5), (1, 3, 1, 1), (1, 3, 8, 8), (64, 3, 32, 32), (5, 2, 9), (2, 3, 4, 3, 5)]
-IDS = ["x".join(map(str, s)) for s in SHAPES]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
 LAUNCHES = collections.Counter()
 
 
@@ -64,46 +61,6 @@ def on_device():
 @pytest.fixture(scope="module")
 def sched(on_device):
     return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
-
-
-def data(shape, dtype=torch.float32, channels_last=False, scale=1.0):
-    x = (torch.randn(shape) * scale).to(dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    return x
-
-
-def timesteps(batch):
-    """A batch mixing the edge steps 0, 1 and T − 1 with random ones."""
-    t = torch.randint(0, T, (batch,))
-    t[: min(batch, 3)] = torch.tensor([0, 1, T - 1])[: min(batch, 3)]
-    return t
-
-
-def tolerance(ref64, dtype, fp32_tol=1e-5, native=None):
-    """DESIGN.md's bounds: fp32 ≤ 1e-5 (elementwise) or 1e-4 (reductions, gradients); fp16/bf16 ≤ twice the
-    error of PyTorch's own implementation at that dtype: ``native`` = the reference math run natively in the
-    low precision (see ``in_low_precision``), or, when not given or where that breaks down (DDIM's σ in
-    fp16 divides 0 by 0 at t = 0), the exact result rounded to the dtype."""
-    if dtype == torch.float32:
-        return fp32_tol
-    baseline = native if native is not None and torch.isfinite(native).all() else ref64.to(dtype)
-    return max(2 * rel_err(baseline, ref64), fp32_tol)
-
-
-def in_low_precision(fn, *args, **kwargs):
-    """fn (a fastddpm.reference function) computing natively in its inputs' dtype, as plain PyTorch code
-    written for fp16/bf16 would (the reference normally upcasts to float32)."""
-    compute_dtype = reference._compute_dtype
-    reference._compute_dtype = lambda dtype: dtype
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        reference._compute_dtype = compute_dtype
-
-
-def layouts(shape):
-    return [False, True] if len(shape) == 4 else [False]
 
 
 # ----------------------------------------------------------------------------- q_sample
@@ -194,42 +151,17 @@ def test_loss_regenerates_the_noise_q_sample_drew(sched):
 
 
 # ----------------------------------------------------------------------------- loss
-def _loss_case(sched, shape, dtype, cl, objective, gamma, reduction, drawn):
-    x, t = data(shape, dtype, cl), timesteps(shape[0])
-    pred = data(shape, dtype, cl).requires_grad_(True)
-    seed = torch.randint(0, 2**62, (1,))
-    noise = None if drawn else data(shape, dtype, cl)
-    eps64 = (philox_noise_like(x, seed, 3) if drawn else noise).double()
-    loss = diffusion_loss(sched, pred, x, t, noise, seed=seed if drawn else None, offset=3, objective=objective,
-                          min_snr_gamma=gamma, reduction=reduction, backend="triton")
-    pred64 = pred.detach().double().requires_grad_(True)
-    ref = reference.diffusion_loss(sched, pred64, x.double(), t, eps64, objective, gamma, reduction)
-    assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    assert rel_err(loss, ref) <= 1e-4 if dtype != torch.float32 else rel_err(loss, ref) <= 1e-5
-    g = torch.rand_like(ref)
-    (grad,) = torch.autograd.grad(loss, pred, g.float())
-    (grad_ref,) = torch.autograd.grad(ref, pred64, g)
-    assert grad.dtype == dtype and grad.stride() == pred.stride()
-    native = None
-    if dtype != torch.float32:
-        pred_lp = pred.detach().clone().requires_grad_(True)
-        loss_lp = in_low_precision(reference.diffusion_loss, sched, pred_lp, x, t, eps64.to(dtype), objective, gamma,
-                                   reduction)
-        (native,) = torch.autograd.grad(loss_lp, pred_lp, g.to(loss_lp.dtype))
-    assert rel_err(grad, grad_ref) <= tolerance(grad_ref, dtype, 1e-4, native=native)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
     for cl in layouts(shape):
-        _loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True)
+        loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True, backend="triton")
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_loss_objectives_weights_reductions(sched, objective):
     for gamma, reduction, drawn in itertools.product((None, 5.0), ("mean", "none"), (False, True)):
-        _loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn)
+        loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn, "triton")
 
 
 def test_loss_gradients_reach_x_start_and_noise(sched):
@@ -248,12 +180,6 @@ def test_loss_gradients_reach_x_start_and_noise(sched):
 
 
 # ----------------------------------------------------------------------------- reverse steps
-def _check_step(out, ref, dtype, native=(None, None)):
-    for a, b, c in zip(out, ref, native):
-        assert a.dtype == dtype
-        assert rel_err(a, b) <= tolerance(b, dtype, native=c)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
@@ -263,7 +189,7 @@ def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
         assert x_prev.stride() == x.stride()
         ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), "pred_v")
         native = in_low_precision(reference.p_sample_step, sched, o, x, t, n, "pred_v")
-        _check_step((x_prev, x0), ref, dtype, native)
+        check_step((x_prev, x0), ref, dtype, native)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -275,7 +201,7 @@ def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
                             threshold=threshold, backend="triton")
         ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), objective, variance, clip,
                                       threshold)
-        _check_step(out[:2], ref, torch.float32)
+        check_step(out[:2], ref, torch.float32)
 
 
 def test_p_sample_step_drawn_noise_and_t0(sched):
@@ -283,7 +209,7 @@ def test_p_sample_step_drawn_noise_and_t0(sched):
     x_prev, x0, z = p_sample_step(sched, o, x, t, seed=seed, offset=11, write_noise=True, backend="triton")
     assert rel_err(z, philox_noise_like(x, seed, 11)) < 1e-6
     ref = reference.p_sample_step(sched, o.double(), x.double(), t, z.double())
-    _check_step((x_prev, x0), ref, torch.float32)
+    check_step((x_prev, x0), ref, torch.float32)
     assert torch.equal(x_prev[0], x0[0] * sched.posterior_mean_coef1[0] + x[0] * sched.posterior_mean_coef2[0]) or \
         rel_err(x_prev[0], ref[0][0]) < 1e-6  # t = 0: no noise
 
@@ -297,7 +223,7 @@ def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
         out = ddim_step(sched, o, x, t, t_prev, n, objective="pred_noise", eta=0.5, backend="triton")
         ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), "pred_noise", 0.5)
         native = in_low_precision(reference.ddim_step, sched, o, x, t, t_prev, n, "pred_noise", 0.5)
-        _check_step(out[:2], ref, dtype, native)
+        check_step(out[:2], ref, dtype, native)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -310,7 +236,7 @@ def test_ddim_step_objectives_eta_limits(sched, objective):
                         threshold=threshold, rederive_noise=rederive, backend="triton")
         ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), objective, eta, clip,
                                   threshold, rederive)
-        _check_step(out[:2], ref, torch.float32)
+        check_step(out[:2], ref, torch.float32)
 
 
 def test_ddim_drawn_noise_and_final_alpha(sched):
@@ -321,7 +247,7 @@ def test_ddim_drawn_noise_and_final_alpha(sched):
     assert rel_err(out[2], philox_noise_like(x, seed, 0)) < 1e-6
     ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, out[2].double(), eta=0.8,
                               final_alpha_cumprod=0.9999)
-    _check_step(out[:2], ref, torch.float32)
+    check_step(out[:2], ref, torch.float32)
 
 
 # ----------------------------------------------------------------------------- poisoned outputs
