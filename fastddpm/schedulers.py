@@ -983,9 +983,10 @@ class DDIMScheduler(_Scheduler):
                 raise ValueError(f"variance_noise must have the sample's shape {list(sample.shape)}, "
                                  f"got {list(variance_noise.shape)}")
             noise = variance_noise
-        fused = (self._x0_table(sample.device), self._final_alpha_host)
+        # The plain-PyTorch update (float32, as diffusers): the fused DDIM op computes σ in float64 and its C++
+        # CPU kernel differs from diffusers' float32 rounding by more than the 1e-5 these tests hold it to.
         prev, x0 = _ddim_update(model_output, sample, t, t_prev, ac, final, prediction_type, eta, clip_range,
-                                threshold, bool(use_clipped_model_output), noise, fused)
+                                threshold, bool(use_clipped_model_output), noise)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -73,8 +73,12 @@ def test_gradients_unchanged():
     t = torch.tensor([5, 500])
     for model in (unet, reference):
         model(x, t).sample.square().mean().backward()
+    scale = torch.cat([q.grad.flatten() for q in reference.parameters()]).norm()
     for (name, p), q in zip(unet.named_parameters(), reference.parameters()):
-        assert rel_err(p.grad, q.grad) < 1e-4, name
+        if q.grad.norm() < 1e-6 * scale:  # zero in exact arithmetic (attention's key bias): both are round-off
+            assert p.grad.norm() < 1e-5 * scale, name
+        else:
+            assert rel_err(p.grad, q.grad) < 1e-4, name
 
 
 def test_model_without_group_norm_is_unchanged():
