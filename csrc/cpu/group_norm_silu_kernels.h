@@ -126,9 +126,18 @@ Vectorized<A> load_acc(const A* p, int64_t n) {
   return n == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, n);
 }
 
-// The lanes of v summed in double, in lane order.
+// The lanes of v summed (a fixed order: results do not depend on where the call runs). AVX2 float: a
+// shuffle tree in float (the lanes are float partial sums already); else in double, in lane order.
 template <typename A>
 double hsum(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+  }
+#endif
   __at_align__ A tmp[Vectorized<A>::size()];
   v.store(tmp);
   double s = 0;
