@@ -148,13 +148,13 @@ double hsum(const Vectorized<A>& v) {
 }
 
 // σ(z) = 1 / (1 + exp(−z)).
-//   AVX2, float: exp(−z) for z clamped to [−88, 87] (so 2^n stays a normal float and 1 + exp(−z) finite;
-//   σ then saturates at 6e-39 and 1 − 1.6e-38) as 2^n · p(−u), n = round(−z / ln 2), u = z + n ln 2 = −r
-//   (ln 2 split in two), p the degree-5 minimax polynomial of at::vec's exp_u20 (≈ 1e-7 relative),
-//   evaluated at −u by flipping the signs of its odd coefficients (no negation of z); n rounded by the
-//   1.5·2^23 shifter and 2^n applied by an integer add to the exponent bits; then 1 / d by the reciprocal
-//   estimate (12 bits) and one Newton step, r (2 − d r), ≈ 2 ulp, instead of a division (the divider, one
-//   per 3.5 cycles, and Sleef's exp, a library call per vector, bounded the kernels).
+//   AVX2, float: exp(−z) inline (Sleef's exp, a library call per vector, was the bottleneck), for z clamped
+//   to [−88, 87] so that 2^n stays a normal float and 1 + exp(−z) finite (σ then saturates at 6e-39 and
+//   1 − 1.6e-38): 2^n · p(−u), n = round(−z / ln 2), u = z + n ln 2 = −r (ln 2 split in two), p the degree-5
+//   minimax polynomial of at::vec's exp_u20 (≈ 1e-7 relative), evaluated at −u by flipping the signs of its
+//   odd coefficients (no negation of z); n rounded by the 1.5·2^23 shifter, 2^n applied by an integer add to
+//   the exponent bits. Then a division: the FMA ports bound these kernels and the divider runs beside them
+//   (a reciprocal estimate + Newton step measured no faster, and is less accurate).
 //   Elsewhere: at::vec's exp_u20 (std::exp in the DEFAULT capability) and a division.
 template <typename A>
 Vectorized<A> sigmoid(const Vectorized<A>& z) {
@@ -173,9 +173,7 @@ Vectorized<A> sigmoid(const Vectorized<A>& z) {
     p = _mm256_fmadd_ps(u, p, _mm256_set1_ps(1.f));
     const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(t), 23);  // (n + shifter bits) << 23
     const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
-    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), e);
-    const __m256 rcp = _mm256_rcp_ps(d);
-    return _mm256_mul_ps(rcp, _mm256_fnmadd_ps(d, rcp, _mm256_set1_ps(2.f)));
+    return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
   }
 #endif
   return Vectorized<A>(1) / (Vectorized<A>(1) + z.neg().exp_u20());
