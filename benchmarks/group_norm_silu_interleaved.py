@@ -88,7 +88,9 @@ def main():
         bias = (0.2 * torch.randn(shape[1], generator=gen)).to(dtype).to(args.device)
         dy = torch.randn(shape, generator=gen).to(dtype).to(args.device)
         for backward in (False, True):
-            # A fresh torch.compile per case and pass: no recompilation limit, no dynamic-shape graphs.
+            # A fresh torch.compile per case and pass (dynamo's caches reset: the same function compiled for
+            # every case would otherwise hit the recompilation limit and fall back to eager).
+            torch._dynamo.reset()
             providers = {"eager": reference.group_norm_silu,
                          "compile": torch.compile(reference.group_norm_silu),
                          "fastddpm": group_norm_silu}

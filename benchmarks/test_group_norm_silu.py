@@ -45,6 +45,7 @@ def test_group_norm_silu(benchmark, device, provider, direction, case):
     if provider == "eager":
         op = reference.group_norm_silu
     elif provider == "compile":
+        torch._dynamo.reset()  # each case compiles afresh (else the recompilation limit falls back to eager)
         op = torch.compile(reference.group_norm_silu)
     else:
         op = group_norm_silu  # the chosen backend: the fused C++ op on CPU (and CUDA where built)

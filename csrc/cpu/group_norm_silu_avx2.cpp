@@ -35,6 +35,9 @@
 #include <type_traits>
 
 #pragma GCC target("avx2,fma,f16c")
+// GCC does not carry the target pragma into lambdas, and warns that the __m256-returning lambdas in torch's
+// Vectorized<BFloat16> operators change the ABI; the kernels never call those operators.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #ifndef __AVX__
 #define __AVX__ 1
 #endif

@@ -101,6 +101,23 @@ struct IO {
       }
     }
   }
+  // 2 V elements as two vectors; 16-bit types convert both in one go (one pack instead of two).
+  static void load2(const T* p, Vec& a, Vec& b) {
+    if constexpr (std::is_same_v<T, acc>) {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + V);
+    } else {
+      at::vec::load_to_float<T>(p, a, b);
+    }
+  }
+  static void store2(T* p, const Vec& a, const Vec& b) {
+    if constexpr (std::is_same_v<T, acc>) {
+      a.store(p);
+      b.store(p + V);
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
 };
 
 // Loads of n <= V elements of an acc array.
@@ -109,9 +126,18 @@ Vectorized<A> load_acc(const A* p, int64_t n) {
   return n == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, n);
 }
 
-// The lanes of v summed in double, in lane order.
+// The lanes of v summed (a fixed order: results do not depend on where the call runs). AVX2 float: a
+// shuffle tree in float (the lanes are float partial sums already); else in double, in lane order.
 template <typename A>
 double hsum(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+  }
+#endif
   __at_align__ A tmp[Vectorized<A>::size()];
   v.store(tmp);
   double s = 0;
@@ -122,34 +148,32 @@ double hsum(const Vectorized<A>& v) {
 }
 
 // σ(z) = 1 / (1 + exp(−z)).
-//   AVX2, float: exp(−z) for −z clamped to [−87, 88] (so 2^n stays a normal float and 1 + exp(−z) finite;
-//   σ then saturates at 1.6e-38 and 1 − 6e-39) as 2^n · p(r), n = round(−z / ln 2), r = −z − n ln 2 (ln 2
-//   split in two), p the degree-5 minimax polynomial of at::vec's exp_u20 (≈ 1e-7 relative); the rounding
-//   to n by the 1.5·2^23 shifter and 2^n by an integer add to the exponent bits; then 1 / d by the
-//   reciprocal estimate (12 bits) and one Newton step, r (2 − d r), ≈ 2 ulp, instead of a division (the
-//   divider, one per 3.5 cycles, and Sleef's exp, a library call per vector, bounded the kernels).
+//   AVX2, float: exp(−z) inline (Sleef's exp, a library call per vector, was the bottleneck), for z clamped
+//   to [−88, 87] so that 2^n stays a normal float and 1 + exp(−z) finite (σ then saturates at 6e-39 and
+//   1 − 1.6e-38): 2^n · p(−u), n = round(−z / ln 2), u = z + n ln 2 = −r (ln 2 split in two), p the degree-5
+//   minimax polynomial of at::vec's exp_u20 (≈ 1e-7 relative), evaluated at −u by flipping the signs of its
+//   odd coefficients (no negation of z); n rounded by the 1.5·2^23 shifter, 2^n applied by an integer add to
+//   the exponent bits. Then a division: the FMA ports bound these kernels and the divider runs beside them
+//   (a reciprocal estimate + Newton step measured no faster, and is less accurate).
 //   Elsewhere: at::vec's exp_u20 (std::exp in the DEFAULT capability) and a division.
 template <typename A>
 Vectorized<A> sigmoid(const Vectorized<A>& z) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<A, float>) {
-    const __m256 x = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), _mm256_set1_ps(88.f)),
-                                   _mm256_set1_ps(-87.f));
-    const __m256 shifter = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: t's low bits hold round(x / ln 2)
-    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+    const __m256 zc = _mm256_max_ps(_mm256_min_ps(z, _mm256_set1_ps(87.f)), _mm256_set1_ps(-88.f));
+    const __m256 shifter = _mm256_set1_ps(12582912.f);  // 1.5 · 2^23: t's low bits hold round(−z / ln 2)
+    const __m256 t = _mm256_fmadd_ps(zc, _mm256_set1_ps(-1.44269504088896341f), shifter);
     const __m256 n = _mm256_sub_ps(t, shifter);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+    __m256 u = _mm256_fmadd_ps(n, _mm256_set1_ps(0.693359375f), zc);
+    u = _mm256_fmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), u);
+    __m256 p = _mm256_fmadd_ps(u, _mm256_set1_ps(-0.00828929059f), _mm256_set1_ps(0.0418978221f));
+    p = _mm256_fmadd_ps(u, p, _mm256_set1_ps(-0.166676521f));
+    p = _mm256_fmadd_ps(u, p, _mm256_set1_ps(0.499991506f));
+    p = _mm256_fmadd_ps(u, p, _mm256_set1_ps(-0.999999701f));
+    p = _mm256_fmadd_ps(u, p, _mm256_set1_ps(1.f));
     const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(t), 23);  // (n + shifter bits) << 23
     const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
-    const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), e);
-    const __m256 rcp = _mm256_rcp_ps(d);
-    return _mm256_mul_ps(rcp, _mm256_fnmadd_ps(d, rcp, _mm256_set1_ps(2.f)));
+    return _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
   }
 #endif
   return Vectorized<A>(1) / (Vectorized<A>(1) + z.neg().exp_u20());
@@ -226,7 +250,14 @@ void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const Vec m(mean), a(scale), b(shift);
-  for (int64_t i = 0; i < n; i += V) {
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    prefetch(next == nullptr ? nullptr : next + i);
+    Vec x0, x1;
+    io::load2(x + i, x0, x1);
+    io::store2(y + i, silu(at::vec::fmadd(x0 - m, a, b)), silu(at::vec::fmadd(x1 - m, a, b)));
+  }
+  for (; i < n; i += V) {
     const int64_t k = std::min(V, n - i);
     prefetch(next == nullptr ? nullptr : next + i);
     io::store(y + i, silu(at::vec::fmadd(io::load(x + i, k) - m, a, b)), k);
@@ -365,6 +396,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   const int64_t C = s.C, D = s.D(), HW = s.HW, M = s.M();
   Scratch<acc> dz_buf(M + V);  // the group's dz, kept (in cache) for the second pass
   for (int64_t ng = begin; ng < end; ++ng) {
@@ -385,7 +417,7 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
         Vec a_dz(0), a_dz_xd(0);
         for (int64_t i = lo; i < hi; i += V) {
           const int64_t k = std::min(V, hi - i);
-          if (more) {  // the next group's x and dy, while this pass computes
+          if (more && i % kLine == 0) {  // the next group's x and dy, a cache line each, while this computes
             prefetch(xr + M + i);
             prefetch(dyr + M + i);
           }
@@ -410,7 +442,14 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
       const acc* dzr = dz_buf.data + d * HW;
       T* dxr = dx + ng * M + d * HW;
       const Vec c_dz(rs * gamma[c0 + d]);
-      for (int64_t i = 0; i < HW; i += V) {
+      int64_t i = 0;
+      for (; i + 2 * V <= HW; i += 2 * V) {
+        Vec x0, x1;
+        io::load2(xr + i, x0, x1);
+        io::store2(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(x0 - mean_v, c_xd, c_one)),
+                   at::vec::fmadd(c_dz, Vec::loadu(dzr + i + V), at::vec::fmadd(x1 - mean_v, c_xd, c_one)));
+      }
+      for (; i < HW; i += V) {
         const int64_t k = std::min(V, HW - i);
         const Vec xd = io::load(xr + i, k) - mean_v;
         io::store(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(xd, c_xd, c_one)), k);
