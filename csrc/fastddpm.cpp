@@ -87,5 +87,15 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
+  // The training pair (CPU): the forward also returns silu_grad = dSiLU/dz at every element (float32, float64
+  // for a float64 x; x's shape), computed beside y from the same σ(z), and the backward takes it instead of
+  // recomputing σ: on a CPU, σ is most of the backward's work, and the saved tensor costs what eager autograd
+  // saves anyway (the GroupNorm output, for SiLU's backward). The GPU keeps the recompute (bandwidth-bound).
+  m.def(
+      "group_norm_silu_train(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_silu_train_backward(Tensor grad_y, Tensor x, Tensor silu_grad, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
   // ---- end group_norm_silu
 }

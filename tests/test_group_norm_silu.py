@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C+
 
 OP = torch.ops.fastddpm.group_norm_silu
 BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_backward
+TRAIN_OP = torch.ops.fastddpm.group_norm_silu_train  # the CPU training pair: the forward saves SiLU'(z)
+TRAIN_BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_train_backward
 
 CASES = [  # (shape, num_groups)
     ((3, 6, 5, 4), 3),          # C = 6, G = 3
@@ -95,15 +97,38 @@ def poisoned():
         torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
+def silu_grad_fp64(x, num_groups, w, b, eps=1e-5):
+    """dSiLU/dz at z = GroupNorm(x), in float64."""
+    z = F.group_norm(x.double(), num_groups, None if w is None else w.double(), None if b is None else b.double(),
+                     eps)
+    sig = torch.sigmoid(z)
+    return sig * (1 + z * (1 - sig))
+
+
 def check_case(shape, num_groups, layout, dtype, affine, seed):
+    """Both op pairs (recompute σ in the backward; the training pair, which saves SiLU'(z)) against float64."""
     gen = torch.Generator().manual_seed(seed)
     x = make_x(shape, layout, dtype, gen)
     w, b = make_params(shape[1], dtype, gen, weight=affine, bias=affine)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    y = check_pair(OP, x, num_groups, w, b, dy)
+    y_train = check_pair(TRAIN_OP, x, num_groups, w, b, dy)
+    assert torch.equal(y, y_train)  # the same σ, the same rounding
+    return y
+
+
+def check_pair(op, x, num_groups, w, b, dy):
+    dtype = x.dtype
 
     def fused(x, w, b):
-        y, mean, rstd = OP(x, num_groups, w, b, 1e-5)
+        y, mean, rstd, *saved = op(x, num_groups, w, b, 1e-5)
         assert not mean.requires_grad and not rstd.requires_grad  # marked non-differentiable
+        if saved:
+            (silu_grad,) = saved
+            assert not silu_grad.requires_grad and silu_grad.shape == x.shape
+            assert silu_grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            ref = silu_grad_fp64(x.detach(), num_groups, w, b)
+            assert rel_err(silu_grad, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
         return y
 
     y, grads = grads_of(fused, x, w, b, dy)
@@ -271,6 +296,43 @@ def test_opcheck_backward():
         torch.library.opcheck(BACKWARD_OP.default, (torch.randn_like(x), x, mean, rstd, w, b, g))
 
 
+def test_opcheck_train_pair():
+    for x, g, w, b in opcheck_args():
+        x = x.requires_grad_(x.dtype != torch.bfloat16)
+        if w is not None:
+            w, b = w.requires_grad_(x.requires_grad), b.requires_grad_(x.requires_grad)
+        torch.library.opcheck(TRAIN_OP.default, (x, g, w, b, 1e-5))
+        with torch.no_grad():
+            _, mean, rstd, silu_grad = TRAIN_OP(x, g, w, b, 1e-5)
+        torch.library.opcheck(TRAIN_BACKWARD_OP.default,
+                              (torch.randn_like(x), x.detach(), silu_grad, mean, rstd,
+                               None if w is None else w.detach(), None if b is None else b.detach(), g))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_pair_gradcheck_fp64(layout):
+    gen = torch.Generator().manual_seed(17)
+    x = make_x((2, 6, 3, 4), layout, torch.float64, gen).requires_grad_()
+    w, b = make_params(6, torch.float64, gen)
+    assert torch.autograd.gradcheck(lambda x, w, b: TRAIN_OP(x, 3, w, b, 1e-5)[0],
+                                    (x, w.requires_grad_(), b.requires_grad_()))
+
+
+def test_functional_uses_the_train_pair_only_when_a_gradient_is_needed():
+    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+
+    def ops_run(**requires):
+        xs = [t.detach().requires_grad_(requires.get(k, False)) for k, t in zip("xwb", (x, w, b))]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            group_norm_silu(*xs[:1], 4, *xs[1:])
+        return {e.name for e in prof.events()} & {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_train"}
+
+    assert ops_run() == {"fastddpm::group_norm_silu"}
+    assert ops_run(x=True) == ops_run(w=True) == ops_run(b=True) == {"fastddpm::group_norm_silu_train"}
+    with torch.no_grad():
+        assert ops_run(x=True) == {"fastddpm::group_norm_silu"}
+
+
 class ConvNormAct(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -303,7 +365,7 @@ def test_profiler_shows_the_fused_op():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x).sum().backward()
     names = {e.name for e in prof.events()}
-    assert "fastddpm::group_norm_silu" in names and "fastddpm::group_norm_silu_backward" in names
+    assert "fastddpm::group_norm_silu_train" in names and "fastddpm::group_norm_silu_train_backward" in names
     assert not names & {"aten::group_norm", "aten::native_group_norm", "aten::native_group_norm_backward",
                         "aten::silu", "aten::silu_backward"}
 
@@ -340,6 +402,9 @@ def test_independent_of_thread_count(layout, dtype):
             torch.set_num_threads(n)
             y, mean, rstd = OP(x, 32, w, b, 1e-5)
             results.append((y, mean, rstd, *BACKWARD_OP(dy, x, mean, rstd, w, b, 32)))
+            y, mean, rstd, silu_grad = TRAIN_OP(x, 32, w, b, 1e-5)
+            results[-1] += (y, mean, rstd, silu_grad,
+                            *TRAIN_BACKWARD_OP(dy, x, silu_grad, mean, rstd, w, b, 32))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -409,6 +474,22 @@ def test_bad_inputs_raw_backward_op():
         BACKWARD_OP(dy, x, mean, rstd, None, None, 4)
     with pytest.raises(RuntimeError, match="weight must be 1-D of size C = 6"):
         BACKWARD_OP(dy, x, mean, rstd, torch.ones(3), None, 3)
+
+
+def test_bad_inputs_train_backward_op():
+    x = torch.randn(2, 6, 3)
+    _, mean, rstd, silu_grad = TRAIN_OP(x, 3, None, None, 1e-5)
+    dy = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match=r"silu_grad shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
+        TRAIN_BACKWARD_OP(dy, x, silu_grad[..., :2], mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="silu_grad must be Float for a Float x, got Double"):
+        TRAIN_BACKWARD_OP(dy, x, silu_grad.double(), mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="mean must be Float for a Float x, got Double"):
+        TRAIN_BACKWARD_OP(dy, x, silu_grad, mean.double(), rstd, None, None, 3)
+    # a silu_grad in another layout than x's is read correctly (copied into x's layout)
+    ref = TRAIN_BACKWARD_OP(dy, x, silu_grad, mean, rstd, None, None, 3)
+    other = silu_grad.transpose(1, 2).contiguous().transpose(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, TRAIN_BACKWARD_OP(dy, x, other, mean, rstd, None, None, 3)))
 
 
 @pytest.mark.parametrize(

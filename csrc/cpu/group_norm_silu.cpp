@@ -153,7 +153,8 @@ int64_t grain(int64_t elements_per_task) {
 }
 
 template <Capability cap, typename T>
-void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd,
+void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& g, const at::Tensor& mean,
+             const at::Tensor& rstd,
              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const Shape& s,
              double eps, bool nhwc) {
   using K = Kernels<cap, T>;
@@ -161,11 +162,12 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, c
   const std::vector<acc> gamma = affine<acc>(weight, s.C, 1), beta = affine<acc>(bias, s.C, 0);
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
+  acc* gp = g.defined() ? g.mutable_data_ptr<acc>() : nullptr;
   acc* mp = mean.mutable_data_ptr<acc>();
   acc* rp = rstd.mutable_data_ptr<acc>();
   if (!nhwc) {
     at::parallel_for(0, s.N * s.G, grain(s.M()), [&](int64_t begin, int64_t end) {
-      K::forward_nchw(xp, yp, mp, rp, gamma.data(), beta.data(), s, eps, begin, end);
+      K::forward_nchw(xp, yp, gp, mp, rp, gamma.data(), beta.data(), s, eps, begin, end);
     });
     return;
   }
@@ -194,15 +196,15 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, c
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::forward_nhwc_apply(xp, yp, mean_nc.data(), scale.data(), beta.data(), s, rows, begin, end);
+    K::forward_nhwc_apply(xp, yp, gp, mean_nc.data(), scale.data(), beta.data(), s, rows, begin, end);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   double eps) {
-  constexpr const char* op = "group_norm_silu";
+// The forward, with g = dSiLU/dz saved (in the kernels' layout of x, acc dtype) when `save_grad`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, int64_t num_groups,
+                                                                      const std::optional<at::Tensor>& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      double eps, bool save_grad, const char* op) {
   check_x(x, op);
   check_groups(x, num_groups, op);
   check_params(weight, bias, x, op);
@@ -210,32 +212,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   const auto stat_options = x.options().dtype(stat_dtype(x.scalar_type()));
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({s.N, s.G}, stat_options), rstd = at::empty({s.N, s.G}, stat_options);
+  at::Tensor g = save_grad ? at::empty_like(x, stat_options) : at::Tensor();
   if (s.N * s.G == 0) {
-    return {y, mean, rstd};
+    return {y, mean, rstd, g};
   }
   if (s.HW == 0) {  // empty groups: mean 0 and rstd NaN, as aten::native_group_norm
     mean.fill_(0);
     rstd.fill_(NAN);
-    return {y, mean, rstd};
+    return {y, mean, rstd, g};
   }
   const auto [xk, nhwc] = kernel_input(x, s);
   const bool direct = in_layout(y, nhwc);
   at::Tensor yk = direct ? y : at::empty_like(xk);
+  if (save_grad && !in_layout(g, nhwc)) {
+    g = at::empty_like(xk, stat_options);  // the backward reads it in the kernels' layout of x
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_silu_cpu", [&] {
     if (use_avx2()) {
-      forward<Capability::kAVX2, scalar_t>(xk, yk, mean, rstd, weight, bias, s, eps, nhwc);
+      forward<Capability::kAVX2, scalar_t>(xk, yk, g, mean, rstd, weight, bias, s, eps, nhwc);
     } else {
-      forward<Capability::kDefault, scalar_t>(xk, yk, mean, rstd, weight, bias, s, eps, nhwc);
+      forward<Capability::kDefault, scalar_t>(xk, yk, g, mean, rstd, weight, bias, s, eps, nhwc);
     }
   });
   if (!direct) {
     y.copy_(yk);
   }
+  return {y, mean, rstd, g};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   double eps) {
+  auto [y, mean, rstd, g] = forward_op(x, num_groups, weight, bias, eps, false, "group_norm_silu");
   return {y, mean, rstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_cpu(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  return forward_op(x, num_groups, weight, bias, eps, true, "group_norm_silu_train");
+}
+
 template <Capability cap, typename T>
-void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, const at::Tensor& mean,
+              const at::Tensor& rstd,
               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& dx,
               std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat, const Shape& s, bool nhwc) {
   using K = Kernels<cap, T>;
@@ -243,12 +264,13 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
   const std::vector<acc> gamma = affine<acc>(weight, s.C, 1), beta = affine<acc>(bias, s.C, 0);
   const T* dyp = dy.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
+  const acc* gp = g.defined() ? g.const_data_ptr<acc>() : nullptr;
   const acc* mp = mean.const_data_ptr<acc>();
   const acc* rp = rstd.const_data_ptr<acc>();
   T* dxp = dx.mutable_data_ptr<T>();
   if (!nhwc) {
     at::parallel_for(0, s.N * s.G, grain(s.M()), [&](int64_t begin, int64_t end) {
-      K::backward_nchw(dyp, xp, mp, rp, gamma.data(), beta.data(), dxp, sum_dz.data(), sum_dz_xhat.data(), s,
+      K::backward_nchw(dyp, xp, gp, mp, rp, gamma.data(), beta.data(), dxp, sum_dz.data(), sum_dz_xhat.data(), s,
                        begin, end);
     });
     return;
@@ -264,7 +286,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
   }
   std::vector<double> sums(tasks * s.C * 2);
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_sums(dyp, xp, mean_nc.data(), scale.data(), beta.data(), sums.data(), s, rows, begin, end);
+    K::backward_nhwc_sums(dyp, xp, gp, mean_nc.data(), scale.data(), beta.data(), sums.data(), s, rows, begin, end);
   });
   // Per (n, c): the chunks' sums in chunk order (Σ dz x̂ = rstd Σ dz (x − mean)); per (n, g): A = Σ gamma dz,
   // B = Σ gamma dz x̂; then the coefficients of dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M),
@@ -292,7 +314,7 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_apply(dyp, xp, mean_nc.data(), scale.data(), beta.data(), coef_xd.data(), coef_one.data(), dxp,
+    K::backward_nhwc_apply(dyp, xp, gp, mean_nc.data(), scale.data(), beta.data(), coef_xd.data(), coef_one.data(), dxp,
                            s, rows, begin, end);
   });
 }
@@ -324,10 +346,13 @@ void check_stat(const at::Tensor& t, const char* name, const at::Tensor& x, cons
               " must have shape [N, num_groups] = [", s.N, ", ", s.G, "], got ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups) {
-  constexpr const char* op = "group_norm_silu_backward";
+// The backward; g = the forward's saved dSiLU/dz, or undefined to recompute it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x,
+                                                           const at::Tensor& g, const at::Tensor& mean,
+                                                           const at::Tensor& rstd,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                                           const char* op) {
   check_x(x, op);
   check_groups(x, num_groups, op);
   check_params(weight, bias, x, op);
@@ -340,22 +365,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   const Shape s = shape_of(x, num_groups);
   check_stat(mean, "mean", x, s, op);
   check_stat(rstd, "rstd", x, s, op);
+  if (g.defined()) {
+    TORCH_CHECK(g.device() == x.device(), op, ": silu_grad must be on x's device ", x.device(), ", got ",
+                g.device());
+    TORCH_CHECK(g.sizes() == x.sizes(), op, ": silu_grad shape ", g.sizes(), " must match x shape ", x.sizes());
+    TORCH_CHECK(g.scalar_type() == stat_dtype(x.scalar_type()), op, ": silu_grad must be ",
+                stat_dtype(x.scalar_type()), " for a ", x.scalar_type(), " x, got ", g.scalar_type());
+  }
 
   at::Tensor dx = at::empty_like(x);
   std::vector<double> sum_dz(s.N * s.C, 0.0), sum_dz_xhat(s.N * s.C, 0.0);
   if (x.numel() > 0) {
     const auto [xk, nhwc] = kernel_input(x, s);
     const at::Tensor dyk = in_layout(grad_y, nhwc) ? grad_y : at::empty_like(xk).copy_(grad_y);
+    const at::Tensor gk = !g.defined() || g.strides() == xk.strides()
+                              ? g : at::empty_like(xk, g.options()).copy_(g);
     const bool direct = in_layout(dx, nhwc);
     at::Tensor dxk = direct ? dx : at::empty_like(xk);
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
       if (use_avx2()) {
-        backward<Capability::kAVX2, scalar_t>(dyk, xk, mean_c, rstd_c, weight, bias, dxk, sum_dz, sum_dz_xhat, s,
-                                              nhwc);
+        backward<Capability::kAVX2, scalar_t>(dyk, xk, gk, mean_c, rstd_c, weight, bias, dxk, sum_dz, sum_dz_xhat,
+                                              s, nhwc);
       } else {
-        backward<Capability::kDefault, scalar_t>(dyk, xk, mean_c, rstd_c, weight, bias, dxk, sum_dz, sum_dz_xhat,
-                                                 s, nhwc);
+        backward<Capability::kDefault, scalar_t>(dyk, xk, gk, mean_c, rstd_c, weight, bias, dxk, sum_dz,
+                                                 sum_dz_xhat, s, nhwc);
       }
     });
     if (!direct) {
@@ -366,11 +400,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   return {dx, param_grad(weight, sum_dz_xhat, s, x), param_grad(bias, sum_dz, s, x)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups) {
+  return backward_op(grad_y, x, at::Tensor(), mean, rstd, weight, bias, num_groups, "group_norm_silu_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& silu_grad, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups) {
+  return backward_op(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups, "group_norm_silu_train_backward");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_train", &group_norm_silu_train_cpu);
+  m.impl("group_norm_silu_train_backward", &group_norm_silu_train_backward_cpu);
 }
 
 }  // namespace fastddpm

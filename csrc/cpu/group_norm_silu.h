@@ -60,27 +60,31 @@ struct Kernels {
   // NCHW forward, tasks = groups n * G + g (contiguous blocks of M elements): statistics, then
   // y = SiLU((x − mean) * scale + beta[c]) with scale = rstd * gamma[c]. (Subtracting the mean first, rather
   // than folding it into a shift, keeps z exact where x == mean: a constant group gives z = beta.)
-  static void forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const acc* gamma, const acc* beta,
+  // g, when not null, receives dSiLU/dz at each element (x's layout, acc type): the training forward saves
+  // it so that the backward's dz = dy * g needs no σ.
+  static void forward_nchw(const T* x, T* y, acc* g, acc* mean, acc* rstd, const acc* gamma, const acc* beta,
                            const Shape& s, double eps, int64_t begin, int64_t end);
   // NHWC forward, pass 1: moments[(task * G + g) * 2 + {0, 1}] = {mean, m2} of group g in the chunk.
   static void forward_nhwc_moments(const T* x, double* moments, const Shape& s, int64_t rows, int64_t begin,
                                    int64_t end);
   // NHWC forward, pass 2: y = SiLU((x − mean[n, c]) * scale[n, c] + beta[c]).
-  static void forward_nhwc_apply(const T* x, T* y, const acc* mean, const acc* scale, const acc* beta,
+  static void forward_nhwc_apply(const T* x, T* y, acc* g, const acc* mean, const acc* scale, const acc* beta,
                                  const Shape& s, int64_t rows, int64_t begin, int64_t end);
 
+  // The backward kernels take g = the forward's saved SiLU'(z), or null to recompute it from x.
   // NCHW backward, tasks = groups: dz = dy * SiLU'(z), sum_dz[n * C + c] = Σ dz and
   // sum_dz_xhat[n * C + c] = Σ dz * x̂ over the channel, then dx of the whole group.
-  static void backward_nchw(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
-                            const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat, const Shape& s,
-                            int64_t begin, int64_t end);
+  static void backward_nchw(const T* dy, const T* x, const acc* g, const acc* mean, const acc* rstd,
+                            const acc* gamma, const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat,
+                            const Shape& s, int64_t begin, int64_t end);
   // NHWC backward, pass 1: sums[(task * C + c) * 2 + {0, 1}] = {Σ dz, Σ dz * (x − mean[n, c])} over the
   // chunk's rows, with z = (x − mean[n, c]) * scale[n, c] + beta[c], scale = rstd * gamma.
-  static void backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* scale, const acc* beta,
-                                 double* sums, const Shape& s, int64_t rows, int64_t begin, int64_t end);
+  static void backward_nhwc_sums(const T* dy, const T* x, const acc* g, const acc* mean, const acc* scale,
+                                 const acc* beta, double* sums, const Shape& s, int64_t rows, int64_t begin,
+                                 int64_t end);
   // NHWC backward, pass 2: dx = scale[n, c] * dz + coef_xd[n, c] * (x − mean[n, c]) + coef_one[n, c].
-  static void backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* scale, const acc* beta,
-                                  const acc* coef_xd, const acc* coef_one, T* dx, const Shape& s, int64_t rows,
+  static void backward_nhwc_apply(const T* dy, const T* x, const acc* g, const acc* mean, const acc* scale,
+                                  const acc* beta, const acc* coef_xd, const acc* coef_one, T* dx, const Shape& s, int64_t rows,
                                   int64_t begin, int64_t end);
 };
 

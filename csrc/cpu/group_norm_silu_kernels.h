@@ -192,6 +192,15 @@ Vectorized<A> silu_grad(const Vectorized<A>& dy, const Vectorized<A>& z) {
   return dy * sig * at::vec::fmadd(z, one - sig, one);
 }
 
+// y = SiLU(z) and g = dSiLU/dz = σ(z) + z σ(z) (1 − σ(z)), one σ for both (the training forward saves g, so
+// that the backward needs no σ).
+template <typename A>
+void silu_and_grad(const Vectorized<A>& z, Vectorized<A>& y, Vectorized<A>& g) {
+  const Vectorized<A> sig = sigmoid(z);
+  y = z * sig;
+  g = at::vec::fmadd(z, sig * (Vectorized<A>(1) - sig), sig);
+}
+
 // {count, mean, m2} of n <= kBlock contiguous values, by the corrected two-pass algorithm (Chan, Golub and
 // LeVeque 1983): pass 1 sums to a shift c ≈ mean; pass 2 (the block now in L1) sums d = x − c and d², then
 // mean = c + Σd / n and m2 = Σd² − (Σd)² / n, so the rounding of pass 1 cancels out.
@@ -201,25 +210,38 @@ Moments block_moments(const T* x, int64_t n) {
   using Vec = typename io::Vec;
   using acc = typename io::acc;
   constexpr int64_t V = io::V;
-  Vec s0(0), s1(0);
+  // Four independent accumulators per sum: the adds' latency, not their throughput, would bound one chain.
+  Vec s0(0), s1(0), s2(0), s3(0);
   int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    s0 += io::load(x + i);
-    s1 += io::load(x + i + V);
+  for (; i + 4 * V <= n; i += 4 * V) {
+    Vec x0, x1, x2, x3;
+    io::load2(x + i, x0, x1);
+    io::load2(x + i + 2 * V, x2, x3);
+    s0 += x0;
+    s1 += x1;
+    s2 += x2;
+    s3 += x3;
   }
   for (; i < n; i += V) {
     s0 += io::load(x + i, std::min(V, n - i));  // zero-filled lanes add nothing
   }
-  const acc shift = static_cast<acc>(hsum(s0 + s1) / n);
+  const acc shift = static_cast<acc>(hsum((s0 + s1) + (s2 + s3)) / n);
   const Vec c(shift);
-  Vec e0(0), e1(0), q0(0), q1(0);
+  Vec e0(0), e1(0), e2(0), e3(0), q0(0), q1(0), q2(0), q3(0);
   i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    const Vec d0 = io::load(x + i) - c, d1 = io::load(x + i + V) - c;
+  for (; i + 4 * V <= n; i += 4 * V) {
+    Vec x0, x1, x2, x3;
+    io::load2(x + i, x0, x1);
+    io::load2(x + i + 2 * V, x2, x3);
+    const Vec d0 = x0 - c, d1 = x1 - c, d2 = x2 - c, d3 = x3 - c;
     e0 += d0;
     e1 += d1;
+    e2 += d2;
+    e3 += d3;
     q0 = at::vec::fmadd(d0, d0, q0);
     q1 = at::vec::fmadd(d1, d1, q1);
+    q2 = at::vec::fmadd(d2, d2, q2);
+    q3 = at::vec::fmadd(d3, d3, q3);
   }
   double e = 0, q = 0;
   for (; i < n; ++i) {
@@ -227,8 +249,8 @@ Moments block_moments(const T* x, int64_t n) {
     e += d;
     q += d * d;
   }
-  e += hsum(e0 + e1);
-  q += hsum(q0 + q1);
+  e += hsum((e0 + e1) + (e2 + e3));
+  q += hsum((q0 + q1) + (q2 + q3));
   Moments m;
   m.add(static_cast<double>(n), shift + e / n, std::max(q - e * e / n, 0.0));
   return m;
@@ -243,14 +265,36 @@ inline void prefetch(const T* p) {
   }
 }
 
-// y[i] = SiLU((x[i] − mean) * scale + shift) for n contiguous values; prefetches next[0, n) if not null.
+// y[i] = SiLU((x[i] − mean) * scale + shift) for n contiguous values, and g[i] = SiLU' there if g is not
+// null; prefetches next[0, n) if not null.
 template <typename T>
-void silu_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift, const T* next) {
+void silu_affine(const T* x, T* y, acc_t<T>* g, int64_t n, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift,
+                 const T* next) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const Vec m(mean), a(scale), b(shift);
   int64_t i = 0;
+  if (g != nullptr) {
+    for (; i + 2 * V <= n; i += 2 * V) {
+      prefetch(next == nullptr ? nullptr : next + i);
+      Vec x0, x1, y0, y1, g0, g1;
+      io::load2(x + i, x0, x1);
+      silu_and_grad(at::vec::fmadd(x0 - m, a, b), y0, g0);
+      silu_and_grad(at::vec::fmadd(x1 - m, a, b), y1, g1);
+      io::store2(y + i, y0, y1);
+      g0.store(g + i);
+      g1.store(g + i + V);
+    }
+    for (; i < n; i += V) {
+      const int64_t k = std::min(V, n - i);
+      Vec yv, gv;
+      silu_and_grad(at::vec::fmadd(io::load(x + i, k) - m, a, b), yv, gv);
+      io::store(y + i, yv, k);
+      gv.store(g + i, k);
+    }
+    return;
+  }
   for (; i + 2 * V <= n; i += 2 * V) {
     prefetch(next == nullptr ? nullptr : next + i);
     Vec x0, x1;
@@ -303,8 +347,8 @@ void column_moments(const T* xs, int64_t C, int64_t R, int64_t c, int64_t k, acc
 }  // namespace
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const acc* gamma, const acc* beta,
-                                   const Shape& s, double eps, int64_t begin, int64_t end) {
+void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* g, acc* mean, acc* rstd, const acc* gamma,
+                                   const acc* beta, const Shape& s, double eps, int64_t begin, int64_t end) {
   const int64_t D = s.D(), HW = s.HW, M = s.M();
   for (int64_t ng = begin; ng < end; ++ng) {
     const T* xg = x + ng * M;
@@ -321,7 +365,8 @@ void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* mean, acc* rstd, const
     const int64_t c0 = (ng % s.G) * D;
     const T* next = ng + 1 < end && M <= kPrefetchGroup ? xg + M : nullptr;
     for (int64_t d = 0; d < D; ++d) {
-      silu_affine(xg + d * HW, yg + d * HW, HW, mu, rs * gamma[c0 + d], beta[c0 + d],
+      silu_affine(xg + d * HW, yg + d * HW, g == nullptr ? nullptr : g + ng * M + d * HW, HW, mu,
+                  rs * gamma[c0 + d], beta[c0 + d],
                   next == nullptr ? nullptr : next + d * HW);
     }
   }
@@ -367,8 +412,9 @@ void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Sh
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, const acc* mean, const acc* scale, const acc* beta,
-                                         const Shape& s, int64_t rows, int64_t begin, int64_t end) {
+void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, acc* g, const acc* mean, const acc* scale,
+                                         const acc* beta, const Shape& s, int64_t rows, int64_t begin,
+                                         int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
@@ -383,16 +429,23 @@ void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, const acc* mean, cons
         const int64_t k = std::min(V, C - c);
         const Vec z = at::vec::fmadd(io::load(x + row + c, k) - load_acc(m + c, k), load_acc(a + c, k),
                                      load_acc(beta + c, k));
-        io::store(y + row + c, silu(z), k);
+        if (g == nullptr) {
+          io::store(y + row + c, silu(z), k);
+        } else {
+          Vec yv, gv;
+          silu_and_grad(z, yv, gv);
+          io::store(y + row + c, yv, k);
+          gv.store(g + row + c, k);
+        }
       }
     }
   }
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, const acc* rstd, const acc* gamma,
-                                    const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat, const Shape& s,
-                                    int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* g, const acc* mean, const acc* rstd,
+                                    const acc* gamma, const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat,
+                                    const Shape& s, int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
@@ -410,25 +463,38 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
       const T* xr = x + ng * M + d * HW;
       const T* dyr = dy + ng * M + d * HW;
       acc* dzr = dz_buf.data + d * HW;
+      const acc* gr = g == nullptr ? nullptr : g + ng * M + d * HW;
       const Vec scale_v(rs * gamma[c0 + d]), beta_v(beta[c0 + d]);
       double s_dz = 0, s_dz_xd = 0;
       for (int64_t lo = 0; lo < HW; lo += kBlock) {
         const int64_t hi = std::min(HW, lo + kBlock);
-        Vec a_dz(0), a_dz_xd(0);
-        for (int64_t i = lo; i < hi; i += V) {
-          const int64_t k = std::min(V, hi - i);
+        // Two accumulator pairs (even and odd vectors): one FMA chain would bound the loop by its latency.
+        Vec a_dz[2] = {Vec(0), Vec(0)}, a_dz_xd[2] = {Vec(0), Vec(0)};
+        auto step = [&](int64_t i, int64_t k, int j) {
           if (more && i % kLine == 0) {  // the next group's x and dy, a cache line each, while this computes
             prefetch(xr + M + i);
             prefetch(dyr + M + i);
           }
+          if (gr != nullptr && more && i % (64 / sizeof(acc)) == 0) {
+            prefetch(gr + M + i);
+          }
           const Vec xd = io::load(xr + i, k) - mean_v;
-          const Vec dz = silu_grad(io::load(dyr + i, k), at::vec::fmadd(xd, scale_v, beta_v));
+          const Vec dz = gr != nullptr ? io::load(dyr + i, k) * load_acc(gr + i, k)
+                                       : silu_grad(io::load(dyr + i, k), at::vec::fmadd(xd, scale_v, beta_v));
           dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
-          a_dz += dz;
-          a_dz_xd = at::vec::fmadd(dz, xd, a_dz_xd);
+          a_dz[j] += dz;
+          a_dz_xd[j] = at::vec::fmadd(dz, xd, a_dz_xd[j]);
+        };
+        int64_t i = lo;
+        for (; i + 2 * V <= hi; i += 2 * V) {
+          step(i, V, 0);
+          step(i + V, V, 1);
         }
-        s_dz += hsum(a_dz);
-        s_dz_xd += hsum(a_dz_xd);
+        for (; i < hi; i += V) {
+          step(i, std::min(V, hi - i), 0);
+        }
+        s_dz += hsum(a_dz[0] + a_dz[1]);
+        s_dz_xd += hsum(a_dz_xd[0] + a_dz_xd[1]);
       }
       sum_dz[n * C + c0 + d] = s_dz;
       sum_dz_xhat[n * C + c0 + d] = rs * s_dz_xd;
@@ -459,9 +525,9 @@ void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* mean, co
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mean, const acc* scale,
-                                         const acc* beta, double* sums, const Shape& s, int64_t rows,
-                                         int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* g, const acc* mean,
+                                         const acc* scale, const acc* beta, double* sums, const Shape& s,
+                                         int64_t rows, int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
@@ -478,8 +544,10 @@ void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mea
       for (int64_t c = 0; c < C; c += V) {
         const int64_t k = std::min(V, C - c);
         const Vec xd = io::load(x + row + c, k) - load_acc(m + c, k);
-        const Vec z = at::vec::fmadd(xd, load_acc(a + c, k), load_acc(beta + c, k));
-        const Vec dz = silu_grad(io::load(dy + row + c, k), z);  // 0 in the lanes past C
+        const Vec dz = g != nullptr  // 0 in the lanes past C
+                           ? io::load(dy + row + c, k) * load_acc(g + row + c, k)
+                           : silu_grad(io::load(dy + row + c, k),
+                                       at::vec::fmadd(xd, load_acc(a + c, k), load_acc(beta + c, k)));
         (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
         at::vec::fmadd(dz, xd, Vec::loadu(a_dz_xd.data + c)).store(a_dz_xd.data + c);
       }
@@ -492,9 +560,10 @@ void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* mea
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* mean, const acc* scale,
-                                          const acc* beta, const acc* coef_xd, const acc* coef_one, T* dx,
-                                          const Shape& s, int64_t rows, int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* g, const acc* mean,
+                                          const acc* scale, const acc* beta, const acc* coef_xd,
+                                          const acc* coef_one, T* dx, const Shape& s, int64_t rows,
+                                          int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
@@ -508,7 +577,8 @@ void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* me
         const int64_t k = std::min(V, C - c);
         const Vec xd = io::load(x + row + c, k) - load_acc(mean + nc + c, k);
         const Vec a = load_acc(scale + nc + c, k);
-        const Vec dz = silu_grad(io::load(dy + row + c, k), at::vec::fmadd(xd, a, load_acc(beta + c, k)));
+        const Vec dz = g != nullptr ? io::load(dy + row + c, k) * load_acc(g + row + c, k)
+                                    : silu_grad(io::load(dy + row + c, k), at::vec::fmadd(xd, a, load_acc(beta + c, k)));
         const Vec rest = at::vec::fmadd(load_acc(coef_xd + nc + c, k), xd, load_acc(coef_one + nc + c, k));
         io::store(dx + row + c, at::vec::fmadd(a, dz, rest), k);
       }

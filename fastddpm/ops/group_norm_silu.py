@@ -6,6 +6,15 @@ adds their fake (meta) implementations and the autograd of the forward op, and c
     group_norm_silu(x, num_groups, weight, bias, eps) -> (y, mean, rstd)
     group_norm_silu_backward(grad_y, x, mean, rstd, weight, bias, num_groups)
         -> (grad_x, grad_weight, grad_bias)
+    group_norm_silu_train(x, num_groups, weight, bias, eps) -> (y, mean, rstd, silu_grad)      CPU
+    group_norm_silu_train_backward(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups)   CPU
+        -> (grad_x, grad_weight, grad_bias)
+
+The training pair is what a CPU call that needs gradients runs: its forward also saves silu_grad = dSiLU/dz
+(float32, float64 for a float64 x), from the same σ(z) as y, so the backward does not evaluate σ again (σ is
+most of the CPU backward's work). That costs one float32 tensor of x's size, held until the backward: what
+eager autograd of F.silu(F.group_norm(x)) holds too (the GroupNorm output). GPUs recompute σ instead (their
+kernels are bandwidth-bound, so the extra bytes would cost more than the arithmetic they save).
 
 y and grad_x are ``empty_like(x)`` (x's dtype and, for dense x, its memory format); mean and rstd are the
 [N, G] group statistics (rstd = 1/sqrt(var + eps), biased variance) in float32, float64 for a float64 x,
@@ -22,6 +31,9 @@ from fastddpm.ops import choose_backend
 
 OP = "fastddpm::group_norm_silu"
 BACKWARD_OP = "fastddpm::group_norm_silu_backward"
+# The CPU training pair: the forward also saves dSiLU/dz, which the backward reads instead of recomputing σ.
+TRAIN_OP = "fastddpm::group_norm_silu_train"
+TRAIN_BACKWARD_OP = "fastddpm::group_norm_silu_train_backward"
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,8 +77,50 @@ def _register() -> None:
 
     torch.library.register_autograd(OP, backward, setup_context=setup_context)
 
+    @torch.library.register_fake(TRAIN_OP)
+    def _(x, num_groups, weight, bias, eps):
+        torch._check(x.dim() >= 2, lambda: "group_norm_silu_train: x must have at least 2 dimensions [N, C, *]")
+        torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
+                     lambda: f"group_norm_silu_train: C = {x.shape[1]} is not divisible by {num_groups} groups")
+        stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
+        return (torch.empty_like(x), stats, torch.empty_like(stats),
+                torch.empty_like(x, dtype=_stat_dtype(x.dtype)))
+
+    @torch.library.register_fake(TRAIN_BACKWARD_OP)
+    def _(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups):
+        torch._check(grad_y.shape == x.shape,
+                     lambda: "group_norm_silu_train_backward: grad_y must have x's shape")
+        grad_weight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+        grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+        return torch.empty_like(x), grad_weight, grad_bias
+
+    def setup_context_train(ctx, inputs, output):
+        x, num_groups, weight, bias, _ = inputs
+        _, mean, rstd, silu_grad = output
+        ctx.mark_non_differentiable(mean, rstd, silu_grad)
+        ctx.set_materialize_grads(False)  # else autograd fills an x-sized zero grad_silu_grad on every backward
+        ctx.num_groups = num_groups
+        ctx.save_for_backward(x, silu_grad, mean, rstd, weight, bias)
+
+    def backward_train(ctx, grad_y, grad_mean, grad_rstd, grad_silu_grad):
+        # dz = dy · silu_grad, saved by the forward: no σ to recompute.
+        if grad_y is None:
+            return None, None, None, None, None
+        x, silu_grad, mean, rstd, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.fastddpm.group_norm_silu_train_backward(
+            grad_y, x, silu_grad, mean, rstd, weight, bias, ctx.num_groups)
+        return (grad_x if ctx.needs_input_grad[0] else None, None,
+                grad_weight if weight is not None and ctx.needs_input_grad[2] else None,
+                grad_bias if bias is not None and ctx.needs_input_grad[3] else None, None)
+
+    torch.library.register_autograd(TRAIN_OP, backward_train, setup_context=setup_context_train)
+
 
 _register()
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -77,5 +131,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     No argument checks here: :func:`fastddpm.functional.group_norm_silu` does them.
     """
     if choose_backend("group_norm_silu", x.device, backend) == "cpp":
+        if x.device.type == "cpu" and _needs_grad(x, weight, bias):
+            return torch.ops.fastddpm.group_norm_silu_train(x, num_groups, weight, bias, float(eps))[0]
         return torch.ops.fastddpm.group_norm_silu(x, num_groups, weight, bias, float(eps))[0]
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)
