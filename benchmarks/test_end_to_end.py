@@ -1,7 +1,8 @@
 """End to end: one training step of a U-Net (loss forward + backward + optimizer step) and the sampling loop,
 per provider:
 
-* eager:    Diffusion(backend='reference') — the PyTorch reference math, ε and z from torch.randn;
+* eager:    Diffusion(backend='reference') with FASTDDPM_BACKEND=reference — the PyTorch reference math
+            everywhere, the U-Net's GroupNorm+SiLU included (F.silu(F.group_norm)), ε and z from torch.randn;
 * compile:  the same with the network under torch.compile (mode='reduce-overhead' for sampling on a GPU,
             which adds CUDA graphs);
 * fastddpm: Diffusion on the fused ops (in-kernel noise, fused loss and reverse step, fused GroupNorm+SiLU)
@@ -21,7 +22,11 @@ from .conftest import DEVICES, PROVIDERS, run
 STEPS = 10
 
 
-def diffusion_for(net_name, device, provider, sampling_timesteps=None):
+def diffusion_for(net_name, device, provider, sampling_timesteps=None, monkeypatch=None):
+    if provider in ("eager", "compile") and monkeypatch is not None:
+        # The U-Net's modules choose their backend per call ("auto"): the reference providers run the
+        # reference GroupNorm+SiLU too, for as long as the test (and so the timing) runs.
+        monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
     torch.manual_seed(0)
     if net_name == "cifar10":
         net, size = UNet.cifar10(dropout=0.0), 32
@@ -41,8 +46,8 @@ NETS = [("cpu", "small")] + [(d, n) for d in DEVICES if d == "cuda" for n in ("s
 
 @pytest.mark.parametrize(("device", "net_name"), NETS, ids=lambda v: v)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_training_step(benchmark, device, provider, net_name):
-    d = diffusion_for(net_name, device, provider)
+def test_training_step(benchmark, device, provider, net_name, monkeypatch):
+    d = diffusion_for(net_name, device, provider, monkeypatch=monkeypatch)
     batch = 128 if device == "cuda" else 32
     images = torch.rand(batch, d.channels, *d.image_size, device=device)
     opt = torch.optim.Adam(d.model.parameters(), lr=1e-4)
@@ -60,8 +65,8 @@ def test_training_step(benchmark, device, provider, net_name):
 
 @pytest.mark.parametrize("batch", [1, 16, 128])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_sampling_loop(benchmark, device, provider, batch):
-    d = diffusion_for("small", device, provider, sampling_timesteps=STEPS)
+def test_sampling_loop(benchmark, device, provider, batch, monkeypatch):
+    d = diffusion_for("small", device, provider, sampling_timesteps=STEPS, monkeypatch=monkeypatch)
     graph = provider == "fastddpm" and device == "cuda"
 
     def sample():

@@ -1,0 +1,106 @@
+"""Interleaved timing, on the CPU, of the small U-Net's sampling loop (per step) and training step: eager (the
+reference math everywhere, GroupNorm+SiLU included), torch.compile of that, and fastddpm. Every round runs each
+provider once, in turn, and each provider's median and best round are kept: on a shared machine the load
+changes between pytest-benchmark's one-provider-after-the-other runs.
+
+    .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N]
+"""
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
+
+import torch  # noqa: E402
+
+from fastddpm import Diffusion, UNet  # noqa: E402
+
+STEPS = 10
+PROVIDERS = ("eager", "compile", "fastddpm")
+
+
+def with_backend(provider, fn):
+    """fn run with the reference GroupNorm+SiLU in the U-Net for the reference providers."""
+    value = "reference" if provider != "fastddpm" else "auto"
+
+    def call():
+        old = os.environ.get("FASTDDPM_BACKEND")
+        os.environ["FASTDDPM_BACKEND"] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FASTDDPM_BACKEND"]
+            else:
+                os.environ["FASTDDPM_BACKEND"] = old
+    return call
+
+
+def diffusion(provider, sampling_timesteps=None):
+    torch.manual_seed(0)
+    net = UNet.small()
+    if provider == "compile":
+        net = torch.compile(net)
+    return Diffusion(net, image_size=8, timesteps=1000, sampling_timesteps=sampling_timesteps,
+                     backend="reference" if provider != "fastddpm" else "auto", channels=1)
+
+
+def cases(batches):
+    out = {}
+    for batch in batches:
+        fns = {}
+        for p in PROVIDERS:
+            d = diffusion(p, STEPS)
+            fns[p] = with_backend(p, lambda d=d, b=batch: d.sample(b, progress=False))
+        out[f"sampling, batch {batch} (per step)"] = (fns, STEPS)
+    fns = {}
+    for p in PROVIDERS:
+        d = diffusion(p)
+        images = torch.rand(32, 1, 8, 8)
+        opt = torch.optim.Adam(d.model.parameters(), lr=1e-4)
+
+        def step(d=d, opt=opt, images=images):
+            loss = d(images)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        fns[p] = with_backend(p, step)
+    out["training step, batch 32"] = (fns, 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batches", default="1,16,128")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = cases([int(b) for b in args.batches.split(",")])
+    times = {(c, p): [] for c in table for p in PROVIDERS}
+    for fns, _ in table.values():
+        for fn in fns.values():
+            fn()
+            fn()  # compile, warm caches
+    for _ in range(args.rounds):
+        for case, (fns, per) in table.items():
+            for p, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[(case, p)].append((time.perf_counter() - start) / per)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds; "
+          "median (best) per call")
+    print("| case | eager | torch.compile | fastddpm | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|")
+    for case in table:
+        med = {p: statistics.median(times[(case, p)]) * 1e3 for p in PROVIDERS}
+        best = {p: min(times[(case, p)]) * 1e3 for p in PROVIDERS}
+        cells = " | ".join(f"{med[p]:.2f} ms ({best[p]:.2f})" for p in PROVIDERS)
+        print(f"| {case} | {cells} | {med['eager'] / med['fastddpm']:.2f}× | "
+              f"{med['compile'] / med['fastddpm']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
