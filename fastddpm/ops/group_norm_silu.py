@@ -40,24 +40,41 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fake_forward(name, x, num_groups, save_grad):
+    torch._check(x.dim() >= 2, lambda: f"{name}: x must have at least 2 dimensions [N, C, *]")
+    torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
+                 lambda: f"{name}: C = {x.shape[1]} is not divisible by {num_groups} groups")
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
+    out = (torch.empty_like(x), stats, torch.empty_like(stats))
+    return out + (torch.empty_like(x, dtype=_stat_dtype(x.dtype)),) if save_grad else out
+
+
+def _fake_backward(name, grad_y, x, weight, bias):
+    torch._check(grad_y.shape == x.shape, lambda: f"{name}: grad_y must have x's shape")
+    grad_weight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    return torch.empty_like(x), grad_weight, grad_bias
+
+
 def _register() -> None:
     if _extension.load() is None:
         return
 
     @torch.library.register_fake(OP)
     def _(x, num_groups, weight, bias, eps):
-        torch._check(x.dim() >= 2, lambda: "group_norm_silu: x must have at least 2 dimensions [N, C, *]")
-        torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
-                     lambda: f"group_norm_silu: C = {x.shape[1]} is not divisible by {num_groups} groups")
-        stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
-        return torch.empty_like(x), stats, torch.empty_like(stats)
+        return _fake_forward("group_norm_silu", x, num_groups, False)
 
     @torch.library.register_fake(BACKWARD_OP)
     def _(grad_y, x, mean, rstd, weight, bias, num_groups):
-        torch._check(grad_y.shape == x.shape, lambda: "group_norm_silu_backward: grad_y must have x's shape")
-        grad_weight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-        grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
-        return torch.empty_like(x), grad_weight, grad_bias
+        return _fake_backward("group_norm_silu_backward", grad_y, x, weight, bias)
+
+    @torch.library.register_fake(TRAIN_OP)
+    def _(x, num_groups, weight, bias, eps):
+        return _fake_forward("group_norm_silu_train", x, num_groups, True)
+
+    @torch.library.register_fake(TRAIN_BACKWARD_OP)
+    def _(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups):
+        return _fake_backward("group_norm_silu_train_backward", grad_y, x, weight, bias)
 
     def setup_context(ctx, inputs, output):
         x, num_groups, weight, bias, _ = inputs
@@ -76,23 +93,6 @@ def _register() -> None:
                 grad_bias if bias is not None and ctx.needs_input_grad[3] else None, None)
 
     torch.library.register_autograd(OP, backward, setup_context=setup_context)
-
-    @torch.library.register_fake(TRAIN_OP)
-    def _(x, num_groups, weight, bias, eps):
-        torch._check(x.dim() >= 2, lambda: "group_norm_silu_train: x must have at least 2 dimensions [N, C, *]")
-        torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
-                     lambda: f"group_norm_silu_train: C = {x.shape[1]} is not divisible by {num_groups} groups")
-        stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
-        return (torch.empty_like(x), stats, torch.empty_like(stats),
-                torch.empty_like(x, dtype=_stat_dtype(x.dtype)))
-
-    @torch.library.register_fake(TRAIN_BACKWARD_OP)
-    def _(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups):
-        torch._check(grad_y.shape == x.shape,
-                     lambda: "group_norm_silu_train_backward: grad_y must have x's shape")
-        grad_weight = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-        grad_bias = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
-        return torch.empty_like(x), grad_weight, grad_bias
 
     def setup_context_train(ctx, inputs, output):
         x, num_groups, weight, bias, _ = inputs
