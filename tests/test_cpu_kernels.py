@@ -255,6 +255,33 @@ def test_float64_steps(sched):
     assert out[0].dtype == torch.float64 and rel_err(out[0], ref[0]) < 1e-6  # the tables are float32
 
 
+def test_tables_are_read_in_place_in_float32_float64_or_strided(sched):
+    """The per-sample table lookups read float32 and float64 tables, and strided 2-D ones, where they lie:
+    float64 tables that hold the float32 values give the same bits."""
+    x, o, n, t, seed = data((3, 2, 5, 5)), data((3, 2, 5, 5)), data((3, 2, 5, 5)), timesteps(3), torch.tensor([9])
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    tables64 = tuple(tab.double() for tab in tables)
+    assert torch.equal(ops.q_sample(x, t, *tables, n), ops.q_sample(x, t, *tables64, n))
+    assert torch.equal(ops.q_sample_philox(x, t, *tables, seed, 3, False)[0],
+                       ops.q_sample_philox(x, t, *tables64, seed, 3, False)[0])
+    for objective in (0, 1, 2):
+        assert torch.equal(ops.diffusion_loss(o, x, t, *tables, n, None, 0, objective, 5.0, 0),
+                           ops.diffusion_loss(o, x, t, *tables64, n, None, 0, objective, 5.0, 0))
+    table = sched.reverse_table()
+    column_major = table.t().contiguous().t()
+    assert not column_major.is_contiguous()
+    for other in (table.double(), column_major):
+        for a, b in zip(ops.p_sample_step(o, x, t, table, n, None, 0, 0, 1.0, None, True, False),
+                        ops.p_sample_step(o, x, t, other, n, None, 0, 0, 1.0, None, True, False)):
+            assert torch.equal(a, b)
+        t_prev = (t - 300).clamp(min=-1)
+        for a, b in zip(ops.ddim_step(o, x, t, t_prev, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,
+                                      None, True, True, False),
+                        ops.ddim_step(o, x, t, t_prev, other, sched.alphas_cumprod.double(), n, None, 0, 2, 0.5, 1.0,
+                                      None, None, True, True, False)):
+            assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- threads, poison, opcheck
 def _every_op(sched, x, t, seed):
     o = torch.sin(x * 3)
