@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastddpm import _extension, reference
-from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops import new_seed
+from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import philox_noise_like, q_sample
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -111,6 +112,71 @@ def test_loss_regenerates_the_noise_q_sample_drew(sched):
         regenerated = diffusion_loss(sched, pred, x, t, seed=seed, offset=5, objective=objective, backend="cpp")
         stored = diffusion_loss(sched, pred, x, t, eps, objective=objective, backend="cpp")
         assert torch.equal(regenerated, stored)
+
+
+def test_noised_stores_eps_on_cpp_and_the_loss_equals_the_regenerated_one_bit_for_bit(sched):
+    """fastddpm.ops.diffusion_loss.noised on the C++ CPU kernels: q_sample writes ε (float32/float64 x_0) and the
+    loss reads it; loss and gradient equal those of the loss that regenerates ε from the key, bit for bit
+    (a bfloat16 network output included)."""
+    x, t = data((4, 3, 8, 8)), timesteps(4)
+    for dtype, pred_dtype in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                              (torch.float32, torch.bfloat16)):
+        x0 = x.to(dtype)
+        pred = torch.randn(x.shape).to(pred_dtype).requires_grad_(True)
+        x_t, kwargs = noised(sched, x0, t, backend="cpp", generator=torch.Generator().manual_seed(5))
+        assert list(kwargs) == ["noise"] and kwargs["noise"].dtype == dtype and not kwargs["noise"].requires_grad
+        seed = new_seed("cpu", torch.Generator().manual_seed(5))  # the key noised drew
+        assert torch.equal(x_t, q_sample(sched, x0, t, seed=seed, backend="cpp")[0])
+        for objective, gamma, reduction in (("pred_noise", None, "mean"), ("pred_v", 5.0, "none"),
+                                            ("pred_x0", 5.0, "mean")):
+            args = dict(objective=objective, min_snr_gamma=gamma, reduction=reduction, backend="cpp")
+            stored = diffusion_loss(sched, pred, x0, t, **kwargs, **args)
+            regenerated = diffusion_loss(sched, pred, x0, t, seed=seed, **args)
+            assert torch.equal(stored, regenerated)
+            grads = [torch.autograd.grad(loss.sum(), pred)[0] for loss in (stored, regenerated)]
+            assert torch.equal(*grads)
+    # x_0 that requires grad: ε is detached, so no gradient flows into it (and none is computed for it)
+    x0 = x.clone().requires_grad_(True)
+    _, kwargs = noised(sched, x0, t, backend="cpp")
+    assert not kwargs["noise"].requires_grad
+
+
+def test_noised_regenerates_eps_for_low_precision_data_and_on_triton(sched):
+    """float16/bfloat16 x_0 (a stored ε would be rounded) and the Triton kernels (GPUs) pass the key."""
+    x, t = data((2, 3, 8, 8)), timesteps(2)
+    for dtype in (torch.float16, torch.bfloat16):
+        x_t, kwargs = noised(sched, x.to(dtype), t, backend="cpp", generator=torch.Generator().manual_seed(1))
+        assert list(kwargs) == ["seed"]
+        assert torch.equal(kwargs["seed"], new_seed("cpu", torch.Generator().manual_seed(1)))
+        assert torch.equal(x_t, q_sample(sched, x.to(dtype), t, seed=kwargs["seed"], backend="cpp")[0])
+    _, kwargs = noised(sched, x, t, backend="triton")  # on CPU tensors through the Triton interpreter
+    assert list(kwargs) == ["seed"]
+
+
+def test_diffusion_on_cpp_passes_the_stored_eps_to_the_loss(monkeypatch):
+    """Diffusion's fused CPU path goes through noised: the loss gets ε (not a key) for float32 data, and the
+    loss is the one the key would give."""
+    import fastddpm.diffusion as diffusion_module
+    from fastddpm import Diffusion
+
+    from .conftest import TinyNet
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion_module, "_diffusion_loss_op", spy)
+    d = Diffusion(TinyNet(timesteps=20), image_size=6, timesteps=20, beta_schedule="cosine", backend="cpp")
+    x0, t = torch.rand(2, 3, 6, 6) * 2 - 1, torch.tensor([3, 17])
+    torch.manual_seed(2)
+    loss = d.p_losses(x0, t)
+    assert calls[-1].get("noise") is not None and calls[-1].get("seed") is None
+    torch.manual_seed(2)
+    seed = new_seed("cpu")
+    x_t = q_sample(d.schedule, x0, t, seed=seed, backend="cpp")[0]
+    assert torch.equal(loss, diffusion_loss(d.schedule, d.model(x_t, t), x0, t, seed=seed, backend="cpp"))
 
 
 def test_odd_layout_is_made_dense(sched):
