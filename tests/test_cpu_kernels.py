@@ -420,6 +420,41 @@ def test_opcheck_every_op(sched):
             torch.library.opcheck(op, args)
 
 
+def test_entry_points_skip_autograd_only_where_no_gradient_flows(sched):
+    """fastddpm.ops.call_op: below the autograd layer (no grad mode, or no input requiring grad) the results are
+    the same; with an input requiring grad the gradient still flows; and torch.compile(fullgraph=True) traces
+    the entry points (noised → network → loss, and the reverse steps) without a graph break."""
+    x, n, t = data((2, 3, 6, 6)), data((2, 3, 6, 6)), timesteps(2)
+    with_grad = q_sample(sched, x, t, n, backend="cpp")
+    with torch.no_grad():
+        assert torch.equal(q_sample(sched, x, t, n, backend="cpp"), with_grad)
+    xg = x.clone().requires_grad_(True)
+    out = q_sample(sched, xg, t, n, backend="cpp")
+    assert out.requires_grad and torch.equal(out.detach(), with_grad)
+    (grad,) = torch.autograd.grad(out.sum(), xg)
+    assert torch.equal(grad, reference.extract(sched.sqrt_alphas_cumprod, t, x).expand_as(x).float())
+
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def step(x, t):
+        x_t, noise_kwargs = noised(sched, x, t, backend="cpp", check=False)
+        return diffusion_loss(sched, net(x_t), x, t, **noise_kwargs, objective="pred_v", backend="cpp", check=False)
+
+    def sample(o, x, t):
+        with torch.no_grad():
+            a = p_sample_step(sched, o, x, t, seed=torch.tensor([3]), backend="cpp", check=False)[0]
+            return ddim_step(sched, o, a, t, t - 1, eta=0.5, seed=torch.tensor([4]), backend="cpp", check=False)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    loss = compiled(x, t)
+    loss.backward()
+    torch.manual_seed(3)
+    assert torch.equal(loss, step(x, t)) and net.weight.grad is not None
+    compiled_sample = torch.compile(sample, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled_sample(n, x, t), sample(n, x, t))
+
+
 def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
     """Diffusion on the cpp backend takes the fused path (ε drawn in q_sample, regenerated in the loss) and its
     sampling loops draw z in-kernel; both reproducible under torch.manual_seed."""

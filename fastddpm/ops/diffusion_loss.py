@@ -13,7 +13,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
+from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
                           choose_backend, dense, new_seed)
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
@@ -211,7 +211,7 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     if backend == "triton":
         return torch.ops.fastddpm.diffusion_loss_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return torch.ops.fastddpm.diffusion_loss(*args)
+        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)
     if seed is not None:
         noise = philox_noise_like(dense(model_output), seed, offset)
     return reference.diffusion_loss(schedule, model_output, x_start if x_start is not None else model_output, t,
