@@ -92,9 +92,9 @@ def call_op(op, *args):
     no_grad or when no input requires grad: ~6–10 µs, several times a small op's kernel (torch.add on a small
     tensor takes ~2 µs), and ~1% of a 1M-element kernel. When grad mode is off or no tensor argument requires
     grad, the call goes straight to the backend kernel (``torch._C._AutoDispatchBelowAutograd``) with the same
-    results: outputs that require no grad, as the autograd kernel would return them. Ops with no autograd
-    (the reverse steps) skip the autograd fallback the same way. While torch.compile traces, the op is called
-    plainly: the compiled graph has no per-call autograd kernel to skip.
+    results: outputs that require no grad, as the autograd kernel would return them. While torch.compile
+    traces, the op is called plainly: the compiled graph has no per-call autograd kernel to skip. Ops with no
+    autograd registered (the reverse steps) gain nothing from it: the dispatcher's fallback for them is C++.
     """
     if torch.is_grad_enabled():
         for a in args:  # (a loop: cheaper than any() over a generator, which matters here)

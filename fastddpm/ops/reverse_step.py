@@ -12,7 +12,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
+from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
                           choose_backend, dense, new_seed)
 from fastddpm.ops.q_sample import philox_noise_like
 
@@ -221,7 +221,9 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
     if backend == "triton":
         return torch.ops.fastddpm.p_sample_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return call_op(torch.ops.fastddpm.p_sample_step.default, *args)
+        # (a plain call, not fastddpm.ops.call_op: no Python autograd kernel is registered for the steps,
+        # and the dispatcher's C++ fallback costs less than scanning 12 arguments for requires_grad)
+        return torch.ops.fastddpm.p_sample_step.default(*args)
     return _p_sample_step_cpu(*args)
 
 
@@ -250,5 +252,5 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="
     if backend == "triton":
         return torch.ops.fastddpm.ddim_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return call_op(torch.ops.fastddpm.ddim_step.default, *args)
+        return torch.ops.fastddpm.ddim_step.default(*args)  # (plain: see p_sample_step)
     return _ddim_step_cpu(*args)
