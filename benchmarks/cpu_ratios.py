@@ -11,7 +11,7 @@ import torch
 
 from fastddpm import reference
 from fastddpm.ops import new_seed
-from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -22,9 +22,9 @@ noise = torch.randn_like(x0)
 def step_eager(pred, x0, t):
     n = torch.randn_like(x0); x_t = reference.q_sample(sched, x0, t, n)
     return x_t, torch.autograd.grad(reference.diffusion_loss(sched, pred, x0, t, n), pred)[0]
-def step_fused(pred, x0, t):
-    seed = new_seed("cpu"); x_t, _ = q_sample(sched, x0, t, seed=seed, check=False)
-    return x_t, torch.autograd.grad(diffusion_loss(sched, pred, x0, t, seed=seed, check=False), pred)[0]
+def step_fused(pred, x0, t):  # ε from q_sample to the loss as Diffusion passes it
+    x_t, noise_kwargs = noised(sched, x0, t, check=False)
+    return x_t, torch.autograd.grad(diffusion_loss(sched, pred, x0, t, **noise_kwargs, check=False), pred)[0]
 def rev_eager(o, x, t): return reference.p_sample_step(sched, o, x, t, torch.randn_like(x))[0]
 def rev_fused(o, x, t): return p_sample_step(sched, o, x, t, seed=new_seed("cpu"), write_x0=False, check=False)[0]
 def nq_eager(x0, t): return reference.q_sample(sched, x0, t, torch.randn_like(x0))

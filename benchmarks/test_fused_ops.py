@@ -4,7 +4,9 @@ torch.compile of it) with ε from torch.randn:
 * noise + q_sample: x_t = √ᾱ x_0 + √(1−ᾱ) ε with ε drawn — reads x_0, writes x_t (ε in registers only);
 * loss forward + backward with ε regenerated (ε objective): forward reads pred, backward reads pred and writes
   ∂L/∂pred;
-* noise + q_sample + loss forward + backward: the part of a training step around the network;
+* noise + q_sample + loss forward + backward: the part of a training step around the network, ε passed from
+  q_sample to the loss as Diffusion passes it (fastddpm.ops.diffusion_loss.noised: regenerated from its
+  Philox key by the Triton kernels, written once and read back by the C++ CPU kernels);
 * the ancestral reverse step with z drawn: reads the model output and x_t, writes x_{t−1}.
 
 Bytes moved count what the algorithm must move (the fused minimum), so GB/s compares providers on one scale.
@@ -14,7 +16,7 @@ import torch
 
 from fastddpm import reference
 from fastddpm.ops import new_seed
-from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -84,9 +86,8 @@ def test_noise_q_sample_and_loss_forward_backward(benchmark, device, provider):
         return x_t, torch.autograd.grad(loss, pred)[0]
 
     def fused(pred, x0, t):
-        seed = new_seed(device)
-        x_t, _ = q_sample(sched, x0, t, seed=seed, check=False)
-        loss = diffusion_loss(sched, pred, x0, t, seed=seed, check=False)
+        x_t, noise_kwargs = noised(sched, x0, t, check=False)
+        loss = diffusion_loss(sched, pred, x0, t, **noise_kwargs, check=False)
         return x_t, torch.autograd.grad(loss, pred)[0]
 
     fn = pick(provider, eager, fused, device)

@@ -19,8 +19,9 @@ from torch import nn
 
 from fastddpm import reference, sampling
 from fastddpm.ops import check_backend
-from fastddpm.ops import choose_backend, new_seed
+from fastddpm.ops import choose_backend
 from fastddpm.ops.diffusion_loss import diffusion_loss as _diffusion_loss_op
+from fastddpm.ops.diffusion_loss import noised as _noised
 from fastddpm.ops.q_sample import q_sample as _q_sample_op
 from fastddpm.ops.reverse_step import p_sample_step as _p_sample_step_op
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -237,12 +238,12 @@ class Diffusion(nn.Module):
                          check=False)
         if (noise is None and self.offset_noise_strength == 0
                 and choose_backend("diffusion_loss", x_start.device, self.backend) in ("triton", "cpp")):
-            # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key and
-            # regenerated inside the loss from the same key, so it never goes to memory.
-            seed = new_seed(x_start.device)
-            x_t, _ = _q_sample_op(self.schedule, x_start, t, seed=seed, backend=self.backend, check=False)
+            # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key; the loss
+            # regenerates it from that key (Triton; float16/bfloat16 data) or reads it as q_sample wrote it (C++
+            # CPU kernels), as fastddpm.ops.diffusion_loss.noised decides.
+            x_t, noise_kwargs = _noised(self.schedule, x_start, t, backend=self.backend, check=False)
             out = self._model_output(x_t, t)
-            return _diffusion_loss_op(self.schedule, out, x_start, t, seed=seed, **loss_args)
+            return _diffusion_loss_op(self.schedule, out, x_start, t, **noise_kwargs, **loss_args)
         if noise is None:
             noise = torch.randn_like(x_start)
             if self.offset_noise_strength > 0:  # offset noise (Guttenberg 2023): a per-channel constant shift

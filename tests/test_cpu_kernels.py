@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastddpm import _extension, reference
-from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops import new_seed
+from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import philox_noise_like, q_sample
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -111,6 +112,71 @@ def test_loss_regenerates_the_noise_q_sample_drew(sched):
         regenerated = diffusion_loss(sched, pred, x, t, seed=seed, offset=5, objective=objective, backend="cpp")
         stored = diffusion_loss(sched, pred, x, t, eps, objective=objective, backend="cpp")
         assert torch.equal(regenerated, stored)
+
+
+def test_noised_stores_eps_on_cpp_and_the_loss_equals_the_regenerated_one_bit_for_bit(sched):
+    """fastddpm.ops.diffusion_loss.noised on the C++ CPU kernels: q_sample writes ε (float32/float64 x_0) and the
+    loss reads it; loss and gradient equal those of the loss that regenerates ε from the key, bit for bit
+    (a bfloat16 network output included)."""
+    x, t = data((4, 3, 8, 8)), timesteps(4)
+    for dtype, pred_dtype in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                              (torch.float32, torch.bfloat16)):
+        x0 = x.to(dtype)
+        pred = torch.randn(x.shape).to(pred_dtype).requires_grad_(True)
+        x_t, kwargs = noised(sched, x0, t, backend="cpp", generator=torch.Generator().manual_seed(5))
+        assert list(kwargs) == ["noise"] and kwargs["noise"].dtype == dtype and not kwargs["noise"].requires_grad
+        seed = new_seed("cpu", torch.Generator().manual_seed(5))  # the key noised drew
+        assert torch.equal(x_t, q_sample(sched, x0, t, seed=seed, backend="cpp")[0])
+        for objective, gamma, reduction in (("pred_noise", None, "mean"), ("pred_v", 5.0, "none"),
+                                            ("pred_x0", 5.0, "mean")):
+            args = dict(objective=objective, min_snr_gamma=gamma, reduction=reduction, backend="cpp")
+            stored = diffusion_loss(sched, pred, x0, t, **kwargs, **args)
+            regenerated = diffusion_loss(sched, pred, x0, t, seed=seed, **args)
+            assert torch.equal(stored, regenerated)
+            grads = [torch.autograd.grad(loss.sum(), pred)[0] for loss in (stored, regenerated)]
+            assert torch.equal(*grads)
+    # x_0 that requires grad: ε is detached, so no gradient flows into it (and none is computed for it)
+    x0 = x.clone().requires_grad_(True)
+    _, kwargs = noised(sched, x0, t, backend="cpp")
+    assert not kwargs["noise"].requires_grad
+
+
+def test_noised_regenerates_eps_for_low_precision_data_and_on_triton(sched):
+    """float16/bfloat16 x_0 (a stored ε would be rounded) and the Triton kernels (GPUs) pass the key."""
+    x, t = data((2, 3, 8, 8)), timesteps(2)
+    for dtype in (torch.float16, torch.bfloat16):
+        x_t, kwargs = noised(sched, x.to(dtype), t, backend="cpp", generator=torch.Generator().manual_seed(1))
+        assert list(kwargs) == ["seed"]
+        assert torch.equal(kwargs["seed"], new_seed("cpu", torch.Generator().manual_seed(1)))
+        assert torch.equal(x_t, q_sample(sched, x.to(dtype), t, seed=kwargs["seed"], backend="cpp")[0])
+    _, kwargs = noised(sched, x, t, backend="triton")  # on CPU tensors through the Triton interpreter
+    assert list(kwargs) == ["seed"]
+
+
+def test_diffusion_on_cpp_passes_the_stored_eps_to_the_loss(monkeypatch):
+    """Diffusion's fused CPU path goes through noised: the loss gets ε (not a key) for float32 data, and the
+    loss is the one the key would give."""
+    import fastddpm.diffusion as diffusion_module
+    from fastddpm import Diffusion
+
+    from .conftest import TinyNet
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return diffusion_loss(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion_module, "_diffusion_loss_op", spy)
+    d = Diffusion(TinyNet(timesteps=20), image_size=6, timesteps=20, beta_schedule="cosine", backend="cpp")
+    x0, t = torch.rand(2, 3, 6, 6) * 2 - 1, torch.tensor([3, 17])
+    torch.manual_seed(2)
+    loss = d.p_losses(x0, t)
+    assert calls[-1].get("noise") is not None and calls[-1].get("seed") is None
+    torch.manual_seed(2)
+    seed = new_seed("cpu")
+    x_t = q_sample(d.schedule, x0, t, seed=seed, backend="cpp")[0]
+    assert torch.equal(loss, diffusion_loss(d.schedule, d.model(x_t, t), x0, t, seed=seed, backend="cpp"))
 
 
 def test_odd_layout_is_made_dense(sched):
@@ -255,6 +321,33 @@ def test_float64_steps(sched):
     assert out[0].dtype == torch.float64 and rel_err(out[0], ref[0]) < 1e-6  # the tables are float32
 
 
+def test_tables_are_read_in_place_in_float32_float64_or_strided(sched):
+    """The per-sample table lookups read float32 and float64 tables, and strided 2-D ones, where they lie:
+    float64 tables that hold the float32 values give the same bits."""
+    x, o, n, t, seed = data((3, 2, 5, 5)), data((3, 2, 5, 5)), data((3, 2, 5, 5)), timesteps(3), torch.tensor([9])
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    tables64 = tuple(tab.double() for tab in tables)
+    assert torch.equal(ops.q_sample(x, t, *tables, n), ops.q_sample(x, t, *tables64, n))
+    assert torch.equal(ops.q_sample_philox(x, t, *tables, seed, 3, False)[0],
+                       ops.q_sample_philox(x, t, *tables64, seed, 3, False)[0])
+    for objective in (0, 1, 2):
+        assert torch.equal(ops.diffusion_loss(o, x, t, *tables, n, None, 0, objective, 5.0, 0),
+                           ops.diffusion_loss(o, x, t, *tables64, n, None, 0, objective, 5.0, 0))
+    table = sched.reverse_table()
+    column_major = table.t().contiguous().t()
+    assert not column_major.is_contiguous()
+    for other in (table.double(), column_major):
+        for a, b in zip(ops.p_sample_step(o, x, t, table, n, None, 0, 0, 1.0, None, True, False),
+                        ops.p_sample_step(o, x, t, other, n, None, 0, 0, 1.0, None, True, False)):
+            assert torch.equal(a, b)
+        t_prev = (t - 300).clamp(min=-1)
+        for a, b in zip(ops.ddim_step(o, x, t, t_prev, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,
+                                      None, True, True, False),
+                        ops.ddim_step(o, x, t, t_prev, other, sched.alphas_cumprod.double(), n, None, 0, 2, 0.5, 1.0,
+                                      None, None, True, True, False)):
+            assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- threads, poison, opcheck
 def _every_op(sched, x, t, seed):
     o = torch.sin(x * 3)
@@ -325,6 +418,41 @@ def test_opcheck_every_op(sched):
                                           1.0, None, True, False, True))]
         for op, args in cases:
             torch.library.opcheck(op, args)
+
+
+def test_entry_points_skip_autograd_only_where_no_gradient_flows(sched):
+    """fastddpm.ops.call_op: below the autograd layer (no grad mode, or no input requiring grad) the results are
+    the same; with an input requiring grad the gradient still flows; and torch.compile(fullgraph=True) traces
+    the entry points (noised → network → loss, and the reverse steps) without a graph break."""
+    x, n, t = data((2, 3, 6, 6)), data((2, 3, 6, 6)), timesteps(2)
+    with_grad = q_sample(sched, x, t, n, backend="cpp")
+    with torch.no_grad():
+        assert torch.equal(q_sample(sched, x, t, n, backend="cpp"), with_grad)
+    xg = x.clone().requires_grad_(True)
+    out = q_sample(sched, xg, t, n, backend="cpp")
+    assert out.requires_grad and torch.equal(out.detach(), with_grad)
+    (grad,) = torch.autograd.grad(out.sum(), xg)
+    assert torch.equal(grad, reference.extract(sched.sqrt_alphas_cumprod, t, x).expand_as(x).float())
+
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def step(x, t):
+        x_t, noise_kwargs = noised(sched, x, t, backend="cpp", check=False)
+        return diffusion_loss(sched, net(x_t), x, t, **noise_kwargs, objective="pred_v", backend="cpp", check=False)
+
+    def sample(o, x, t):
+        with torch.no_grad():
+            a = p_sample_step(sched, o, x, t, seed=torch.tensor([3]), backend="cpp", check=False)[0]
+            return ddim_step(sched, o, a, t, t - 1, eta=0.5, seed=torch.tensor([4]), backend="cpp", check=False)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    loss = compiled(x, t)
+    loss.backward()
+    torch.manual_seed(3)
+    assert torch.equal(loss, step(x, t)) and net.weight.grad is not None
+    compiled_sample = torch.compile(sample, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled_sample(n, x, t), sample(n, x, t))
 
 
 def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():

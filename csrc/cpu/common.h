@@ -65,7 +65,7 @@ inline uint64_t check_seed(const char* op, const at::Tensor& seed) {
   check_cpu(op, seed, "seed");
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() >= 1, op,
               ": seed must be an int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes());
-  return static_cast<uint64_t>(seed.reshape(-1)[0].item<int64_t>());
+  return static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);  // element 0, whatever the strides
 }
 
 // t as a vector, every value checked to lie in [low, T) (low = -1 allows DDIM's end marker).
@@ -81,14 +81,24 @@ inline std::vector<int64_t> timesteps(const char* op, const at::Tensor& t, const
   return out;
 }
 
-// row[t[b]] for each sample, in float64 (rows of a 1-D or 2-D float table).
+// row[t[b]] for each sample, in float64 (rows of a 1-D or 2-D float32 or float64 table, as check_table
+// allows), read in place: no conversion of the table, no allocation but the result. t < 0 (DDIM's end
+// marker) reads column 0; callers check t's range (timesteps).
 inline std::vector<double> gather(const at::Tensor& table, int64_t row, const std::vector<int64_t>& t) {
-  const at::Tensor tab = table.dim() == 1 ? table.unsqueeze(0) : table;
-  const at::Tensor r = tab.select(0, row).to(at::kDouble).contiguous();
-  const double* p = r.const_data_ptr<double>();
+  const int64_t stride = table.stride(table.dim() - 1);
+  const int64_t start = table.dim() == 1 ? 0 : row * table.stride(0);
   std::vector<double> out(t.size());
-  for (size_t b = 0; b < t.size(); ++b) {
-    out[b] = p[t[b] < 0 ? 0 : t[b]];
+  auto read = [&](const auto* p) {
+    p += start;
+    for (size_t b = 0; b < t.size(); ++b) {
+      out[b] = static_cast<double>(p[(t[b] < 0 ? 0 : t[b]) * stride]);
+    }
+  };
+  if (table.scalar_type() == at::kDouble) {
+    read(table.const_data_ptr<double>());
+  } else {
+    TORCH_CHECK(table.scalar_type() == at::kFloat, "table must be float32 or float64, got ", table.scalar_type());
+    read(table.const_data_ptr<float>());
   }
   return out;
 }

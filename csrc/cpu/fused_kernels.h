@@ -240,7 +240,35 @@ void for_each_block(int64_t B, int64_t N, const Noise* noise, const Fn& fn) {
   });
 }
 
+// Runs fn(b, lo, n) over runs of consecutive elements of one sample (sample b, elements [lo, lo + n)) that
+// cover the B·N elements: the flat index range split over the threads as ATen's elementwise loops split it
+// (grain kGrainElements), each thread's range cut at sample boundaries. For element-wise kernels with no
+// noise to draw: every element is computed on its own by the same code, so the split changes no result.
+template <typename Fn>
+void for_each_run(int64_t B, int64_t N, const Fn& fn) {
+  if (B == 0 || N == 0) {
+    return;
+  }
+  at::parallel_for(0, B * N, kGrainElements, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / N, lo = begin - b * N;
+      const int64_t n = std::min(end - begin, N - lo);
+      fn(b, lo, n);
+      begin += n;
+    }
+  });
+}
+
 // ---------------------------------------------------------------- q_sample (noise given or drawn)
+// x_t = a x_0 + s ε over n elements of one sample (its a = √ᾱ_t, s = √(1 − ᾱ_t)).
+template <typename scalar_t, typename opmath_t>
+inline void q_sample_given(const scalar_t* __restrict__ x, const scalar_t* __restrict__ noise,
+                           scalar_t* __restrict__ out, opmath_t a, opmath_t s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(x[i]) + s * static_cast<opmath_t>(noise[i]));
+  }
+}
+
 template <typename scalar_t>
 void q_sample_philox_typed(const QSampleArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -248,20 +276,22 @@ void q_sample_philox_typed(const QSampleArgs& args) {
   const scalar_t* x = args.x.const_data_ptr<scalar_t>();
   scalar_t* out = args.out.mutable_data_ptr<scalar_t>();
   scalar_t* noise_out = args.noise_out.defined() ? args.noise_out.mutable_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* given = args.noise.drawn ? nullptr : args.noise.given.const_data_ptr<scalar_t>();
-  for_each_block(B, N, args.noise.drawn ? &args.noise : nullptr,
-                 [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
+  if (!args.noise.drawn) {
+    // ε given: a plain stream over long runs (no noise buffer to fill, so no kBlock-element blocks), as fast
+    // as torch.add's loop. out is a fresh tensor: it aliases neither input.
+    const scalar_t* given = args.noise.given.const_data_ptr<scalar_t>();
+    for_each_run(B, N, [&](int64_t b, int64_t lo, int64_t n) {
+      const int64_t base = b * N + lo;
+      q_sample_given<scalar_t, opmath_t>(x + base, given + base, out + base, static_cast<opmath_t>(args.a[b]),
+                                         static_cast<opmath_t>(args.s[b]), n);
+    });
+    return;
+  }
+  for_each_block(B, N, &args.noise, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
     const int64_t base = b * N + lo;
     const auto a = static_cast<opmath_t>(args.a[b]), s = static_cast<opmath_t>(args.s[b]);
     const scalar_t* xb = x + base;
     scalar_t* ob = out + base;
-    if (given != nullptr) {
-      const scalar_t* gb = given + base;
-      for (int64_t i = 0; i < n; ++i) {
-        ob[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(xb[i]) + s * static_cast<opmath_t>(gb[i]));
-      }
-      return;
-    }
     for (int64_t i = 0; i < n; ++i) {
       ob[i] = static_cast<scalar_t>(a * static_cast<opmath_t>(xb[i]) + s * static_cast<opmath_t>(z[i]));
     }

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -18,13 +19,7 @@
 namespace fastddpm {
 namespace {
 
-bool is_float_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "q_sample: ", name, " must be a CPU tensor, got one on ", x.device());
-}
+void check_cpu(const at::Tensor& x, const char* name) { cpu::check_cpu("q_sample", x, name); }
 
 void check_table(const at::Tensor& table, const char* name) {
   check_cpu(table, name);
@@ -38,7 +33,7 @@ void check_inputs(const at::Tensor& x_start, const at::Tensor& t, const at::Tens
   check_cpu(x_start, "x_start");
   check_cpu(t, "t");
   check_cpu(noise, "noise");
-  TORCH_CHECK(is_float_dtype(x_start.scalar_type()),
+  TORCH_CHECK(cpu::is_float_dtype(x_start.scalar_type()),
               "q_sample: x_start must be a floating tensor (float32, float64, float16 or bfloat16), got ",
               x_start.scalar_type());
   TORCH_CHECK(x_start.dim() >= 1, "q_sample: x_start must have at least 1 dimension (the batch)");
@@ -57,16 +52,13 @@ void check_inputs(const at::Tensor& x_start, const at::Tensor& t, const at::Tens
               "got ", sqrt_alphas_cumprod.size(0), " and ", sqrt_one_minus_alphas_cumprod.size(0));
 }
 
-// table[t[b]] for every sample b; checks every t in [0, T).
-std::vector<double> gather(const at::Tensor& table, const at::Tensor& t) {
-  const at::Tensor table64 = table.to(at::kDouble);
-  const auto tab = table64.accessor<double, 1>();
+// t as a vector, every value checked to lie in [0, T) (this op's message; cpu::timesteps words it otherwise).
+std::vector<int64_t> checked_timesteps(const at::Tensor& t, int64_t T) {
   const auto ts = t.accessor<int64_t, 1>();
-  const int64_t T = table.size(0);
-  std::vector<double> out(ts.size(0));
+  std::vector<int64_t> out(ts.size(0));
   for (int64_t b = 0; b < ts.size(0); ++b) {
     TORCH_CHECK(0 <= ts[b] && ts[b] < T, "q_sample: t[", b, "] = ", ts[b], " is out of range [0, ", T, ")");
-    out[b] = tab[ts[b]];
+    out[b] = ts[b];
   }
   return out;
 }
@@ -80,8 +72,9 @@ bool batch_outermost_dense(const at::Tensor& x) {
 at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
                         const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
   check_inputs(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise);
-  const std::vector<double> coef_x = gather(sqrt_alphas_cumprod, t);
-  const std::vector<double> coef_n = gather(sqrt_one_minus_alphas_cumprod, t);
+  const std::vector<int64_t> ts = checked_timesteps(t, sqrt_alphas_cumprod.size(0));
+  std::vector<double> coef_x = cpu::gather(sqrt_alphas_cumprod, 0, ts);
+  std::vector<double> coef_n = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
 
   // The output is empty_like(x_start), as the op's fake implementation says: x_start's strides when it is
   // dense, else the suggested layout. The kernel walks raw memory with the batch outermost; for a dense
@@ -104,8 +97,8 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
   cpu::QSampleArgs args;
   args.x = x;
   args.out = work;
-  args.a = coef_x;
-  args.s = coef_n;
+  args.a = std::move(coef_x);
+  args.s = std::move(coef_n);
   args.noise.given = n;
   cpu::kernels().q_sample(args);
   if (!direct) {

@@ -13,9 +13,9 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense)
-from fastddpm.ops.q_sample import _Tables, philox_noise_like
+from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
+                          choose_backend, dense, new_seed)
+from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
 OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
@@ -211,9 +211,35 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     if backend == "triton":
         return torch.ops.fastddpm.diffusion_loss_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return torch.ops.fastddpm.diffusion_loss(*args)
+        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)
     if seed is not None:
         noise = philox_noise_like(dense(model_output), seed, offset)
     return reference.diffusion_loss(schedule, model_output, x_start if x_start is not None else model_output, t,
                                     noise if noise is not None else model_output, objective, min_snr_gamma,
                                     reduction)
+
+
+# ----------------------------------------------------------------------------- q_sample → loss: where ε lives
+def noised(schedule, x_start: torch.Tensor, t: torch.Tensor, *, backend: str = "auto",
+           generator: torch.Generator | None = None, check: bool = True) -> tuple[torch.Tensor, dict]:
+    """x_t = q_sample(x_0, t) with ε drawn in-kernel, and how the loss gets that same ε: ``(x_t, noise_kwargs)``,
+    to be passed on as ``diffusion_loss(schedule, model(x_t, t), x_start, t, **noise_kwargs)``.
+
+    The one place that decides whether ε is stored or regenerated (Diffusion and the benchmarks call it):
+      * ``{"noise": ε}``: q_sample writes ε and the loss forward and backward read it. On the CPU (C++ kernels,
+        or the reference) drawing ε (Philox + Box–Muller, ~2 ns an element on one core) costs ~10× streaming
+        it, so one draw and two reads beat three draws.
+      * ``{"seed": key}``: the loss regenerates ε from the Philox key q_sample drew it with. The Triton
+        kernels (GPUs: bandwidth-bound, where recomputing is cheaper than a round trip through memory), and
+        float16/bfloat16 x_0 on any backend: a stored ε would be rounded to x_0's dtype and change the loss
+        target, regenerated it stays the float32 draw.
+    Both give the loss the same ε, bit for bit.
+    """
+    backend = choose_backend("q_sample", x_start.device, backend)
+    seed = new_seed(x_start.device, generator)
+    if backend == "triton" or x_start.dtype not in (torch.float32, torch.float64):
+        x_t, _ = q_sample(schedule, x_start, t, seed=seed, backend=backend, check=check)
+        return x_t, {"seed": seed}
+    x_t, eps = q_sample(schedule, x_start, t, seed=seed, write_noise=True, backend=backend, check=check)
+    # ε does not depend on x_0: detached, so that a loss with x_start requiring grad sends no gradient to it
+    return x_t, {"noise": eps.detach()}

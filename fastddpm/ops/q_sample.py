@@ -15,7 +15,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
+from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
                           choose_backend, dense, new_seed)
 
 NAME = "q_sample"
@@ -171,12 +171,12 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
         if backend == "triton":
             return torch.ops.fastddpm.q_sample_triton(x_start, t, *tables, noise)
         if backend == "cpp":
-            return torch.ops.fastddpm.q_sample(x_start, t, *tables, noise)
+            return call_op(torch.ops.fastddpm.q_sample.default, x_start, t, *tables, noise)
         return reference.q_sample(schedule, x_start, t, noise)
     if seed is None:
         seed = new_seed(x_start.device, generator)
     if backend == "triton":
         return torch.ops.fastddpm.q_sample_philox_triton(x_start, t, *tables, seed, offset, write_noise)
     if backend == "cpp" and _extension.cpu_built():
-        return torch.ops.fastddpm.q_sample_philox(x_start, t, *tables, seed, offset, write_noise)
+        return call_op(torch.ops.fastddpm.q_sample_philox.default, x_start, t, *tables, seed, offset, write_noise)
     return q_sample_philox_cpu(x_start, t, *tables, seed, offset, write_noise)

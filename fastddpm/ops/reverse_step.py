@@ -221,7 +221,9 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
     if backend == "triton":
         return torch.ops.fastddpm.p_sample_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return torch.ops.fastddpm.p_sample_step(*args)
+        # (a plain call, not fastddpm.ops.call_op: no Python autograd kernel is registered for the steps,
+        # and the dispatcher's C++ fallback costs less than scanning 12 arguments for requires_grad)
+        return torch.ops.fastddpm.p_sample_step.default(*args)
     return _p_sample_step_cpu(*args)
 
 
@@ -250,5 +252,5 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="
     if backend == "triton":
         return torch.ops.fastddpm.ddim_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
-        return torch.ops.fastddpm.ddim_step(*args)
+        return torch.ops.fastddpm.ddim_step.default(*args)  # (plain: see p_sample_step)
     return _ddim_step_cpu(*args)
