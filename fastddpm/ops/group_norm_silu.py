@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, reference
-from fastddpm.ops import choose_backend
+from fastddpm.ops import call_op, choose_backend
 
 OP = "fastddpm::group_norm_silu"
 BACKWARD_OP = "fastddpm::group_norm_silu_backward"
@@ -133,5 +133,5 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     if choose_backend("group_norm_silu", x.device, backend) == "cpp":
         if x.device.type == "cpu" and _needs_grad(x, weight, bias):
             return torch.ops.fastddpm.group_norm_silu_train(x, num_groups, weight, bias, float(eps))[0]
-        return torch.ops.fastddpm.group_norm_silu(x, num_groups, weight, bias, float(eps))[0]
+        return call_op(torch.ops.fastddpm.group_norm_silu, x, num_groups, weight, bias, float(eps))[0]
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)
