@@ -58,6 +58,13 @@ TORCH_LIBRARY(fastddpm, m) {
       "diffusion_loss(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, int offset, int objective, "
       "float? min_snr_gamma, int reduction) -> Tensor");
+  // The training forward (CPU): (loss, d(loss)/d(model_output) for an incoming gradient of one — the scalar 1
+  // for mean, ones [B] for none), both from one pass; the backward then only scales that gradient. Drawing or
+  // reading ε and the prediction twice (forward, backward) costs more on a CPU than keeping the gradient.
+  m.def(
+      "diffusion_loss_train(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, int offset, int objective, "
+      "float? min_snr_gamma, int reduction) -> (Tensor, Tensor)");
   // d(loss)/d(model_output) for the incoming gradient `grad` of the loss (a scalar or [B]).
   m.def(
       "diffusion_loss_backward(Tensor grad, Tensor model_output, Tensor? x_start, Tensor t, "

@@ -225,6 +225,59 @@ def test_loss_float64_and_gradients_reach_x_start_and_noise(sched):
                 assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_loss_train_pair_keeps_the_backward_gradient(sched, dtype):
+    """diffusion_loss_train: the loss of diffusion_loss and, from the same pass, the gradient that
+    diffusion_loss_backward gives for an incoming gradient of one, bit for bit; through autograd (the entry
+    point takes it for a CPU prediction that alone requires grad) any incoming gradient scales it."""
+    tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    for shape, cl in (((3, 2, 5, 7), False), ((2, 3, 6, 6), True), ((4, 9), False)):
+        x, o, n, t = data(shape, dtype, cl), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
+        seed = torch.tensor([29])
+        for objective, gamma, reduction, given in itertools.product((0, 1, 2), (None, 5.0), (0, 1), (True, False)):
+            args = (o, x, t, *tables, n if given else None, None if given else seed, 3, objective, gamma, reduction)
+            loss, g = ops.diffusion_loss_train(*args)
+            ones = torch.ones(()) if reduction == 1 else torch.ones(shape[0])
+            assert torch.equal(loss, ops.diffusion_loss(*args))
+            assert torch.equal(g, ops.diffusion_loss_backward(ones, *args)) and g.stride() == o.stride()
+        name = {0: "pred_noise", 1: "pred_x0", 2: "pred_v"}
+        for objective, reduction in itertools.product((0, 1, 2), ("mean", "none")):
+            p = o.clone().requires_grad_(True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss = diffusion_loss(sched, p, x, t, n, objective=name[objective], reduction=reduction,
+                                      min_snr_gamma=5.0, backend="cpp")
+            assert "fastddpm::diffusion_loss_train" in {e.name for e in prof.events()}
+            grad_out = torch.rand_like(loss) + 0.5
+            (grad,) = torch.autograd.grad(loss, p, grad_out)
+            expected = ops.diffusion_loss_backward(grad_out, o, x, t, *tables, n, None, 0, objective, 5.0,
+                                                   int(reduction == "mean"))
+            assert rel_err(grad, expected) <= 4 * torch.finfo(dtype).eps  # one rounding more: scaled after
+            # loss.backward() of a mean loss: the gradient the forward kept, as it is
+            if reduction == "mean":
+                (grad,) = torch.autograd.grad(diffusion_loss(sched, p, x, t, n, objective=name[objective],
+                                                             min_snr_gamma=5.0, backend="cpp"), p)
+                assert torch.equal(grad, ops.diffusion_loss_backward(torch.ones(()), o, x, t, *tables, n, None, 0,
+                                                                     objective, 5.0, 1))
+
+
+def test_loss_train_pair_only_where_the_gradient_goes_to_the_prediction_alone(sched):
+    x, o, n, t = data((2, 3, 4, 4)), data((2, 3, 4, 4)), data((2, 3, 4, 4)), timesteps(2)
+
+    def ops_run(p, x0, noise, grad=True):
+        with torch.set_grad_enabled(grad), \
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            diffusion_loss(sched, p, x0, t, noise, objective="pred_v", backend="cpp")
+        return {e.name for e in prof.events()} & {"fastddpm::diffusion_loss", "fastddpm::diffusion_loss_train"}
+
+    train, plain = {"fastddpm::diffusion_loss_train"}, {"fastddpm::diffusion_loss"}
+    assert ops_run(o.requires_grad_(True), x, n) == train
+    assert ops_run(o, x, n, grad=False) == plain
+    assert ops_run(o.detach(), x, n) == plain
+    assert ops_run(o, x.requires_grad_(True), n) == plain  # x_0 needs its gradient: the general backward
+    assert ops_run(o, x.detach(), n.requires_grad_(True)) == plain
+    assert ops_run(o.detach().bfloat16().requires_grad_(True), x.bfloat16(), n.detach().bfloat16()) == plain
+
+
 def test_loss_mixed_dtypes_read_each_input_exactly(sched):
     """A bf16 network output against fp32 data: x_0 and ε are not rounded to bf16 on the way in."""
     x, t = data((3, 2, 6, 6)), timesteps(3)
@@ -361,6 +414,7 @@ def _every_op(sched, x, t, seed):
               for obj, gamma, red in ((0, None, 1), (1, 5.0, 0), (2, 5.0, 1))),
             ops.diffusion_loss(o, x, t, *tables, n, None, 0, 2, None, 1),
             ops.diffusion_loss_backward(g, o, x, t, *tables, None, seed, 5, 2, 5.0, 1),
+            *ops.diffusion_loss_train(o, x, t, *tables, None, seed, 5, 2, 5.0, 0),
             *ops.p_sample_step(o, x, t, table, None, seed, 5, 0, 1.0, None, True, True),
             *ops.ddim_step(o, x, t, (t - 7).clamp(min=-1), table, sched.alphas_cumprod, None, seed, 5, 2, 0.6, 1.0,
                            1.0, None, True, True, True)]
@@ -376,7 +430,7 @@ def test_results_do_not_depend_on_the_thread_count(sched):
         two = _every_op(sched, x, t, seed)
     finally:
         torch.set_num_threads(threads)
-    assert len(one) == len(two) == 14
+    assert len(one) == len(two) == 16
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 
@@ -410,6 +464,8 @@ def test_opcheck_every_op(sched):
                  (ops.diffusion_loss.default, (p, x, t, *tables, None, None, 0, 1, 2.0, 0)),
                  (ops.diffusion_loss_backward.default, (torch.rand(3), p.detach(), x, t, *tables, None, seed, 0, 2,
                                                         None, 0)),
+                 (ops.diffusion_loss_train.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
+                 (ops.diffusion_loss_train.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
                  (ops.p_sample_step.default, (n, x, t, table, None, seed, 0, 0, 1.0, None, True, True)),
                  (ops.p_sample_step.default, (n, x, t, table, n, None, 0, 2, None, torch.rand(3) + 1, False, False)),
                  (ops.ddim_step.default, (n, x, t, t - 1, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,

@@ -162,8 +162,8 @@ struct LossArgs {
   int objective = 0;
   std::vector<double> a, s;
   Noise noise;  // unused for the x_0 objective
-  at::Tensor grad_pred;            // backward only: the output
-  std::vector<double> grad_scale;  // backward only: g_b · w_b · 2 / N
+  at::Tensor grad_pred;            // backward (and the training forward): the gradient written
+  std::vector<double> grad_scale;  // with grad_pred: g_b · w_b · 2 / N
 };
 
 struct StepArgs {

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -89,6 +90,34 @@ std::vector<double> weights(const cpu::LossArgs& args, std::optional<double> gam
 
 at::ScalarType loss_dtype(const at::Tensor& pred) { return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The reduced loss from the per-sample sums Σ (pred − target)²: w_b · sum_b / N, their mean or [B].
+at::Tensor reduce(std::vector<double> per_sample, const std::vector<double>& w, int64_t N, int64_t reduction,
+                  const at::Tensor& model_output, const at::TensorOptions& options) {
+  const int64_t B = static_cast<int64_t>(per_sample.size());
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    per_sample[b] = w[b] * per_sample[b] / static_cast<double>(N);
+    total += per_sample[b];
+  }
+  if (reduction == 1) {
+    return at::empty({}, options).fill_(total / static_cast<double>(B));
+  }
+  at::Tensor out = at::empty({B}, options.dtype(at::kDouble));
+  std::copy(per_sample.begin(), per_sample.end(), out.mutable_data_ptr<double>());
+  return out.to(loss_dtype(model_output));
+}
+
+// grad_scale[b] = g_b · w_b · 2 / N for the incoming gradient g (the scalar for mean: g / B each).
+std::vector<double> grad_scales(const double* g, const std::vector<double>& w, int64_t N, int64_t reduction) {
+  const int64_t B = static_cast<int64_t>(w.size());
+  std::vector<double> out(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const double gb = reduction == 1 ? g[0] / static_cast<double>(B) : g[b];
+    out[b] = gb * w[b] * 2.0 / static_cast<double>(N);
+  }
+  return out;
+}
+
 at::Tensor diffusion_loss_cpu(const at::Tensor& model_output, const std::optional<at::Tensor>& x_start,
                               const at::Tensor& t, const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac,
                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
@@ -98,19 +127,31 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_output, const std::optiona
       prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
   const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
+  return reduce(std::move(per_sample), weights(args, min_snr_gamma), N, reduction, model_output,
+                args.pred.options().dtype(loss_dtype(model_output)));
+}
+
+// The training forward: the loss and, in the same pass, its gradient for an incoming gradient of one (the
+// scalar 1 for mean, ones [B] for none), so that the backward only scales it (or, for the usual 1, returns it).
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_train_cpu(
+    const at::Tensor& model_output, const std::optional<at::Tensor>& x_start, const at::Tensor& t,
+    const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& seed, int64_t offset, int64_t objective, std::optional<double> min_snr_gamma,
+    int64_t reduction) {
+  cpu::LossArgs args = prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
+  const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   const std::vector<double> w = weights(args, min_snr_gamma);
-  double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    per_sample[b] = w[b] * per_sample[b] / static_cast<double>(N);
-    total += per_sample[b];
+  const std::vector<double> ones(reduction == 1 ? 1 : B, 1.0);
+  args.grad_scale = grad_scales(ones.data(), w, N, reduction);
+  at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
+  args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
+  std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
+  if (!args.grad_pred.is_same(grad_pred)) {
+    grad_pred.copy_(args.grad_pred);
   }
-  const auto options = args.pred.options().dtype(loss_dtype(model_output));
-  if (reduction == 1) {
-    return at::empty({}, options).fill_(total / static_cast<double>(B));
-  }
-  at::Tensor out = at::empty({B}, options.dtype(at::kDouble));
-  std::copy(per_sample.begin(), per_sample.end(), out.mutable_data_ptr<double>());
-  return out.to(loss_dtype(model_output));
+  return {reduce(std::move(per_sample), w, N, reduction, model_output,
+                 args.pred.options().dtype(loss_dtype(model_output))),
+          grad_pred};
 }
 
 at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& model_output,
@@ -127,12 +168,7 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
               ": grad must have the loss's shape (", reduction == 1 ? "[]" : "[B]", "), got ", grad.sizes());
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
-  const std::vector<double> w = weights(args, min_snr_gamma);
-  args.grad_scale.resize(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const double gb = reduction == 1 ? gp[0] / static_cast<double>(B) : gp[b];
-    args.grad_scale[b] = gb * w[b] * 2.0 / static_cast<double>(N);
-  }
+  args.grad_scale = grad_scales(gp, weights(args, min_snr_gamma), N, reduction);
   // empty_like of the dense model_output (the fake impl's layout); computed in the work dtype
   at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
   args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
@@ -150,6 +186,7 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("diffusion_loss", &diffusion_loss_cpu);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
+  m.impl("diffusion_loss_train", &diffusion_loss_train_cpu);
 }
 
 }  // namespace fastddpm

@@ -344,6 +344,14 @@ inline void loss_diff(const LossArgs& args, int64_t base, int64_t n, const float
   }
 }
 
+// g[i] = scale · d[i], the loss gradient of a block (the backward, and the training forward, write it).
+template <typename scalar_t, typename opmath_t>
+inline void write_grad(scalar_t* g, const opmath_t* d, int64_t n, opmath_t scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = static_cast<scalar_t>(scale * d[i]);
+  }
+}
+
 template <typename scalar_t>
 std::vector<double> loss_forward_typed(const LossArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -351,11 +359,16 @@ std::vector<double> loss_forward_typed(const LossArgs& args) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   std::vector<double> partial(B * chunks, 0.0);
   const bool drawn = args.objective != 1 && args.noise.drawn;
+  // The training forward also writes grad_scale[b] · d, the gradient for an incoming gradient of one.
+  scalar_t* g = args.grad_pred.defined() ? args.grad_pred.mutable_data_ptr<scalar_t>() : nullptr;
   for_each_block(B, N, drawn ? &args.noise : nullptr,
                  [&](int64_t task, int64_t b, int64_t lo, int64_t n, const float* z) {
     alignas(32) opmath_t d[kBlock];
     loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
                                   static_cast<opmath_t>(args.s[b]), d);
+    if (g != nullptr) {
+      write_grad(g + b * N + lo, d, n, static_cast<opmath_t>(args.grad_scale[b]));
+    }
     // 16 running sums, combined in a fixed order: vectorisable without reassociating
     constexpr int kLanes = 16;
     opmath_t acc[kLanes] = {};
@@ -401,11 +414,7 @@ void loss_backward_typed(const LossArgs& args) {
     alignas(32) opmath_t d[kBlock];
     loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
                                   static_cast<opmath_t>(args.s[b]), d);
-    const auto scale = static_cast<opmath_t>(args.grad_scale[b]);
-    scalar_t* gb = g + b * N + lo;
-    for (int64_t i = 0; i < n; ++i) {
-      gb[i] = static_cast<scalar_t>(scale * d[i]);
-    }
+    write_grad(g + b * N + lo, d, n, static_cast<opmath_t>(args.grad_scale[b]));
   });
 }
 

@@ -3,8 +3,10 @@
 Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl csrc/cpu/diffusion_loss.cpp, or the
 reference math here in a build without it; CUDA impl = the Triton kernels) and its Triton twin
 ``fastddpm::diffusion_loss_triton`` (kernels/loss.py; CUDA, or CPU through the interpreter). Both take ε
-given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with, so during
-training ε is never stored. The backward is one sweep (``diffusion_loss_backward``) that recomputes the target.
+given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with (``noised`` below
+decides which, per backend). The backward is one sweep (``diffusion_loss_backward``) that recomputes the target;
+on the CPU, a loss whose gradient goes to the prediction alone runs the training pair instead
+(``diffusion_loss_train``: the forward writes the gradient in the same pass, the backward scales or returns it).
 """
 
 from __future__ import annotations
@@ -167,6 +169,44 @@ def _make_backward(backward_op):
     return backward
 
 
+# ----------------------------------------------------------------------------- the CPU training pair
+# diffusion_loss_train(...) -> (loss, g): g = ∂loss/∂model_output for an incoming gradient of one, written by
+# the same pass that sums the loss. The backward scales g by the incoming gradient, or returns g itself for the
+# usual `loss.backward()` (a mean loss, gradient exactly 1, read on the host: free for a CPU tensor). On a CPU
+# this replaces the backward's whole pass over the prediction, x_0 and ε by nothing; it holds g (the
+# prediction's size) from forward to backward, as eager autograd of an MSE holds its input and target.
+def _fake_loss_train(*args):
+    loss = _fake_loss(*args)
+    return loss, torch.empty_like(dense(args[0]))
+
+
+def _setup_train(ctx, inputs, output):
+    _, grad_pred = output
+    ctx.mark_non_differentiable(grad_pred)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = inputs[10]
+    ctx.save_for_backward(grad_pred)
+
+
+def _backward_train(ctx, grad, _grad_of_grad_pred):
+    if grad is None:
+        return (None,) * 11
+    (g,) = ctx.saved_tensors
+    if ctx.reduction == 0:  # per-sample losses: row b of g times grad[b]
+        g = g * grad.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+    elif not (type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.item() == 1.0):
+        g = g * grad.to(g.dtype)  # (also while torch.compile traces: grad is then a fake tensor)
+    return (g,) + (None,) * 10
+
+
+def _use_train_op(model_output, x_start, noise) -> bool:
+    """The training pair serves a CPU loss whose gradient flows to the prediction alone, in float32/64."""
+    return (torch.is_grad_enabled() and model_output.requires_grad and model_output.device.type == "cpu"
+            and model_output.dtype in (torch.float32, torch.float64)
+            and not (x_start is not None and x_start.requires_grad)
+            and not (noise is not None and noise.requires_grad))
+
+
 def _register() -> None:
     ops = [("fastddpm::diffusion_loss_triton", torch.ops.fastddpm.diffusion_loss_backward_triton)]
     torch.library.register_fake("fastddpm::diffusion_loss_backward_triton")(_fake_backward)
@@ -182,6 +222,10 @@ def _register() -> None:
     for name, backward_op in ops:
         torch.library.register_fake(name)(_fake_loss)
         torch.library.register_autograd(name, _make_backward(backward_op), setup_context=_setup)
+    if _extension.cpu_built():
+        torch.library.register_fake("fastddpm::diffusion_loss_train")(_fake_loss_train)
+        torch.library.register_autograd("fastddpm::diffusion_loss_train", _backward_train,
+                                        setup_context=_setup_train)
 
 
 _register()
@@ -211,6 +255,8 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     if backend == "triton":
         return torch.ops.fastddpm.diffusion_loss_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
+        if _use_train_op(model_output, x_start, noise):
+            return torch.ops.fastddpm.diffusion_loss_train.default(*args)[0]
         return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)
     if seed is not None:
         noise = philox_noise_like(dense(model_output), seed, offset)
