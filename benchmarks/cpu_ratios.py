@@ -2,10 +2,14 @@
 machine where pytest-benchmark means swing with other load: every round runs every provider once, the best
 round of each is kept.
 
-    .venv/bin/python benchmarks/cpu_ratios.py [SHAPE e.g. 64x4x64x64] [ROUNDS]
+    .venv/bin/python benchmarks/cpu_ratios.py [SHAPE e.g. 64x4x64x64] [ROUNDS] [--system-malloc]
+
+glibc's allocation thresholds are set first (benchmarks/steady_malloc.py) unless --system-malloc is given.
 """
 import sys
 import time
+
+from steady_malloc import steady_malloc  # this folder (run as a script)
 
 import torch
 
@@ -15,6 +19,9 @@ from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+SYSTEM_MALLOC = "--system-malloc" in sys.argv
+sys.argv = [a for a in sys.argv if a != "--system-malloc"]
+MALLOC = "glibc defaults" if SYSTEM_MALLOC else ("steady malloc" if steady_malloc() else "mallopt failed")
 shape = tuple(int(s) for s in sys.argv[1].split("x")) if len(sys.argv) > 1 else (64, 3, 64, 64)
 sched = NoiseSchedule(get_beta_schedule("linear", 1000))
 x0 = torch.randn(shape); t = torch.randint(0, 1000, (shape[0],)); pred = torch.randn_like(x0).requires_grad_(True)
@@ -50,7 +57,7 @@ for rep in range(int(sys.argv[2]) if len(sys.argv) > 2 else 15):  # interleaved:
     for name, (_, _, args) in cases.items():
         for p, fn in fns[name].items():
             a = time.perf_counter(); fn(*args); best[(name, p)] = min(best[(name, p)], time.perf_counter() - a)
-print(f"shape {'x'.join(map(str, shape))} ({x0.numel()} elements), threads {torch.get_num_threads()}, torch {torch.__version__}; best of interleaved rounds")
+print(f"shape {'x'.join(map(str, shape))} ({x0.numel()} elements), threads {torch.get_num_threads()}, torch {torch.__version__}, {MALLOC}; best of interleaved rounds")
 print("| case | eager | torch.compile | fastddpm | × faster of eager/compile |")
 print("|---|---|---|---|---|")
 for name in cases:

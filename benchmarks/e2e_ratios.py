@@ -3,7 +3,9 @@ reference math everywhere, GroupNorm+SiLU included), torch.compile of that, and 
 provider once, in turn, and each provider's median and best round are kept: on a shared machine the load
 changes between pytest-benchmark's one-provider-after-the-other runs.
 
-    .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N]
+    .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N] [--system-malloc]
+
+glibc's allocation thresholds are set first (benchmarks/steady_malloc.py) unless --system-malloc is given.
 """
 import argparse
 import os
@@ -15,6 +17,7 @@ os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
 import torch  # noqa: E402
 
 from fastddpm import Diffusion, UNet  # noqa: E402
+from steady_malloc import steady_malloc  # noqa: E402  (this folder, run as a script)
 
 STEPS = 10
 PROVIDERS = ("eager", "compile", "fastddpm")
@@ -75,7 +78,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", default="1,16,128")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's allocation thresholds")
     args = ap.parse_args()
+    malloc = "glibc defaults" if args.system_malloc else ("steady malloc" if steady_malloc() else "mallopt failed")
     if args.threads:
         torch.set_num_threads(args.threads)
     table = cases([int(b) for b in args.batches.split(",")])
@@ -90,7 +95,8 @@ def main():
                 start = time.perf_counter()
                 fn()
                 times[(case, p)].append((time.perf_counter() - start) / per)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}, {args.rounds} interleaved "
+          "rounds; "
           "median (best) per call")
     print("| case | eager | torch.compile | fastddpm | vs eager | vs compile |")
     print("|---|---|---|---|---|---|")

@@ -18,8 +18,6 @@ or a caching allocator such as jemalloc), so that the table shows the kernels; `
 glibc's defaults.
 """
 import argparse
-import ctypes
-import ctypes.util
 import statistics
 import time
 
@@ -27,6 +25,7 @@ import torch
 
 from fastddpm import reference
 from fastddpm.functional import group_norm_silu
+from steady_malloc import steady_malloc  # this folder (run as a script)
 
 GROUPS = 32
 CASES = [  # (shape, memory format, dtype)
@@ -36,13 +35,6 @@ CASES = [  # (shape, memory format, dtype)
     ((16, 128, 32, 32), "channels_last", torch.float32),
     ((16, 128, 32, 32), "contiguous", torch.bfloat16),
 ]
-
-
-def steady_malloc():
-    """glibc: keep freed tensors' memory for the next allocation (no mmap per tensor up to 32 MB, no trim)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def make_fn(op, x, weight, bias, dy, backward):
