@@ -282,11 +282,17 @@ def opcheck_args():
     return cases
 
 
-def test_opcheck_forward():
+def opcheck_forward_args():
+    """opcheck_args with x, weight and bias requiring grad (but bfloat16: its gradcheck is not meaningful)."""
     for x, g, w, b in opcheck_args():
         x = x.requires_grad_(x.dtype != torch.bfloat16)
         if w is not None:
             w, b = w.requires_grad_(x.requires_grad), b.requires_grad_(x.requires_grad)
+        yield x, g, w, b
+
+
+def test_opcheck_forward():
+    for x, g, w, b in opcheck_forward_args():
         torch.library.opcheck(OP.default, (x, g, w, b, 1e-5))
 
 
@@ -297,10 +303,7 @@ def test_opcheck_backward():
 
 
 def test_opcheck_train_pair():
-    for x, g, w, b in opcheck_args():
-        x = x.requires_grad_(x.dtype != torch.bfloat16)
-        if w is not None:
-            w, b = w.requires_grad_(x.requires_grad), b.requires_grad_(x.requires_grad)
+    for x, g, w, b in opcheck_forward_args():
         torch.library.opcheck(TRAIN_OP.default, (x, g, w, b, 1e-5))
         with torch.no_grad():
             _, mean, rstd, silu_grad = TRAIN_OP(x, g, w, b, 1e-5)
