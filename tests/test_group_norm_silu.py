@@ -40,6 +40,8 @@ CASES = [  # (shape, num_groups)
     ((3, 12), 4),               # 2-D: [N, C]
     ((2, 3, 3, 3), 1),          # C < one vector, G = 1
     ((2, 40, 13, 64), 5),       # groups span several statistics blocks (8 × 832 elements)
+    ((3, 32, 4, 4), 8),         # small groups of whole vectors per channel (4 × 16): the small-group path
+    ((2, 64, 8, 8), 16),        # the same with 8 × 8 maps (4 × 64)
 ]
 BIG = ((1, 256, 64, 64), 32)
 LAYOUTS = ["contiguous", "channels_last", "view"]
@@ -424,7 +426,8 @@ for i, (shape, g, layout, dtype) in enumerate([((3, 6, 5, 4), 3, "contiguous", t
                                               ((2, 20, 5, 7), 5, "channels_last", torch.float32),
                                               ((2, 16, 9), 4, "view", torch.float64),
                                               ((2, 12, 4, 5), 4, "contiguous", torch.bfloat16),
-                                              ((2, 12, 4, 5), 4, "channels_last", torch.bfloat16)]):
+                                              ((2, 12, 4, 5), 4, "channels_last", torch.bfloat16),
+                                              ((2, 16, 4, 4), 4, "contiguous", torch.float32)]):
     check_case(shape, g, layout, dtype, True, seed=i)
 print("ok")
 """

@@ -35,6 +35,9 @@ constexpr int64_t kBlock = 2048;  // elements of one statistics block (8 KB of f
 // Groups of at most this many elements prefetch the next group while they compute; beyond it, the group no
 // longer stays in L2 between its passes, and a group-ahead prefetch would only evict it.
 constexpr int64_t kPrefetchGroup = 16384;
+// Groups of at most this many elements (a feature map of 8×8 or smaller, a few channels) are done two loops
+// per task: statistics of every group, then outputs (forward_nchw).
+constexpr int64_t kSmallGroup = 512;
 
 // A scratch array of acc values; plain new[] rather than std::vector, whose out-of-line members would be
 // shared (and maybe AVX2-compiled) across object files.
@@ -350,25 +353,74 @@ template <Capability cap, typename T>
 void Kernels<cap, T>::forward_nchw(const T* x, T* y, acc* g, acc* mean, acc* rstd, const acc* gamma,
                                    const acc* beta, const Shape& s, double eps, int64_t begin, int64_t end) {
   const int64_t D = s.D(), HW = s.HW, M = s.M();
-  for (int64_t ng = begin; ng < end; ++ng) {
+  auto statistics = [&](int64_t ng) {
     const T* xg = x + ng * M;
-    T* yg = y + ng * M;
     Moments m;
     for (int64_t lo = 0; lo < M; lo += kBlock) {
       const Moments b = block_moments(xg + lo, std::min(kBlock, M - lo));
       m.add(b.count, b.mean, b.m2);
     }
-    const acc mu = static_cast<acc>(m.mean), rs = static_cast<acc>(1.0 / std::sqrt(m.m2 / M + eps));
-    mean[ng] = mu;
-    rstd[ng] = rs;
-    // The group was just read: its second read, to normalise, comes from cache.
+    mean[ng] = static_cast<acc>(m.mean);
+    rstd[ng] = static_cast<acc>(1.0 / std::sqrt(m.m2 / M + eps));
+  };
+  auto apply = [&](int64_t ng, const T* next) {
+    const T* xg = x + ng * M;
+    T* yg = y + ng * M;
+    const acc mu = mean[ng], rs = rstd[ng];
     const int64_t c0 = (ng % s.G) * D;
-    const T* next = ng + 1 < end && M <= kPrefetchGroup ? xg + M : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       silu_affine(xg + d * HW, yg + d * HW, g == nullptr ? nullptr : g + ng * M + d * HW, HW, mu,
-                  rs * gamma[c0 + d], beta[c0 + d],
-                  next == nullptr ? nullptr : next + d * HW);
+                  rs * gamma[c0 + d], beta[c0 + d], next == nullptr ? nullptr : next + d * HW);
     }
+  };
+  if (M <= kSmallGroup) {
+    // Small groups: the statistics of all the task's groups first, then their outputs. A group's statistics
+    // end in a chain of dependent scalar steps (shift, sums, mean, the float64 divisions and square root of
+    // rstd) that one group's few vectors cannot hide; independent groups in a row let the core overlap them.
+    // The task's groups stay in cache between the two loops.
+    for (int64_t ng = begin; ng < end; ++ng) {
+      statistics(ng);
+    }
+    using io = IO<T>;
+    using Vec = typename io::Vec;
+    constexpr int64_t V = io::V;
+    if (HW % V != 0) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        apply(ng, nullptr);
+      }
+      return;
+    }
+    // Whole vectors per channel: one loop over the group's vectors (channel coefficients switched every
+    // HW / V vectors), so that the σ constants stay in registers across channels.
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const T* xg = x + ng * M;
+      T* yg = y + ng * M;
+      acc* gg = g == nullptr ? nullptr : g + ng * M;
+      const Vec m(mean[ng]);
+      const acc rs = rstd[ng];
+      const int64_t c0 = (ng % s.G) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec a(rs * gamma[c0 + d]), b(beta[c0 + d]);
+        for (int64_t i = d * HW; i < (d + 1) * HW; i += V) {
+          const Vec z = at::vec::fmadd(io::load(xg + i) - m, a, b);
+          if (gg == nullptr) {
+            io::store(yg + i, silu(z));
+          } else {
+            Vec yv, gv;
+            silu_and_grad(z, yv, gv);
+            io::store(yg + i, yv);
+            gv.store(gg + i);
+          }
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t ng = begin; ng < end; ++ng) {
+    statistics(ng);
+    // The group was just read: its second read, to normalise, comes from cache; meanwhile the next group's
+    // lines are asked for.
+    apply(ng, ng + 1 < end && M <= kPrefetchGroup ? x + (ng + 1) * M : nullptr);
   }
 }
 
