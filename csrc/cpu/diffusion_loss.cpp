@@ -118,6 +118,19 @@ std::vector<double> grad_scales(const double* g, const std::vector<double>& w, i
   return out;
 }
 
+// Runs the kernel `run` (the loss forward, or backward) with args.grad_pred set, and returns the gradient as
+// empty_like of the dense model_output (the fake impls' layout) in its dtype; the kernel writes in the work dtype.
+template <typename Run>
+at::Tensor with_grad_output(cpu::LossArgs& args, const at::Tensor& model_output, const Run& run) {
+  at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
+  args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
+  run();
+  if (!args.grad_pred.is_same(grad_pred)) {
+    grad_pred.copy_(args.grad_pred);
+  }
+  return grad_pred;
+}
+
 at::Tensor diffusion_loss_cpu(const at::Tensor& model_output, const std::optional<at::Tensor>& x_start,
                               const at::Tensor& t, const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac,
                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
@@ -143,12 +156,12 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_train_cpu(
   const std::vector<double> w = weights(args, min_snr_gamma);
   const std::vector<double> ones(reduction == 1 ? 1 : B, 1.0);
   args.grad_scale = grad_scales(ones.data(), w, N, reduction);
-  at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
-  args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
-  std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
-  if (!args.grad_pred.is_same(grad_pred)) {
-    grad_pred.copy_(args.grad_pred);
-  }
+  std::vector<double> per_sample(B, 0.0);
+  at::Tensor grad_pred = with_grad_output(args, model_output, [&] {
+    if (N > 0) {
+      per_sample = cpu::kernels().loss_forward(args);
+    }
+  });
   return {reduce(std::move(per_sample), w, N, reduction, model_output,
                  args.pred.options().dtype(loss_dtype(model_output))),
           grad_pred};
@@ -169,16 +182,11 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
   args.grad_scale = grad_scales(gp, weights(args, min_snr_gamma), N, reduction);
-  // empty_like of the dense model_output (the fake impl's layout); computed in the work dtype
-  at::Tensor grad_pred = at::empty_like(cpu::dense(model_output));
-  args.grad_pred = grad_pred.scalar_type() == args.pred.scalar_type() ? grad_pred : at::empty_like(args.pred);
-  if (N > 0) {
-    cpu::kernels().loss_backward(args);
-  }
-  if (!args.grad_pred.is_same(grad_pred)) {
-    grad_pred.copy_(args.grad_pred);
-  }
-  return grad_pred;
+  return with_grad_output(args, model_output, [&] {
+    if (N > 0) {
+      cpu::kernels().loss_backward(args);
+    }
+  });
 }
 
 }  // namespace

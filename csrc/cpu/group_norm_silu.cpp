@@ -212,21 +212,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::
   const auto stat_options = x.options().dtype(stat_dtype(x.scalar_type()));
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({s.N, s.G}, stat_options), rstd = at::empty({s.N, s.G}, stat_options);
-  at::Tensor g = save_grad ? at::empty_like(x, stat_options) : at::Tensor();
-  if (s.N * s.G == 0) {
-    return {y, mean, rstd, g};
-  }
-  if (s.HW == 0) {  // empty groups: mean 0 and rstd NaN, as aten::native_group_norm
-    mean.fill_(0);
-    rstd.fill_(NAN);
-    return {y, mean, rstd, g};
+  if (s.N * s.G == 0 || s.HW == 0) {
+    if (s.N * s.G != 0) {  // empty groups: mean 0 and rstd NaN, as aten::native_group_norm
+      mean.fill_(0);
+      rstd.fill_(NAN);
+    }
+    return {y, mean, rstd, save_grad ? at::empty_like(x, stat_options) : at::Tensor()};
   }
   const auto [xk, nhwc] = kernel_input(x, s);
   const bool direct = in_layout(y, nhwc);
   at::Tensor yk = direct ? y : at::empty_like(xk);
-  if (save_grad && !in_layout(g, nhwc)) {
-    g = at::empty_like(xk, stat_options);  // the backward reads it in the kernels' layout of x
-  }
+  // SiLU' in the kernels' layout of x, which the backward reads it in
+  const at::Tensor g = save_grad ? at::empty_like(xk, stat_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_silu_cpu", [&] {
     if (use_avx2()) {
       forward<Capability::kAVX2, scalar_t>(xk, yk, g, mean, rstd, weight, bias, s, eps, nhwc);
