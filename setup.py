@@ -80,7 +80,7 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
 
 
 def extension():
-    cpp_sources = sources("csrc/fastddpm.cpp") + sources("csrc/cpu/*.cpp")
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     with_cuda, why = build_cuda()
     cuda_sources = sources("csrc/cuda/*.cu", "csrc/cuda/*_binding.cpp") if with_cuda else []
     # at::parallel_for runs on OpenMP in the Linux torch builds; without -fopenmp it runs serially.

@@ -99,9 +99,17 @@ t0=$SECONDS
 CPY="$ROOT/$CUDA_VENV/bin/python"
 if [ "$(cat "$CUDA_VENV/.torch" 2>/dev/null)" != "$CUDA_TORCH" ]; then
   say "installing $CUDA_TORCH into $CUDA_VENV (a CUDA build: several GB, once)"
+  # The venv ends up ~7.5 GB and pip unpacks beside it: say so plainly rather than fail halfway through
+  # pip with ENOSPC (seen: a disk filled by old clones' venvs).
+  free_kb=$(df -Pk "$(dirname "$ROOT/$CUDA_VENV")" | awk 'NR == 2 { print $4 }')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+    say "FAILED: installing $CUDA_TORCH needs about 10 GB free; $((free_kb / 1024 / 1024)) GB free under $ROOT"
+    say "(free some space, e.g. other clones' .venv-cuda folders, and rerun)"
+    exit 1
+  fi
   [ -x "$CPY" ] || "$PYTHON" -m venv "$CUDA_VENV"
-  "$CPY" -m pip install -q -U pip setuptools wheel ninja
-  "$CPY" -m pip install -q "$CUDA_TORCH"
+  "$CPY" -m pip install -q --no-cache-dir -U pip setuptools wheel ninja
+  "$CPY" -m pip install -q --no-cache-dir "$CUDA_TORCH"
   echo "$CUDA_TORCH" >"$CUDA_VENV/.torch"
 fi
 t_venv=$((SECONDS - t0))
