@@ -4,6 +4,10 @@ provider once, in turn, and each provider's median and best round are kept: on a
 changes between pytest-benchmark's one-provider-after-the-other runs.
 
     .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N] [--system-malloc]
+    .venv/bin/python benchmarks/e2e_ratios.py --threads 1 --clock thread
+
+`--clock thread` (with `--threads 1`) times the CPU time of the one thread doing the work: unaffected by the
+time other processes hold the core, so it stays readable on a busy machine.
 
 glibc's allocation thresholds are set first (benchmarks/steady_malloc.py) unless --system-malloc is given.
 """
@@ -79,7 +83,12 @@ def main():
     ap.add_argument("--batches", default="1,16,128")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--system-malloc", action="store_true", help="keep glibc's allocation thresholds")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall clock, or CPU time of this thread (needs --threads 1)")
     args = ap.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        ap.error("--clock thread measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     malloc = "glibc defaults" if args.system_malloc else ("steady malloc" if steady_malloc() else "mallopt failed")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,10 +101,11 @@ def main():
     for _ in range(args.rounds):
         for case, (fns, per) in table.items():
             for p, fn in fns.items():
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times[(case, p)].append((time.perf_counter() - start) / per)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {malloc}, {args.rounds} interleaved "
+                times[(case, p)].append((clock() - start) / per)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {malloc}, "
+          f"{args.rounds} interleaved "
           "rounds; "
           "median (best) per call")
     print("| case | eager | torch.compile | fastddpm | vs eager | vs compile |")

@@ -59,6 +59,18 @@ variable_list as_list(const std::tuple<T...>& t) {
   return std::apply([](const auto&... v) { return variable_list{v...}; }, t);
 }
 
+// The forward op's outputs and handle; kTrain: the training pair, whose forward also returns silu_grad.
+template <bool kTrain>
+using Outputs = std::conditional_t<kTrain, Four, Three>;
+
+template <bool kTrain>
+const c10::TypedOperatorHandle<Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>&
+forward_op() {
+  static const auto handle = op<Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>(
+      kTrain ? "fastddpm::group_norm_silu_train" : "fastddpm::group_norm_silu");
+  return handle;
+}
+
 // kTrain: the CPU training pair, whose forward also returns silu_grad and whose backward reads it.
 template <bool kTrain>
 struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<kTrain>> {
@@ -66,10 +78,7 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t num_groups, const OptTensor& weight,
                                const OptTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below;
-    using Out = std::conditional_t<kTrain, Four, Three>;
-    static const auto fwd = op<Out(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>(
-        kTrain ? "fastddpm::group_norm_silu_train" : "fastddpm::group_norm_silu");
-    const variable_list out = as_list(fwd.call(x, num_groups, weight, bias, eps));
+    const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["has_weight"] = defined(weight);
@@ -103,23 +112,32 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
   }
 };
 
-Three group_norm_silu_autograd(const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
-                               double eps) {
-  const variable_list out = GroupNormSiLUFunction<false>::apply(x, num_groups, weight, bias, eps);
-  return {out[0], out[1], out[2]};
+// Whether a graph node is needed: grad mode on and some input requiring grad. Without one (sampling, no_grad)
+// the call goes straight to the kernel: Function::apply would still build a node and wrap every output.
+bool needs_node(const Tensor& x, const OptTensor& weight, const OptTensor& bias) {
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || (defined(weight) && weight->requires_grad()) || (defined(bias) && bias->requires_grad()));
 }
 
-Four group_norm_silu_train_autograd(const Tensor& x, int64_t num_groups, const OptTensor& weight,
-                                    const OptTensor& bias, double eps) {
-  const variable_list out = GroupNormSiLUFunction<true>::apply(x, num_groups, weight, bias, eps);
-  return {out[0], out[1], out[2], out[3]};
+template <bool kTrain, typename Out = Outputs<kTrain>>
+Out autograd_kernel(const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias, double eps) {
+  if (!needs_node(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op<kTrain>().call(x, num_groups, weight, bias, eps);
+  }
+  const variable_list out = GroupNormSiLUFunction<kTrain>::apply(x, num_groups, weight, bias, eps);
+  if constexpr (kTrain) {
+    return {out[0], out[1], out[2], out[3]};
+  } else {
+    return {out[0], out[1], out[2]};
+  }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
-  m.impl("group_norm_silu", &group_norm_silu_autograd);
-  m.impl("group_norm_silu_train", &group_norm_silu_train_autograd);
+  m.impl("group_norm_silu", &autograd_kernel<false>);
+  m.impl("group_norm_silu_train", &autograd_kernel<true>);
 }
 
 }  // namespace fastddpm
