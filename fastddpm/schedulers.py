@@ -546,6 +546,39 @@ class _Scheduler:
         self._timesteps = value
         self._tables.clear()
 
+    def _set_timesteps(self, num_inference_steps, device, timesteps) -> np.ndarray | None:
+        """set_timesteps of both schedulers: checks, the host and device timesteps, a fresh table cache.
+        Returns the custom timesteps when given (else sets num_inference_steps and returns None)."""
+        num_train = self.config.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass either num_inference_steps or timesteps, not both")
+        custom = None
+        if timesteps is not None:
+            steps = custom = np.asarray([int(s) for s in timesteps], dtype=np.int64)
+            if steps.ndim != 1 or steps.size == 0:
+                raise ValueError("timesteps must be a non-empty sequence of integers")
+            if np.any(steps[1:] >= steps[:-1]):
+                raise ValueError("custom timesteps must be in strictly descending order")
+            if steps[0] >= num_train:
+                raise ValueError(f"timesteps must start below num_train_timesteps={num_train}, got {steps[0]}")
+            if steps[-1] < 0:
+                raise ValueError(f"timesteps must be >= 0, got {steps[-1]}")
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps or timesteps")
+            n = _as_python_int(num_inference_steps)
+            if n is None or n < 1:
+                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+            if n > num_train:
+                raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={num_train}: the "
+                                 f"model was trained on {num_train} timesteps only")
+            self.num_inference_steps = n
+            steps = _spaced_timesteps(num_train, n, self.config.timestep_spacing, self.config.steps_offset)
+        self._timesteps_host = steps
+        self._timesteps = torch.from_numpy(steps.copy()).to(device)
+        self._tables.clear()
+        return custom
+
     def _check_prediction_type(self) -> str:
         prediction_type = self.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
@@ -707,35 +740,7 @@ class DDPMScheduler(_Scheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
         """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or your own
         strictly descending ``timesteps``. ``device``: where ``self.timesteps`` goes."""
-        num_train = self.config.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either num_inference_steps or timesteps, not both")
-        if timesteps is not None:
-            steps = np.asarray([int(s) for s in timesteps], dtype=np.int64)
-            if steps.ndim != 1 or steps.size == 0:
-                raise ValueError("timesteps must be a non-empty sequence of integers")
-            if np.any(steps[1:] >= steps[:-1]):
-                raise ValueError("custom timesteps must be in strictly descending order")
-            if steps[0] >= num_train:
-                raise ValueError(f"timesteps must start below num_train_timesteps={num_train}, got {steps[0]}")
-            if steps[-1] < 0:
-                raise ValueError(f"timesteps must be >= 0, got {steps[-1]}")
-            self.custom_timesteps = True
-        else:
-            if num_inference_steps is None:
-                raise ValueError("set_timesteps needs num_inference_steps or timesteps")
-            n = _as_python_int(num_inference_steps)
-            if n is None or n < 1:
-                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-            if n > num_train:
-                raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={num_train}: the "
-                                 f"model was trained on {num_train} timesteps only")
-            self.num_inference_steps = n
-            self.custom_timesteps = False
-            steps = _spaced_timesteps(num_train, n, self.config.timestep_spacing, self.config.steps_offset)
-        self._timesteps_host = steps
-        self._timesteps = torch.from_numpy(steps.copy()).to(device)
-        self._tables.clear()
+        self.custom_timesteps = self._set_timesteps(num_inference_steps, device, timesteps) is not None
 
     @_Scheduler.timesteps.setter
     def timesteps(self, value) -> None:
@@ -896,30 +901,9 @@ class DDIMScheduler(_Scheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
         """Choose ``num_inference_steps`` timesteps spaced per ``timestep_spacing`` (or, beyond diffusers, your own
         strictly descending ``timesteps``). ``device``: where ``self.timesteps`` goes."""
-        num_train = self.config.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either num_inference_steps or timesteps, not both")
-        if timesteps is not None:
-            steps = np.asarray([int(s) for s in timesteps], dtype=np.int64)
-            if steps.ndim != 1 or steps.size == 0:
-                raise ValueError("timesteps must be a non-empty sequence of integers")
-            if np.any(steps[1:] >= steps[:-1]):
-                raise ValueError("custom timesteps must be in strictly descending order")
-            if steps[0] >= num_train or steps[-1] < 0:
-                raise ValueError(f"timesteps must lie in [0, {num_train})")
-            self.num_inference_steps = int(steps.size)
-        else:
-            n = _as_python_int(num_inference_steps)
-            if n is None or n < 1:
-                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-            if n > num_train:
-                raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={num_train}: the "
-                                 f"model was trained on {num_train} timesteps only")
-            self.num_inference_steps = n
-            steps = _spaced_timesteps(num_train, n, self.config.timestep_spacing, self.config.steps_offset)
-        self._timesteps_host = steps
-        self._timesteps = torch.from_numpy(steps.copy()).to(device)
-        self._tables.clear()
+        custom = self._set_timesteps(num_inference_steps, device, timesteps)
+        if custom is not None:
+            self.num_inference_steps = int(custom.size)
 
     @_Scheduler.timesteps.setter
     def timesteps(self, value) -> None:
