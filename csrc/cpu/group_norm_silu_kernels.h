@@ -428,7 +428,6 @@ template <Capability cap, typename T>
 void Kernels<cap, T>::forward_nhwc_moments(const T* x, double* moments, const Shape& s, int64_t rows,
                                            int64_t begin, int64_t end) {
   using io = IO<T>;
-  using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const int64_t C = s.C, G = s.G, D = s.D(), HW = s.HW;
   const int64_t chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;

@@ -318,6 +318,23 @@ __device__ __forceinline__ ChannelParams channel_params(const float* __restrict_
   return {mean[ng], rstd[ng], weight != nullptr ? weight[c] : 1.f, bias != nullptr ? bias[c] : 0.f};
 }
 
+// The V channels vc·V .. vc·V + V − 1 of one sample in the NHWC kernels: their group's mean and rstd (group
+// ng), their affine parameters (1 and 0 without weight or bias).
+template <int V>
+struct ChannelVector {
+  float mean, rstd, gamma[V], beta[V];
+  __device__ __forceinline__ ChannelVector(const float* __restrict__ mean_, const float* __restrict__ rstd_,
+                                           const float* __restrict__ weight, const float* __restrict__ bias,
+                                           int64_t ng, int64_t vc)
+      : mean(mean_[ng]), rstd(rstd_[ng]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      gamma[k] = weight != nullptr ? weight[vc * V + k] : 1.f;
+      beta[k] = bias != nullptr ? bias[vc * V + k] : 0.f;
+    }
+  }
+};
+
 // y = SiLU(γ·(x − μ)·rstd + β)
 __device__ __forceinline__ float gn_silu(float x, float mean, float rstd, float gamma, float beta) {
   const float h = fmaf((x - mean) * rstd, gamma, beta);
@@ -383,15 +400,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const int64_t C = CV * V;
-  const int64_t ng = n * G + vc / DV;
-  const float m = mean[ng];
-  const float rs = rstd[ng];
-  float gamma[V], beta[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    gamma[k] = weight != nullptr ? weight[vc * V + k] : 1.f;
-    beta[k] = bias != nullptr ? bias[vc * V + k] : 0.f;
-  }
+  const ChannelVector<V> p(mean, rstd, weight, bias, n * G + vc / DV, vc);
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
 #pragma unroll 4
@@ -400,7 +409,7 @@ __global__ void __launch_bounds__(kThreads)
     load<T, V>(x + offset + row * C, v);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      v[k] = gn_silu(v[k], m, rs, gamma[k], beta[k]);
+      v[k] = gn_silu(v[k], p.mean, p.rstd, p.gamma[k], p.beta[k]);
     }
     store<T, V>(y + offset + row * C, v);
   }
@@ -492,15 +501,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     b[k] = 0.f;
   }
   if (ty < RT && vc < CV) {
-    const int64_t ng = n * G + vc / DV;
-    const float m = mean[ng];
-    const float rs = rstd[ng];
-    float gamma[V], beta[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      gamma[k] = weight != nullptr ? weight[vc * V + k] : 1.f;
-      beta[k] = bias != nullptr ? bias[vc * V + k] : 0.f;
-    }
+    const ChannelVector<V> p(mean, rstd, weight, bias, n * G + vc / DV, vc);
     const int64_t offset = n * HW * C + vc * V;
     const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
 #pragma unroll 4
@@ -511,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         float z;
-        const float dh = silu_grad(gv[k], xv[k], m, rs, gamma[k], beta[k], z);
+        const float dh = silu_grad(gv[k], xv[k], p.mean, p.rstd, p.gamma[k], p.beta[k], z);
         a[k] += dh;
         b[k] = fmaf(dh, z, b[k]);
       }
@@ -657,13 +658,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t C = CV * V;
   const int64_t ng = n * G + vc / DV;
-  const float m = mean[ng], rs = rstd[ng], c1 = k1[ng], c2 = k2[ng];
-  float gamma[V], beta[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    gamma[k] = weight != nullptr ? weight[vc * V + k] : 1.f;
-    beta[k] = bias != nullptr ? bias[vc * V + k] : 0.f;
-  }
+  const ChannelVector<V> p(mean, rstd, weight, bias, ng, vc);
+  const float c1 = k1[ng], c2 = k2[ng];
   const int64_t offset = n * HW * C + vc * V;
   const int64_t end = min64(HW, (r + 1) * rows_per_chunk);
 #pragma unroll 4
@@ -673,7 +669,7 @@ __global__ void __launch_bounds__(kThreads)
     load<T, V>(x + offset + row * C, xv);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      gv[k] = gn_silu_dx(gv[k], xv[k], m, rs, gamma[k], beta[k], c1, c2);
+      gv[k] = gn_silu_dx(gv[k], xv[k], p.mean, p.rstd, p.gamma[k], p.beta[k], c1, c2);
     }
     store<T, V>(dx + offset + row * C, gv);
   }
