@@ -187,7 +187,7 @@ def test_weight_or_bias_alone(poisoned, weight, bias):
 
 @pytest.mark.parametrize("op", [OP, TRAIN_OP], ids=["op", "train-op"])
 def test_autograd_returns_each_gradient_asked_for(op):
-    """The C++ autograd node (csrc/group_norm_silu_autograd.cpp) routes the backward's gradients to x, weight
+    """The C++ autograd node (csrc/autograd.cpp) routes the backward's gradients to x, weight
     and bias by the tensors given: every subset requiring grad, with the weight or the bias absent, in float64
     against autograd of the composite."""
     gen = torch.Generator().manual_seed(21)

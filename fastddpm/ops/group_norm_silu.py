@@ -1,7 +1,7 @@
 """group_norm_silu: y = SiLU(GroupNorm(x; G, weight, bias, eps)), the U-Net's normalisation + activation.
 
 The schemas live in csrc/fastddpm.cpp (C++ kernels: csrc/cpu/group_norm_silu*.cpp, csrc/cuda/); their
-autograd is C++ too (csrc/group_norm_silu_autograd.cpp: the Python register_autograd of earlier versions cost
+autograd is C++ too (csrc/autograd.cpp: the Python register_autograd of earlier versions cost
 ~100 µs a forward + backward, more than the kernels at the U-Net's 4×4 and 8×8 maps). This file adds the fake
 (meta) implementations and chooses the backend per call.
 

@@ -1,17 +1,19 @@
-// Autograd of group_norm_silu and of its CPU training pair, in C++ (the Autograd dispatch key, any device).
+// The C++ autograd of the CPU training ops (the Autograd dispatch key): group_norm_silu (any device) and its
+// CPU training pair, and the CPU loss training op diffusion_loss_train.
 //
-// It was Python (torch.library.register_autograd) until measured: on the small U-Net's 4×4 and 8×8 maps the
-// Python setup_context and backward cost ~100 µs a call pair, more than the kernels themselves (~75 µs
-// forward + backward at 32×32×4×4 on this 2-core CPU), which made a CPU training step slower than eager's.
-// Here the graph node is a C++ torch::autograd::Function: the same saved tensors and the same
-// backward op call, without the Python frames. torch.compile traces through it as through any C++ autograd
-// formula (the forward and backward ops are dispatched below autograd, to their fake kernels when tracing).
+// They were Python (torch.library.register_autograd) until measured: per forward + backward that layer cost
+// ~100 µs at the small U-Net's 4×4 and 8×8 maps (more than group_norm_silu's kernels there), and ~0.3 ms at
+// 1M elements for group_norm_silu, ~0.17 ms for the loss (whose backward does no arithmetic at all). Here the
+// graph node is a C++ torch::autograd::Function: the same saved tensors and backward op calls, without the
+// Python frames. torch.compile traces through it as through any C++ autograd formula (the ops are dispatched
+// below autograd, to their fake kernels when tracing). Double backward is not supported (the backward ops
+// have no autograd), as before.
 //
 //   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward
-//   group_norm_silu_train  saves (x, silu_grad, mean, rstd, weight, bias); backward = ..._train_backward
-// mean, rstd and silu_grad are not differentiable; gradients are not materialised, so a graph that uses y
-// alone never builds an x-sized zero grad for silu_grad. Double backward is not supported (the backward
-// ops have no autograd), as before.
+//   group_norm_silu_train  saves (x, mean, rstd, silu_grad, weight, bias); backward = ..._train_backward
+//   diffusion_loss_train   saves g = ∂loss/∂model_output for an incoming gradient of one; backward = g scaled
+// mean, rstd, silu_grad and g are not differentiable; gradients are not materialised, so a graph that uses y
+// (or the loss) alone never builds an x-sized zero gradient for them.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -19,6 +21,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace fastddpm {
 namespace {
@@ -133,11 +136,84 @@ Out autograd_kernel(const Tensor& x, int64_t num_groups, const OptTensor& weight
   }
 }
 
+// ---------------------------------------------------------------- diffusion_loss_train
+using LossSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
+                                           std::optional<double>, int64_t);
+
+const c10::TypedOperatorHandle<LossSig>& loss_train_op() {
+  static const auto handle = op<LossSig>("fastddpm::diffusion_loss_train");
+  return handle;
+}
+
+// Whether an incoming gradient is an ordinary CPU tensor, whose value can be read here: not a fake or
+// functional tensor of a torch.compile trace, nor a functorch wrapper.
+bool readable_on_host(const Tensor& grad) {
+  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                    c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                    c10::DispatchKey::FuncTorchGradWrapper});
+  return grad.device().is_cpu() && grad.layout() == at::kStrided && !grad.key_set().has_any(traced);
+}
+
+// The loss forward writes g = ∂loss/∂model_output for an incoming gradient of one in the pass that sums the
+// loss; the backward scales it by the incoming gradient (row b by grad[b] for per-sample losses), or returns
+// g itself for the usual loss.backward() of a mean loss (grad exactly 1, read on the host: free on a CPU).
+struct DiffusionLossTrain : torch::autograd::Function<DiffusionLossTrain> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& model_output, const OptTensor& x_start,
+                               const Tensor& t, const Tensor& sqrt_ac, const Tensor& sqrt_1m_ac,
+                               const OptTensor& noise, const OptTensor& seed, int64_t offset, int64_t objective,
+                               std::optional<double> min_snr_gamma, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, grad] = loss_train_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
+                                             objective, min_snr_gamma, reduction);
+    ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward({grad});
+    return {loss, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(11);  // one per forward argument; only model_output (tensor input 0) gets one
+    const Tensor& grad = grads[0];
+    if (!grad.defined() || !ctx->needs_input_grad(0)) {
+      return out;
+    }
+    const Tensor g = ctx->get_saved_variables()[0];
+    if (ctx->saved_data["reduction"].toInt() == 0) {  // per-sample losses [B]: row b of g times grad[b]
+      std::vector<int64_t> shape(g.dim(), 1);
+      shape[0] = -1;
+      out[0] = g.mul(grad.to(g.scalar_type()).reshape(shape));
+    } else if (readable_on_host(grad) && grad.item<double>() == 1.0) {
+      out[0] = g;
+    } else {
+      out[0] = g.mul(grad.to(g.scalar_type()));
+    }
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> diffusion_loss_train_autograd(const Tensor& model_output, const OptTensor& x_start,
+                                                         const Tensor& t, const Tensor& sqrt_ac,
+                                                         const Tensor& sqrt_1m_ac, const OptTensor& noise,
+                                                         const OptTensor& seed, int64_t offset, int64_t objective,
+                                                         std::optional<double> min_snr_gamma, int64_t reduction) {
+  if (!(at::GradMode::is_enabled() && model_output.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return loss_train_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
+                                min_snr_gamma, reduction);
+  }
+  const variable_list out = DiffusionLossTrain::apply(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
+                                                      offset, objective, min_snr_gamma, reduction);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
   m.impl("group_norm_silu", &autograd_kernel<false>);
   m.impl("group_norm_silu_train", &autograd_kernel<true>);
+  m.impl("diffusion_loss_train", &diffusion_loss_train_autograd);
 }
 
 }  // namespace fastddpm
