@@ -1,9 +1,10 @@
 """The fused C++ CPU kernels (csrc/cpu/) against the float64 reference, on the grids of tests/test_kernels.py.
 
-Every op is called through its C++ op (fastddpm::<op>) by forcing backend='cpp'. The in-kernel noise is checked
-against fastddpm.reference.philox_normal and against the Triton kernel's (through the interpreter) for the same
-(seed, offset); outputs must not depend on the thread count; unwritten output elements show as NaN (PyTorch
-fills fresh tensors with NaN under torch.use_deterministic_algorithms).
+Every op is called through its C++ op (fastddpm::<op>) by forcing backend='cpp'; the checks tests/test_kernels.py
+runs too are in tests/kernel_grid.py. The in-kernel noise is checked against fastddpm.reference.philox_normal and
+against the Triton kernel's (through the interpreter) for the same (seed, offset); outputs must not depend on the
+thread count; unwritten output elements show as NaN (PyTorch fills fresh tensors with NaN under
+torch.use_deterministic_algorithms).
 """
 import itertools
 
@@ -17,14 +18,15 @@ from fastddpm.ops.q_sample import philox_noise_like, q_sample
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
+from . import kernel_grid as grid
 from .conftest import rel_err
-from .kernel_grid import (DTYPES, IDS, OBJECTIVES, SHAPES, T, check_step, data, in_low_precision, layouts, loss_case,
-                          timesteps, tolerance)
+from .kernel_grid import OBJECTIVES, T, close_to_stream, data, timesteps
 
 if not _extension.cpu_built() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU"):
     pytest.skip("fastddpm._C without the C++ CPU kernels", allow_module_level=True)
 
 ops = torch.ops.fastddpm
+BACKEND, DEVICE = "cpp", "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -32,40 +34,15 @@ def sched():
     return NoiseSchedule(get_beta_schedule("linear", T))
 
 
-def close_to_stream(eps, expected):
-    """ε as drawn (float32, then rounded to eps's dtype): within half an ulp of the dtype plus 1e-6 for the
-    log/sin/cos of the kernels against PyTorch's."""
-    bound = torch.finfo(eps.dtype).eps * expected.abs() / 2 + 1e-6
-    return bool(((eps.float() - expected).abs() <= bound).all())
-
-
-# ----------------------------------------------------------------------------- noise and q_sample
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+# ----------------------------------------------------------------------------- noise and q_sample (checks: kernel_grid)
+@grid.on_grid
 def test_q_sample_drawn_noise(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, t, seed = data(shape, dtype, cl), timesteps(shape[0]), torch.randint(0, 2**62, (1,))
-        out, eps = q_sample(sched, x, t, seed=seed, offset=17, write_noise=True, backend="cpp")
-        assert out.dtype == eps.dtype == dtype and out.stride() == eps.stride() == x.stride()
-        expected = philox_noise_like(x, seed, 17)
-        assert close_to_stream(eps, expected)
-        ref = reference.q_sample(sched, x.double(), t, expected.double())
-        native = in_low_precision(reference.q_sample, sched, x, t, expected.to(dtype))
-        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
-        out2, none = q_sample(sched, x, t, seed=seed, offset=17, backend="cpp")
-        assert none.numel() == 0 and torch.equal(out2, out)
+    grid.check_q_sample_drawn_noise(sched, shape, dtype, BACKEND, DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_q_sample_given_noise(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, n, t = data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        out = q_sample(sched, x, t, n, backend="cpp")
-        ref = reference.q_sample(sched, x.double(), t, n.double())
-        assert out.dtype == dtype and out.stride() == x.stride()
-        native = in_low_precision(reference.q_sample, sched, x, t, n)
-        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
+    grid.check_q_sample_given_noise(sched, shape, dtype, BACKEND, DEVICE)
 
 
 def test_noise_is_the_reference_stream_for_any_key_and_counter(sched):
@@ -105,13 +82,7 @@ def test_noise_matches_the_triton_kernel(sched):
 
 
 def test_loss_regenerates_the_noise_q_sample_drew(sched):
-    x, t, seed = data((4, 3, 8, 8)), timesteps(4), torch.tensor([42])
-    _, eps = q_sample(sched, x, t, seed=seed, offset=5, write_noise=True, backend="cpp")
-    pred = torch.randn_like(x)
-    for objective in OBJECTIVES:
-        regenerated = diffusion_loss(sched, pred, x, t, seed=seed, offset=5, objective=objective, backend="cpp")
-        stored = diffusion_loss(sched, pred, x, t, eps, objective=objective, backend="cpp")
-        assert torch.equal(regenerated, stored)
+    grid.check_loss_regenerates_the_noise_q_sample_drew(sched, BACKEND, DEVICE)
 
 
 def test_noised_stores_eps_on_cpp_and_the_loss_equals_the_regenerated_one_bit_for_bit(sched):
@@ -180,49 +151,22 @@ def test_diffusion_on_cpp_passes_the_stored_eps_to_the_loss(monkeypatch):
 
 
 def test_odd_layout_is_made_dense(sched):
-    x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
-    t, seed = timesteps(4), torch.tensor([4])
-    out, eps = q_sample(sched, x, t, seed=seed, write_noise=True, backend="cpp")
-    assert out.is_contiguous() and eps.is_contiguous()
-    assert rel_err(out, reference.q_sample(sched, x.double(), t, eps.double())) < 1e-6
-    o = torch.randn(4, 6, 5, 3)[:, ::2]
-    x_prev, x0, _ = p_sample_step(sched, o, x, t, torch.randn(4, 3, 5, 3), backend="cpp")
-    assert x_prev.is_contiguous() and x0.is_contiguous()
+    grid.check_odd_layout_is_made_dense(sched, BACKEND, DEVICE)
 
 
 # ----------------------------------------------------------------------------- loss
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True, backend="cpp")
+    grid.check_loss_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_loss_objectives_weights_reductions(sched, objective):
-    for gamma, reduction, drawn in itertools.product((None, 5.0), ("mean", "none"), (False, True)):
-        loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn, "cpp")
+    grid.check_loss_objectives_weights_reductions(sched, objective, BACKEND, DEVICE)
 
 
 def test_loss_float64_and_gradients_reach_x_start_and_noise(sched):
-    for objective in OBJECTIVES:
-        x, n, p = (torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        t = timesteps(3)
-        # min-SNR-γ: SNR from the float32 √ tables (as the Triton kernel), the reference reads its own SNR table
-        weighted = diffusion_loss(sched, p, x, t, n, objective=objective, min_snr_gamma=5.0, reduction="none",
-                                  backend="cpp")
-        assert rel_err(weighted, reference.diffusion_loss(sched, p, x, t, n, objective, 5.0, "none")) < 1e-6
-        out = diffusion_loss(sched, p, x, t, n, objective=objective, reduction="none", backend="cpp")
-        assert out.dtype == torch.float64
-        ref = reference.diffusion_loss(sched, p, x, t, n, objective, None, "none")
-        assert rel_err(out, ref) < 1e-12
-        g = torch.rand(3, dtype=torch.float64)
-        got = torch.autograd.grad(out, (p, x, n), g, allow_unused=True)
-        want = torch.autograd.grad(ref, (p, x, n), g, allow_unused=True)
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None or b.abs().max() == 0)
-            if a is not None:
-                assert rel_err(a, b) < 1e-10
+    grid.check_loss_float64_and_gradients(sched, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -289,81 +233,33 @@ def test_loss_mixed_dtypes_read_each_input_exactly(sched):
 
 
 # ----------------------------------------------------------------------------- reverse steps
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        x_prev, x0, none = p_sample_step(sched, o, x, t, n, objective="pred_v", write_noise=True, backend="cpp")
-        assert x_prev.stride() == x0.stride() == x.stride() and none.numel() == 0  # noise given: not written
-        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), "pred_v")
-        native = in_low_precision(reference.p_sample_step, sched, o, x, t, n, "pred_v")
-        check_step((x_prev, x0), ref, dtype, native)
+    grid.check_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
-    for clip, threshold in ((True, None), (False, None), (2.5, None), (True, (0.9, 1.5))):
-        x, o, n, t = data((4, 3, 5, 6), scale=2), data((4, 3, 5, 6)), data((4, 3, 5, 6)), timesteps(4)
-        out = p_sample_step(sched, o, x, t, n, objective=objective, variance=variance, clip_denoised=clip,
-                            threshold=threshold, backend="cpp")
-        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), objective, variance, clip,
-                                      threshold)
-        check_step(out[:2], ref, torch.float32)
+    grid.check_p_sample_step_objectives_variances_limits(sched, objective, variance, BACKEND, DEVICE)
 
 
 def test_p_sample_step_drawn_noise_and_t0(sched):
-    x, o, t, seed = data((4, 3, 6, 6)), data((4, 3, 6, 6)), timesteps(4), torch.tensor([9])
-    x_prev, x0, z = p_sample_step(sched, o, x, t, seed=seed, offset=11, write_noise=True, backend="cpp")
-    assert close_to_stream(z, philox_noise_like(x, seed, 11))
-    ref = reference.p_sample_step(sched, o.double(), x.double(), t, z.double())
-    check_step((x_prev, x0), ref, torch.float32)
-    # t = 0 (sample 0): x_{t−1} is the posterior mean alone, whatever z
-    mean0 = sched.posterior_mean_coef1[0].double() * x0[0].double() + sched.posterior_mean_coef2[0].double() * x[0]
-    assert rel_err(x_prev[0], mean0) < 1e-6
-    _, x0_none, z_none = p_sample_step(sched, o, x, t, seed=seed, write_x0=False, backend="cpp")
-    assert x0_none.numel() == 0 and z_none.numel() == 0
+    grid.check_p_sample_step_drawn_noise_and_t0(sched, BACKEND, DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        t_prev = (t - 20).clamp(min=-1)
-        out = ddim_step(sched, o, x, t, t_prev, n, objective="pred_noise", eta=0.5, backend="cpp")
-        assert out[0].stride() == x.stride()
-        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), "pred_noise", 0.5)
-        native = in_low_precision(reference.ddim_step, sched, o, x, t, t_prev, n, "pred_noise", 0.5)
-        check_step(out[:2], ref, dtype, native)
+    grid.check_ddim_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_ddim_step_objectives_eta_limits(sched, objective):
-    for eta, clip, threshold, rederive in itertools.product((0.0, 1.0), (True, False), (None, (0.9, 1.5)),
-                                                            (True, False)):
-        x, o, n, t = data((3, 2, 5, 7), scale=2), data((3, 2, 5, 7)), data((3, 2, 5, 7)), timesteps(3)
-        t_prev = torch.tensor([-1, 0, 949])
-        out = ddim_step(sched, o, x, t, t_prev, n, objective=objective, eta=eta, clip_denoised=clip,
-                        threshold=threshold, rederive_noise=rederive, backend="cpp")
-        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), objective, eta, clip,
-                                  threshold, rederive)
-        check_step(out[:2], ref, torch.float32)
+    grid.check_ddim_step_objectives_eta_limits(sched, objective, BACKEND, DEVICE)
 
 
 def test_ddim_drawn_noise_and_final_alpha(sched):
-    x, o, t, seed = data((2, 3, 4, 4)), data((2, 3, 4, 4)), torch.tensor([10, 500]), torch.tensor([77])
-    t_prev = torch.tensor([-1, 480])
-    out = ddim_step(sched, o, x, t, t_prev, seed=seed, eta=0.8, final_alpha_cumprod=0.9999, write_noise=True,
-                    backend="cpp")
-    assert close_to_stream(out[2], philox_noise_like(x, seed, 0))
-    ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, out[2].double(), eta=0.8,
-                              final_alpha_cumprod=0.9999)
-    check_step(out[:2], ref, torch.float32)
-    # η = 0: deterministic, no noise drawn or written
-    det = ddim_step(sched, o, x, t, t_prev, eta=0.0, write_noise=True, backend="cpp")
-    assert det[2].numel() == 0
+    grid.check_ddim_drawn_noise_and_final_alpha(sched, BACKEND, DEVICE)
 
 
 def test_float64_steps(sched):

@@ -1,30 +1,29 @@
 """The Triton kernels (kernels/), run on CPU tensors by the Triton interpreter, against the float64 reference.
 
-Every op is called through its Triton twin op (fastddpm::<op>_triton) by forcing backend='triton'. The last
-test checks that each kernel was really launched in this module. On a GPU machine tools/device_check.sh runs
-this same file compiled on CUDA tensors: FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0.
+Every op is called through its Triton twin op (fastddpm::<op>_triton) by forcing backend='triton'; the checks
+tests/test_cpu_kernels.py runs too are in tests/kernel_grid.py. The last test checks that each kernel was really
+launched in this module. On a GPU machine tools/device_check.sh runs this same file compiled on CUDA tensors:
+FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0.
 """
 import collections
-import itertools
 import os
 
 import pytest
 import torch
 
-from fastddpm import reference
 from fastddpm.kernels import loss as loss_kernels
 from fastddpm.kernels import q_sample as q_sample_kernels
 from fastddpm.kernels import reverse_step as reverse_kernels
 from fastddpm.ops.diffusion_loss import diffusion_loss
-from fastddpm.ops.q_sample import philox_noise_like, q_sample
+from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
-from .conftest import rel_err
-from .kernel_grid import (DTYPES, IDS, OBJECTIVES, SHAPES, T, check_step, data, in_low_precision, layouts, loss_case,
-                          timesteps, tolerance)
+from . import kernel_grid as grid
+from .kernel_grid import OBJECTIVES, T, data, timesteps
 
 DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE", "cpu")
+BACKEND = "triton"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1", allow_module_level=True)
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -63,44 +62,19 @@ def sched(on_device):
     return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
 
 
-# ----------------------------------------------------------------------------- q_sample
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+# ----------------------------------------------------------------------------- q_sample (checks: kernel_grid)
+@grid.on_grid
 def test_q_sample_given_noise(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, n, t = data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        out = q_sample(sched, x, t, n, backend="triton")
-        ref = reference.q_sample(sched, x.double(), t, n.double())
-        assert out.dtype == dtype and out.shape == x.shape
-        assert out.stride() == x.stride()  # the layout is kept
-        native = in_low_precision(reference.q_sample, sched, x, t, n)
-        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
+    grid.check_q_sample_given_noise(sched, shape, dtype, BACKEND, DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_q_sample_drawn_noise(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, t, seed = data(shape, dtype, cl), timesteps(shape[0]), torch.randint(0, 2**62, (1,))
-        out, eps = q_sample(sched, x, t, seed=seed, offset=17, write_noise=True, backend="triton")
-        assert eps.dtype == dtype and eps.stride() == x.stride()
-        # the ε written is the reference Philox stream, and x_t is q_sample with it
-        expected = philox_noise_like(x, seed, 17)
-        # ε itself is only rounded to the dtype: within half a unit in the last place
-        ulp = torch.finfo(dtype).eps * expected.abs() / 2 + 1e-6
-        assert ((eps.float() - expected).abs() <= ulp).all()
-        ref = reference.q_sample(sched, x.double(), t, expected.double())
-        native = in_low_precision(reference.q_sample, sched, x, t, expected.to(dtype))
-        assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
-        out2, none = q_sample(sched, x, t, seed=seed, offset=17, backend="triton")
-        assert none.numel() == 0 and torch.equal(out2, out)  # same (seed, offset) → same noise
+    grid.check_q_sample_drawn_noise(sched, shape, dtype, BACKEND, DEVICE)
 
 
 def test_q_sample_odd_layout_is_made_dense(sched):
-    x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
-    n, t = torch.randn_like(x), timesteps(4)
-    out = q_sample(sched, x, t, n, backend="triton")
-    assert rel_err(out, reference.q_sample(sched, x.double(), t, n.double())) < 1e-6
+    grid.check_odd_layout_is_made_dense(sched, BACKEND, DEVICE)
 
 
 def test_strided_timesteps(sched):
@@ -141,113 +115,52 @@ def test_noise_statistics_and_streams(sched):
 
 
 def test_loss_regenerates_the_noise_q_sample_drew(sched):
-    x, t, seed = data((4, 3, 8, 8)), timesteps(4), torch.tensor([42])
-    x_t, eps = q_sample(sched, x, t, seed=seed, offset=5, write_noise=True, backend="triton")
-    pred = torch.randn_like(x)
-    for objective in OBJECTIVES:
-        regenerated = diffusion_loss(sched, pred, x, t, seed=seed, offset=5, objective=objective, backend="triton")
-        stored = diffusion_loss(sched, pred, x, t, eps, objective=objective, backend="triton")
-        assert torch.equal(regenerated, stored)
+    grid.check_loss_regenerates_the_noise_q_sample_drew(sched, BACKEND, DEVICE)
 
 
 # ----------------------------------------------------------------------------- loss
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        loss_case(sched, shape, dtype, cl, "pred_v", 5.0, "mean", drawn=True, backend="triton")
+    grid.check_loss_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_loss_objectives_weights_reductions(sched, objective):
-    for gamma, reduction, drawn in itertools.product((None, 5.0), ("mean", "none"), (False, True)):
-        loss_case(sched, (3, 2, 5, 7), torch.float32, False, objective, gamma, reduction, drawn, "triton")
+    grid.check_loss_objectives_weights_reductions(sched, objective, BACKEND, DEVICE)
 
 
 def test_loss_gradients_reach_x_start_and_noise(sched):
-    for objective in OBJECTIVES:
-        x, n, p = (torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        t = timesteps(3)
-        out = diffusion_loss(sched, p, x, t, n, objective=objective, reduction="none", backend="triton")
-        ref = reference.diffusion_loss(sched, p, x, t, n, objective, None, "none")
-        g = torch.rand(3, dtype=torch.float64)
-        got = torch.autograd.grad(out, (p, x, n), g, allow_unused=True)
-        want = torch.autograd.grad(ref, (p, x, n), g, allow_unused=True)
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None or b.abs().max() == 0)
-            if a is not None:
-                assert rel_err(a, b) < 1e-10
+    grid.check_loss_float64_and_gradients(sched, BACKEND, DEVICE)
 
 
 # ----------------------------------------------------------------------------- reverse steps
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        x_prev, x0, _ = p_sample_step(sched, o, x, t, n, objective="pred_v", backend="triton")
-        assert x_prev.stride() == x.stride()
-        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), "pred_v")
-        native = in_low_precision(reference.p_sample_step, sched, o, x, t, n, "pred_v")
-        check_step((x_prev, x0), ref, dtype, native)
+    grid.check_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
-    for clip, threshold in ((True, None), (False, None), (2.5, None), (True, (0.9, 1.5))):
-        x, o, n, t = data((4, 3, 5, 6), scale=2), data((4, 3, 5, 6)), data((4, 3, 5, 6)), timesteps(4)
-        out = p_sample_step(sched, o, x, t, n, objective=objective, variance=variance, clip_denoised=clip,
-                            threshold=threshold, backend="triton")
-        ref = reference.p_sample_step(sched, o.double(), x.double(), t, n.double(), objective, variance, clip,
-                                      threshold)
-        check_step(out[:2], ref, torch.float32)
+    grid.check_p_sample_step_objectives_variances_limits(sched, objective, variance, BACKEND, DEVICE)
 
 
 def test_p_sample_step_drawn_noise_and_t0(sched):
-    x, o, t, seed = data((4, 3, 6, 6)), data((4, 3, 6, 6)), timesteps(4), torch.tensor([9])
-    x_prev, x0, z = p_sample_step(sched, o, x, t, seed=seed, offset=11, write_noise=True, backend="triton")
-    assert rel_err(z, philox_noise_like(x, seed, 11)) < 1e-6
-    ref = reference.p_sample_step(sched, o.double(), x.double(), t, z.double())
-    check_step((x_prev, x0), ref, torch.float32)
-    assert torch.equal(x_prev[0], x0[0] * sched.posterior_mean_coef1[0] + x[0] * sched.posterior_mean_coef2[0]) or \
-        rel_err(x_prev[0], ref[0][0]) < 1e-6  # t = 0: no noise
+    grid.check_p_sample_step_drawn_noise_and_t0(sched, BACKEND, DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@grid.on_grid
 def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
-    for cl in layouts(shape):
-        x, o, n, t = data(shape, dtype, cl, 2), data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-        t_prev = (t - 20).clamp(min=-1)
-        out = ddim_step(sched, o, x, t, t_prev, n, objective="pred_noise", eta=0.5, backend="triton")
-        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), "pred_noise", 0.5)
-        native = in_low_precision(reference.ddim_step, sched, o, x, t, t_prev, n, "pred_noise", 0.5)
-        check_step(out[:2], ref, dtype, native)
+    grid.check_ddim_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_ddim_step_objectives_eta_limits(sched, objective):
-    for eta, clip, threshold, rederive in itertools.product((0.0, 1.0), (True, False), (None, (0.9, 1.5)),
-                                                            (True, False)):
-        x, o, n, t = data((3, 2, 5, 7), scale=2), data((3, 2, 5, 7)), data((3, 2, 5, 7)), timesteps(3)
-        t_prev = torch.tensor([-1, 0, 949])
-        out = ddim_step(sched, o, x, t, t_prev, n, objective=objective, eta=eta, clip_denoised=clip,
-                        threshold=threshold, rederive_noise=rederive, backend="triton")
-        ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, n.double(), objective, eta, clip,
-                                  threshold, rederive)
-        check_step(out[:2], ref, torch.float32)
+    grid.check_ddim_step_objectives_eta_limits(sched, objective, BACKEND, DEVICE)
 
 
 def test_ddim_drawn_noise_and_final_alpha(sched):
-    x, o, t, seed = data((2, 3, 4, 4)), data((2, 3, 4, 4)), torch.tensor([10, 500]), torch.tensor([77])
-    t_prev = torch.tensor([-1, 480])
-    out = ddim_step(sched, o, x, t, t_prev, seed=seed, eta=0.8, final_alpha_cumprod=0.9999, write_noise=True,
-                    backend="triton")
-    assert rel_err(out[2], philox_noise_like(x, seed, 0)) < 1e-6
-    ref = reference.ddim_step(sched, o.double(), x.double(), t, t_prev, out[2].double(), eta=0.8,
-                              final_alpha_cumprod=0.9999)
-    check_step(out[:2], ref, torch.float32)
+    grid.check_ddim_drawn_noise_and_final_alpha(sched, BACKEND, DEVICE)
 
 
 # ----------------------------------------------------------------------------- poisoned outputs
