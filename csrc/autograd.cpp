@@ -12,8 +12,9 @@
 //   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward
 //   group_norm_silu_train  saves (x, mean, rstd, silu_grad, weight, bias); backward = ..._train_backward
 //   diffusion_loss_train   saves g = ∂loss/∂model_output for an incoming gradient of one; backward = g scaled
-// mean, rstd, silu_grad and g are not differentiable; gradients are not materialised, so a graph that uses y
-// (or the loss) alone never builds an x-sized zero gradient for them.
+// mean, rstd, silu_grad and g are not differentiable: they leave the node detached; gradients are not
+// materialised, so a graph that uses y (or the loss) alone never builds an x-sized zero gradient for them.
+// torch.func transforms refuse C++ Functions: under them, fastddpm.ops.choose_backend picks the reference.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -82,7 +83,6 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
                                const OptTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below;
     const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
-    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["has_weight"] = defined(weight);
     ctx->saved_data["has_bias"] = defined(bias);
@@ -128,11 +128,13 @@ Out autograd_kernel(const Tensor& x, int64_t num_groups, const OptTensor& weight
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op<kTrain>().call(x, num_groups, weight, bias, eps);
   }
+  // mean, rstd and silu_grad leave the node detached (constants), rather than through mark_non_differentiable,
+  // whose record compiled autograd refuses (CppNode::compiled_args asserts that none was marked).
   const variable_list out = GroupNormSiLUFunction<kTrain>::apply(x, num_groups, weight, bias, eps);
   if constexpr (kTrain) {
-    return {out[0], out[1], out[2], out[3]};
+    return {out[0], out[1].detach(), out[2].detach(), out[3].detach()};
   } else {
-    return {out[0], out[1], out[2]};
+    return {out[0], out[1].detach(), out[2].detach()};
   }
 }
 
@@ -166,7 +168,6 @@ struct DiffusionLossTrain : torch::autograd::Function<DiffusionLossTrain> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, grad] = loss_train_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
                                              objective, min_snr_gamma, reduction);
-    ctx->mark_non_differentiable({grad});
     ctx->set_materialize_grads(false);
     ctx->saved_data["reduction"] = reduction;
     ctx->save_for_backward({grad});
@@ -205,7 +206,7 @@ std::tuple<Tensor, Tensor> diffusion_loss_train_autograd(const Tensor& model_out
   }
   const variable_list out = DiffusionLossTrain::apply(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
                                                       offset, objective, min_snr_gamma, reduction);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};  // g: a constant (see autograd_kernel)
 }
 
 }  // namespace

@@ -204,6 +204,21 @@ def test_loss_train_pair_keeps_the_backward_gradient(sched, dtype):
                                                                      objective, 5.0, 1))
 
 
+def test_loss_under_torch_func_grad_runs_the_reference(sched):
+    """torch.func refuses the training op's C++ autograd Function: under torch.func.grad the entry point runs
+    the reference (float64: its gradient to round-off)."""
+    x, o, n = (data((3, 2, 5, 7), torch.float64) for _ in range(3))
+    t = timesteps(3)
+    for objective in OBJECTIVES:
+        def loss(p):
+            return diffusion_loss(sched, p, x, t, n, objective=objective, min_snr_gamma=5.0, backend="cpp")
+        grad = torch.func.grad(loss)(o)
+        leaf = o.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(reference.diffusion_loss(sched, leaf, x, t, n, objective, 5.0, "mean"),
+                                          leaf)
+        assert rel_err(grad, expected) <= 1e-12
+
+
 def test_loss_train_pair_only_where_the_gradient_goes_to_the_prediction_alone(sched):
     x, o, n, t = data((2, 3, 4, 4)), data((2, 3, 4, 4)), data((2, 3, 4, 4)), timesteps(2)
 

@@ -211,6 +211,29 @@ def test_autograd_returns_each_gradient_asked_for(op):
                 assert all(rel_err(g, e) <= 1e-12 for g, e in zip(grads, expected)), (has_w, has_b, wanted)
 
 
+def test_torch_func_transforms_and_compiled_autograd():
+    """torch.func refuses C++ autograd Functions: under a transform the functional runs the reference (same
+    gradient as the composite). Compiled autograd traces the C++ node (it refuses nodes that marked outputs
+    non-differentiable: mean, rstd and silu_grad leave the node detached instead)."""
+    gen = torch.Generator().manual_seed(23)
+    x = make_x((2, 8, 4, 4), "contiguous", torch.float64, gen)
+    w, b = make_params(8, torch.float64, gen)
+    grad = torch.func.grad(lambda x: group_norm_silu(x, 4, w, b).square().sum())(x)
+    expected = torch.func.grad(lambda x: F.silu(F.group_norm(x, 4, w, b)).square().sum())(x)
+    assert rel_err(grad, expected) <= 1e-12
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), GroupNormSiLU(4, 8))
+    inputs = torch.randn(2, 8, 4, 4, generator=gen)
+    model(inputs).square().sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        model(inputs).square().sum().backward()  # an eager forward: the backward graph holds the C++ node
+    assert all(rel_err(p.grad, e) <= 1e-5 for p, e in zip(model.parameters(), eager))
+    torch._dynamo.reset()
+
+
 def test_permuted_dense_layout(poisoned):
     # Dense but neither NCHW nor channels-last (batch not outermost): y and dx follow empty_like(x).
     gen = torch.Generator().manual_seed(9)

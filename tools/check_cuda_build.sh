@@ -101,7 +101,7 @@ if [ "$(cat "$CUDA_VENV/.torch" 2>/dev/null)" != "$CUDA_TORCH" ]; then
   say "installing $CUDA_TORCH into $CUDA_VENV (a CUDA build: several GB, once)"
   # The venv ends up ~7.5 GB and pip unpacks beside it: say so plainly rather than fail halfway through
   # pip with ENOSPC (seen: a disk filled by old clones' venvs).
-  free_kb=$(df -Pk "$(dirname "$ROOT/$CUDA_VENV")" | awk 'NR == 2 { print $4 }')
+  free_kb=$(df -Pk "$ROOT" 2>/dev/null | awk 'NR == 2 { print $4 }') || free_kb=""
   if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
     say "FAILED: installing $CUDA_TORCH needs about 10 GB free; $((free_kb / 1024 / 1024)) GB free under $ROOT"
     say "(free some space, e.g. other clones' .venv-cuda folders, and rerun)"

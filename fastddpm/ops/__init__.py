@@ -57,6 +57,10 @@ def _available(op: str, backend: str, device_type: str) -> bool:
     return _triton_available(device_type)
 
 
+# Ops whose autograd is a C++ torch::autograd::Function (csrc/autograd.cpp), which torch.func transforms
+# (grad, vjp, vmap of a gradient) refuse: under a transform they run the reference.
+_CPP_AUTOGRAD = ("group_norm_silu", "diffusion_loss")
+
 # choose_backend's answers, by everything they depend on: it runs on every op call (23 times in one forward of
 # the small U-Net), where its ~5 µs of Python were a third of a small fused op's whole call.
 _choices: dict[tuple, str] = {}
@@ -71,6 +75,9 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _choose_backend(op, device_type, backend)
+    if (choice == "cpp" and op in _CPP_AUTOGRAD and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None):
+        return "reference"  # torch.func transforms refuse C++ autograd Functions
     return choice
 
 
@@ -94,7 +101,7 @@ def _choose_backend(op: str, device_type: str, backend: str) -> str:
         if key not in _warned:
             _warned.add(key)
             warnings.warn(f"fastddpm: no {requested} implementation of {op} for {device_type} tensors "
-                          f"in this build; using the reference", RuntimeWarning, stacklevel=3)
+                          f"in this build; using the reference", RuntimeWarning, stacklevel=4)
         return "reference"
     return requested
 
