@@ -45,8 +45,8 @@ bool defined(const OptTensor& p) {
 
 // One gradient per forward argument (x, num_groups, weight, bias, eps): those asked for, undefined elsewhere.
 // needs_input_grad counts tensor inputs only: x is edge 0, then weight and bias where given.
-variable_list input_grads(AutogradContext* ctx, const Three& grads) {
-  const bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
+variable_list input_grads(AutogradContext* ctx, const Three& grads, const OptTensor& weight, const OptTensor& bias) {
+  const bool has_weight = defined(weight), has_bias = defined(bias);
   const size_t weight_edge = 1, bias_edge = has_weight ? 2 : 1;
   const auto& [grad_x, grad_weight, grad_bias] = grads;
   return {ctx->needs_input_grad(0) ? grad_x : Tensor(), Tensor(),
@@ -68,10 +68,12 @@ template <bool kTrain>
 using Outputs = std::conditional_t<kTrain, Four, Three>;
 
 template <bool kTrain>
-const c10::TypedOperatorHandle<Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>&
-forward_op() {
-  static const auto handle = op<Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double)>(
-      kTrain ? "fastddpm::group_norm_silu_train" : "fastddpm::group_norm_silu");
+using ForwardSig = Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double);
+
+template <bool kTrain>
+const c10::TypedOperatorHandle<ForwardSig<kTrain>>& forward_op() {
+  static const auto handle =
+      op<ForwardSig<kTrain>>(kTrain ? "fastddpm::group_norm_silu_train" : "fastddpm::group_norm_silu");
   return handle;
 }
 
@@ -84,8 +86,6 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     at::AutoDispatchBelowADInplaceOrView below;
     const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
     ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["has_weight"] = defined(weight);
-    ctx->saved_data["has_bias"] = defined(bias);
     ctx->set_materialize_grads(false);
     variable_list saved{x};
     saved.insert(saved.end(), out.begin() + 1, out.end());
@@ -106,11 +106,11 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
       static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                        const OptTensor&, const OptTensor&, int64_t)>(
           "fastddpm::group_norm_silu_train_backward");
-      return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups));
+      return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups), weight, bias);
     } else {
       static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                        const OptTensor&, int64_t)>("fastddpm::group_norm_silu_backward");
-      return input_grads(ctx, bwd.call(grads[0], s[0], s[1], s[2], weight, bias, num_groups));
+      return input_grads(ctx, bwd.call(grads[0], s[0], s[1], s[2], weight, bias, num_groups), weight, bias);
     }
   }
 };
@@ -118,8 +118,8 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
 // Whether a graph node is needed: grad mode on and some input requiring grad. Without one (sampling, no_grad)
 // the call goes straight to the kernel: Function::apply would still build a node and wrap every output.
 bool needs_node(const Tensor& x, const OptTensor& weight, const OptTensor& bias) {
-  return at::GradMode::is_enabled() &&
-         (x.requires_grad() || (defined(weight) && weight->requires_grad()) || (defined(bias) && bias->requires_grad()));
+  return at::GradMode::is_enabled() && (x.requires_grad() || (defined(weight) && weight->requires_grad()) ||
+                                        (defined(bias) && bias->requires_grad()));
 }
 
 template <bool kTrain, typename Out = Outputs<kTrain>>

@@ -70,21 +70,21 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
     """The implementation that runs ``op`` on ``device``: 'reference', 'triton' or 'cpp'."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     env = os.environ
-    key = (op, device_type, backend, env.get("FASTDDPM_BACKEND"), env.get("TRITON_INTERPRET"),
-           _extension.load() is not None)
+    env_backend = env.get("FASTDDPM_BACKEND")
+    key = (op, device_type, backend, env_backend, env.get("TRITON_INTERPRET"), _extension.load() is not None)
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _choose_backend(op, device_type, backend)
+        choice = _choices[key] = _choose_backend(op, device_type, backend, env_backend)
     if (choice == "cpp" and op in _CPP_AUTOGRAD and not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is not None):
         return "reference"  # torch.func transforms refuse C++ autograd Functions
     return choice
 
 
-def _choose_backend(op: str, device_type: str, backend: str) -> str:
+def _choose_backend(op: str, device_type: str, backend: str, env_backend: str | None) -> str:
     requested = check_backend(backend)
     if requested == "auto":
-        requested = os.environ.get("FASTDDPM_BACKEND", "auto") or "auto"
+        requested = env_backend or "auto"
         if requested not in BACKENDS:
             raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if requested == "auto":
