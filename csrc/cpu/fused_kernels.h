@@ -213,10 +213,39 @@ inline void normals(uint64_t seed, uint64_t c, int64_t n, float* out) {
 #endif
 }
 
+// The tensors a block kernel streams through, as (data, element size), indexed like the noise (sample b,
+// element lo: b·N + lo); null entries are skipped. The draw of a block's noise is compute-bound and its use
+// memory-bound: the block's cache lines of these tensors are asked for before the draw, so that their
+// reads (and the write-allocates of the outputs) overlap it instead of following it.
+struct Streams {
+  static constexpr int kMax = 5;
+  const void* data[kMax] = {};
+  int64_t size[kMax] = {};
+  Streams(std::initializer_list<std::pair<const void*, int64_t>> list) {
+    TORCH_INTERNAL_ASSERT(list.size() <= kMax);
+    int k = 0;
+    for (const auto& [d, s] : list) {
+      data[k] = d;
+      size[k++] = s;
+    }
+  }
+  void prefetch(int64_t first, int64_t n) const {
+    for (int k = 0; k < kMax; ++k) {
+      if (data[k] != nullptr) {
+        const char* p = static_cast<const char*>(data[k]) + first * size[k];
+        for (int64_t off = 0; off < n * size[k]; off += 64) {
+          __builtin_prefetch(p + off, 0, 3);
+        }
+      }
+    }
+  }
+};
+
 // Runs fn(b, lo, n, z) over every block of every sample (element offset lo within sample b, n elements, z the
-// block's noise or nullptr), tasks of kChunk elements spread over the threads.
+// block's noise or nullptr), tasks of kChunk elements spread over the threads; where noise is drawn, the
+// block's lines of `streams` are prefetched first.
 template <typename Fn>
-void for_each_block(int64_t B, int64_t N, const Noise* noise, const Fn& fn) {
+void for_each_block(int64_t B, int64_t N, const Noise* noise, const Streams& streams, const Fn& fn) {
   if (B == 0 || N == 0) {
     return;
   }
@@ -230,6 +259,7 @@ void for_each_block(int64_t B, int64_t N, const Noise* noise, const Fn& fn) {
       for (int64_t lo = (task % chunks) * kChunk; lo < chunk_end; lo += kBlock) {
         const int64_t n = std::min(kBlock, chunk_end - lo);
         if (noise != nullptr) {
+          streams.prefetch(b * N + lo, n);
           normals(noise->seed,
                   static_cast<uint64_t>(noise->offset) + static_cast<uint64_t>(b) * rows + static_cast<uint64_t>(lo / 4),
                   n, z);
@@ -287,7 +317,8 @@ void q_sample_philox_typed(const QSampleArgs& args) {
     });
     return;
   }
-  for_each_block(B, N, &args.noise, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
+  const Streams streams{{x, sizeof(scalar_t)}, {out, sizeof(scalar_t)}, {noise_out, sizeof(scalar_t)}};
+  for_each_block(B, N, &args.noise, streams, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
     const int64_t base = b * N + lo;
     const auto a = static_cast<opmath_t>(args.a[b]), s = static_cast<opmath_t>(args.s[b]);
     const scalar_t* xb = x + base;
@@ -352,6 +383,15 @@ inline void write_grad(scalar_t* g, const opmath_t* d, int64_t n, opmath_t scale
   }
 }
 
+// What the loss kernels stream: pred, x_0 where the objective reads it, and the gradient they write.
+template <typename scalar_t>
+Streams loss_streams(const LossArgs& args, const scalar_t* g) {
+  const bool x0 = args.objective != 0 && args.x0.defined();
+  return {{args.pred.const_data_ptr<scalar_t>(), sizeof(scalar_t)},
+          {x0 ? args.x0.const_data_ptr<scalar_t>() : nullptr, sizeof(scalar_t)},
+          {g, sizeof(scalar_t)}};
+}
+
 template <typename scalar_t>
 std::vector<double> loss_forward_typed(const LossArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -361,7 +401,7 @@ std::vector<double> loss_forward_typed(const LossArgs& args) {
   const bool drawn = args.objective != 1 && args.noise.drawn;
   // The training forward also writes grad_scale[b] · d, the gradient for an incoming gradient of one.
   scalar_t* g = args.grad_pred.defined() ? args.grad_pred.mutable_data_ptr<scalar_t>() : nullptr;
-  for_each_block(B, N, drawn ? &args.noise : nullptr,
+  for_each_block(B, N, drawn ? &args.noise : nullptr, loss_streams<scalar_t>(args, g),
                  [&](int64_t task, int64_t b, int64_t lo, int64_t n, const float* z) {
     alignas(32) opmath_t d[kBlock];
     loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
@@ -409,7 +449,7 @@ void loss_backward_typed(const LossArgs& args) {
   const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   scalar_t* g = args.grad_pred.mutable_data_ptr<scalar_t>();
   const bool drawn = args.objective != 1 && args.noise.drawn;
-  for_each_block(B, N, drawn ? &args.noise : nullptr,
+  for_each_block(B, N, drawn ? &args.noise : nullptr, loss_streams<scalar_t>(args, g),
                  [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
     alignas(32) opmath_t d[kBlock];
     loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
@@ -435,7 +475,9 @@ void step_typed(const StepArgs& args) {
   scalar_t* x0_out = args.x0_out.defined() ? args.x0_out.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* noise_out = args.noise_out.defined() ? args.noise_out.mutable_data_ptr<scalar_t>() : nullptr;
   const bool drawn = args.stochastic && args.noise.drawn;
-  for_each_block(B, N, drawn ? &args.noise : nullptr, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
+  const Streams streams{{out, sizeof(scalar_t)}, {x, sizeof(scalar_t)}, {x_prev, sizeof(scalar_t)},
+                        {x0_out, sizeof(scalar_t)}, {noise_out, sizeof(scalar_t)}};
+  for_each_block(B, N, drawn ? &args.noise : nullptr, streams, [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
     const int64_t base = b * N + lo;
     const auto r0 = static_cast<opmath_t>(args.r0[b]), r1 = static_cast<opmath_t>(args.r1[b]);
     const auto r2 = static_cast<opmath_t>(args.r2[b]), r3 = static_cast<opmath_t>(args.r3[b]);
