@@ -19,20 +19,23 @@
 namespace fastddpm {
 namespace {
 
-void check_cpu(const at::Tensor& x, const char* name) { cpu::check_cpu("q_sample", x, name); }
+constexpr const char* kOp = "q_sample";
 
-void check_table(const at::Tensor& table, const char* name) {
-  check_cpu(table, name);
-  TORCH_CHECK(table.dim() == 1, "q_sample: ", name, " must be 1-D [T], got shape ", table.sizes());
-  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble, "q_sample: ", name,
-              " must be float32 or float64, got ", table.scalar_type());
+// The two tables, 1-D of one length T (both ops).
+void check_tables(const at::Tensor& sqrt_alphas_cumprod, const at::Tensor& sqrt_one_minus_alphas_cumprod) {
+  cpu::check_table(kOp, sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
+  cpu::check_table(kOp, sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
+  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0),
+              "q_sample: sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length, ",
+              "got ", sqrt_alphas_cumprod.size(0), " and ", sqrt_one_minus_alphas_cumprod.size(0));
 }
 
-void check_inputs(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
-                  const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
-  check_cpu(x_start, "x_start");
-  check_cpu(t, "t");
-  check_cpu(noise, "noise");
+// The given-noise op's own checks of x_start, t and noise (its messages, which tests/test_extension.py
+// pins, predate the shared cpu::check_* the Philox op uses).
+void check_given(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise) {
+  cpu::check_cpu(kOp, x_start, "x_start");
+  cpu::check_cpu(kOp, t, "t");
+  cpu::check_cpu(kOp, noise, "noise");
   TORCH_CHECK(cpu::is_float_dtype(x_start.scalar_type()),
               "q_sample: x_start must be a floating tensor (float32, float64, float16 or bfloat16), got ",
               x_start.scalar_type());
@@ -43,13 +46,7 @@ void check_inputs(const at::Tensor& x_start, const at::Tensor& t, const at::Tens
               " must match x_start dtype ", x_start.scalar_type());
   TORCH_CHECK(t.scalar_type() == at::kLong, "q_sample: t must be int64 (torch.long), got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x_start.size(0),
-              "q_sample: t must be 1-D of size x_start.size(0) = ", x_start.size(0), ", got shape ",
-              t.sizes());
-  check_table(sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
-  check_table(sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
-  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0),
-              "q_sample: sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length, ",
-              "got ", sqrt_alphas_cumprod.size(0), " and ", sqrt_one_minus_alphas_cumprod.size(0));
+              "q_sample: t must be 1-D of size x_start.size(0) = ", x_start.size(0), ", got shape ", t.sizes());
 }
 
 // t as a vector, every value checked to lie in [0, T) (this op's message; cpu::timesteps words it otherwise).
@@ -63,15 +60,10 @@ std::vector<int64_t> checked_timesteps(const at::Tensor& t, int64_t T) {
   return out;
 }
 
-// Non-overlapping and dense with the batch outermost, so that sample b is the b-th block of
-// numel/B elements in memory: true for contiguous and channels_last tensors.
-bool batch_outermost_dense(const at::Tensor& x) {
-  return x.is_non_overlapping_and_dense() && (x.size(0) == 1 || x.stride(0) * x.size(0) == x.numel());
-}
-
 at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
                         const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
-  check_inputs(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise);
+  check_given(x_start, t, noise);
+  check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
   const std::vector<int64_t> ts = checked_timesteps(t, sqrt_alphas_cumprod.size(0));
   std::vector<double> coef_x = cpu::gather(sqrt_alphas_cumprod, 0, ts);
   std::vector<double> coef_n = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
@@ -80,14 +72,11 @@ at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at
   // dense, else the suggested layout. The kernel walks raw memory with the batch outermost; for a dense
   // x_start whose batch is not outermost (a permuted view) it computes into a contiguous buffer instead.
   at::Tensor out = at::empty_like(x_start);
-  const bool direct = batch_outermost_dense(out);
+  const bool direct = cpu::batch_outer_dense(out);
   at::Tensor work = direct ? out : at::empty(x_start.sizes(), x_start.options());
   // Inputs that do not share the work buffer's strides are copied into that layout first.
-  auto in_work_layout = [&](const at::Tensor& x) {
-    return x.strides() == work.strides() ? x : at::empty_like(work).copy_(x);
-  };
-  const at::Tensor x = in_work_layout(x_start);
-  const at::Tensor n = in_work_layout(noise);
+  const at::Tensor x = cpu::as_layout_of(x_start, work);
+  const at::Tensor n = cpu::as_layout_of(noise, work);
 
   const int64_t B = x.size(0);
   const int64_t S = B == 0 ? 0 : x.numel() / B;  // elements per sample
@@ -113,18 +102,14 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x_start
                                                        const at::Tensor& sqrt_alphas_cumprod,
                                                        const at::Tensor& sqrt_one_minus_alphas_cumprod,
                                                        const at::Tensor& seed, int64_t offset, bool write_noise) {
-  constexpr const char* op = "q_sample";
-  cpu::check_data(op, x_start, "x_start");
-  cpu::check_index(op, t, "t", x_start);
-  cpu::check_table(op, sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
-  cpu::check_table(op, sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
-  TORCH_CHECK(sqrt_alphas_cumprod.size(0) == sqrt_one_minus_alphas_cumprod.size(0), op,
-              ": sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length");
+  cpu::check_data(kOp, x_start, "x_start");
+  cpu::check_index(kOp, t, "t", x_start);
+  check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
   cpu::QSampleArgs args;
   args.noise.drawn = true;
-  args.noise.seed = cpu::check_seed(op, seed);
+  args.noise.seed = cpu::check_seed(kOp, seed);
   args.noise.offset = offset;
-  const std::vector<int64_t> ts = cpu::timesteps(op, t, "t", sqrt_alphas_cumprod.size(0));
+  const std::vector<int64_t> ts = cpu::timesteps(kOp, t, "t", sqrt_alphas_cumprod.size(0));
   args.a = cpu::gather(sqrt_alphas_cumprod, 0, ts);
   args.s = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
   args.x = cpu::dense(x_start);
