@@ -341,46 +341,82 @@ void q_sample_philox(const QSampleArgs& args) {
 }
 
 // ---------------------------------------------------------------- the loss
-// d = pred − target for the block into d[0, n): target ε, x_0 or v = a ε − s x_0 (DDPM eq. 14; Salimans & Ho).
-template <typename scalar_t, typename opmath_t>
-inline void loss_diff(const LossArgs& args, int64_t base, int64_t n, const float* z, opmath_t a, opmath_t s,
-                      opmath_t* d) {
-  const scalar_t* p = args.pred.const_data_ptr<scalar_t>() + base;
-  const scalar_t* given = args.noise.drawn || !args.noise.given.defined()
-                              ? nullptr : args.noise.given.const_data_ptr<scalar_t>() + base;
-  const scalar_t* x0 = args.x0.defined() ? args.x0.const_data_ptr<scalar_t>() + base : nullptr;
-  if (args.objective == 1) {
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<opmath_t>(p[i]) - static_cast<opmath_t>(x0[i]);
-    }
-    return;
-  }
-  if (given != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<opmath_t>(given[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<opmath_t>(z[i]);
-    }
-  }
-  if (args.objective == 0) {
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<opmath_t>(p[i]) - d[i];
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<opmath_t>(p[i]) - (a * d[i] - s * static_cast<opmath_t>(x0[i]));
-    }
+// One pass per block: d = pred − target (target ε, x_0 or v = a ε − s x_0: DDPM eq. 14; Salimans & Ho),
+// g = scale · d written where a gradient is asked for, Σ d² summed where the loss is. Specialised on the
+// objective, on where ε comes from (a given tensor, or the block's draw z) and on what is written, so that
+// the element loop has no branch and vectorises.
+template <int kObjective, bool kGivenNoise>
+struct LossVariant {
+  static constexpr int objective = kObjective;
+  static constexpr bool given_noise = kGivenNoise;
+};
+
+// Calls f(LossVariant<...>{}) for args' objective and noise source.
+template <typename F>
+void with_loss_variant(const LossArgs& args, const F& f) {
+  const bool given = args.objective != 1 && !args.noise.drawn && args.noise.given.defined();
+  switch (args.objective) {
+    case 0: given ? f(LossVariant<0, true>{}) : f(LossVariant<0, false>{}); break;
+    case 1: f(LossVariant<1, false>{}); break;
+    default: given ? f(LossVariant<2, true>{}) : f(LossVariant<2, false>{}); break;
   }
 }
 
-// g[i] = scale · d[i], the loss gradient of a block (the backward, and the training forward, write it).
-template <typename scalar_t, typename opmath_t>
-inline void write_grad(scalar_t* g, const opmath_t* d, int64_t n, opmath_t scale) {
-  for (int64_t i = 0; i < n; ++i) {
-    g[i] = static_cast<scalar_t>(scale * d[i]);
+// The block [base, base + n) of sample b: writes g[i] = scale · d[i] when kGrad, returns Σ d² when kSum
+// (16 running sums, combined in a fixed order: vectorisable without reassociating), else 0.
+template <typename Variant, bool kGrad, bool kSum, typename scalar_t, typename opmath_t>
+inline double loss_block(const LossArgs& args, int64_t base, int64_t n, const float* z, opmath_t a, opmath_t s,
+                         scalar_t* g, opmath_t scale) {
+  const scalar_t* __restrict__ p = args.pred.const_data_ptr<scalar_t>() + base;
+  const scalar_t* __restrict__ given =
+      Variant::given_noise ? args.noise.given.const_data_ptr<scalar_t>() + base : nullptr;
+  const scalar_t* __restrict__ x0 =
+      Variant::objective != 0 ? args.x0.const_data_ptr<scalar_t>() + base : nullptr;
+  scalar_t* __restrict__ gb = kGrad ? g + base : nullptr;
+  auto diff = [&](int64_t i) -> opmath_t {
+    opmath_t target;
+    if constexpr (Variant::objective == 1) {
+      target = static_cast<opmath_t>(x0[i]);
+    } else {
+      const opmath_t eps = Variant::given_noise ? static_cast<opmath_t>(given[i]) : static_cast<opmath_t>(z[i]);
+      if constexpr (Variant::objective == 0) {
+        target = eps;
+      } else {
+        target = a * eps - s * static_cast<opmath_t>(x0[i]);
+      }
+    }
+    return static_cast<opmath_t>(p[i]) - target;
+  };
+  constexpr int kLanes = 16;
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const opmath_t d = diff(i + k);
+      if constexpr (kGrad) {
+        gb[i + k] = static_cast<scalar_t>(scale * d);
+      }
+      if constexpr (kSum) {
+        acc[k] += d * d;
+      }
+    }
   }
+  for (; i < n; ++i) {
+    const opmath_t d = diff(i);
+    if constexpr (kGrad) {
+      gb[i] = static_cast<scalar_t>(scale * d);
+    }
+    if constexpr (kSum) {
+      acc[0] += d * d;
+    }
+  }
+  double sum = 0.0;
+  if constexpr (kSum) {
+    for (int k = 0; k < kLanes; ++k) {
+      sum += static_cast<double>(acc[k]);
+    }
+  }
+  return sum;
 }
 
 // What the loss kernels stream: pred, x_0 where the objective reads it, and the gradient they write.
@@ -392,45 +428,34 @@ Streams loss_streams(const LossArgs& args, const scalar_t* g) {
           {g, sizeof(scalar_t)}};
 }
 
-template <typename scalar_t>
-std::vector<double> loss_forward_typed(const LossArgs& args) {
+// The loss forward (kSum: per-sample Σ d², float64) and/or the gradient g = grad_scale[b] · d (kGrad: the
+// backward, and the training forward, which writes the gradient for an incoming gradient of one).
+template <typename scalar_t, bool kGrad, bool kSum>
+std::vector<double> loss_pass(const LossArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  std::vector<double> partial(B * chunks, 0.0);
+  std::vector<double> partial(kSum ? B * chunks : 0, 0.0);
   const bool drawn = args.objective != 1 && args.noise.drawn;
-  // The training forward also writes grad_scale[b] · d, the gradient for an incoming gradient of one.
-  scalar_t* g = args.grad_pred.defined() ? args.grad_pred.mutable_data_ptr<scalar_t>() : nullptr;
-  for_each_block(B, N, drawn ? &args.noise : nullptr, loss_streams<scalar_t>(args, g),
-                 [&](int64_t task, int64_t b, int64_t lo, int64_t n, const float* z) {
-    alignas(32) opmath_t d[kBlock];
-    loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
-                                  static_cast<opmath_t>(args.s[b]), d);
-    if (g != nullptr) {
-      write_grad(g + b * N + lo, d, n, static_cast<opmath_t>(args.grad_scale[b]));
-    }
-    // 16 running sums, combined in a fixed order: vectorisable without reassociating
-    constexpr int kLanes = 16;
-    opmath_t acc[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        acc[k] += d[i + k] * d[i + k];
+  scalar_t* g = kGrad ? args.grad_pred.mutable_data_ptr<scalar_t>() : nullptr;
+  with_loss_variant(args, [&](auto variant) {
+    using Variant = decltype(variant);
+    for_each_block(B, N, drawn ? &args.noise : nullptr, loss_streams<scalar_t>(args, g),
+                   [&](int64_t task, int64_t b, int64_t lo, int64_t n, const float* z) {
+      const double sum = loss_block<Variant, kGrad, kSum, scalar_t, opmath_t>(
+          args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]), static_cast<opmath_t>(args.s[b]), g,
+          kGrad ? static_cast<opmath_t>(args.grad_scale[b]) : opmath_t(0));
+      if constexpr (kSum) {
+        partial[task] += sum;
       }
-    }
-    for (; i < n; ++i) {
-      acc[0] += d[i] * d[i];
-    }
-    double sum = 0.0;
-    for (int k = 0; k < kLanes; ++k) {
-      sum += static_cast<double>(acc[k]);
-    }
-    partial[task] += sum;
+    });
   });
-  std::vector<double> per_sample(B, 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      per_sample[b] += partial[b * chunks + c];
+  std::vector<double> per_sample(kSum ? B : 0, 0.0);
+  if constexpr (kSum) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        per_sample[b] += partial[b * chunks + c];
+      }
     }
   }
   return per_sample;
@@ -438,29 +463,15 @@ std::vector<double> loss_forward_typed(const LossArgs& args) {
 
 std::vector<double> loss_forward(const LossArgs& args) {
   std::vector<double> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.pred.scalar_type(), "diffusion_loss",
-                                  [&] { out = loss_forward_typed<scalar_t>(args); });
-  return out;
-}
-
-template <typename scalar_t>
-void loss_backward_typed(const LossArgs& args) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
-  scalar_t* g = args.grad_pred.mutable_data_ptr<scalar_t>();
-  const bool drawn = args.objective != 1 && args.noise.drawn;
-  for_each_block(B, N, drawn ? &args.noise : nullptr, loss_streams<scalar_t>(args, g),
-                 [&](int64_t, int64_t b, int64_t lo, int64_t n, const float* z) {
-    alignas(32) opmath_t d[kBlock];
-    loss_diff<scalar_t, opmath_t>(args, b * N + lo, n, z, static_cast<opmath_t>(args.a[b]),
-                                  static_cast<opmath_t>(args.s[b]), d);
-    write_grad(g + b * N + lo, d, n, static_cast<opmath_t>(args.grad_scale[b]));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.pred.scalar_type(), "diffusion_loss", [&] {
+    out = args.grad_pred.defined() ? loss_pass<scalar_t, true, true>(args) : loss_pass<scalar_t, false, true>(args);
   });
+  return out;
 }
 
 void loss_backward(const LossArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.pred.scalar_type(), "diffusion_loss_backward",
-                                  [&] { loss_backward_typed<scalar_t>(args); });
+                                  [&] { loss_pass<scalar_t, true, false>(args); });
 }
 
 // ---------------------------------------------------------------- reverse steps
