@@ -496,65 +496,72 @@ void step_typed(const StepArgs& args) {
     const auto c_xt = static_cast<opmath_t>(kDdim ? args.c_dir[b] : args.c_xt[b]);
     const auto sigma = static_cast<opmath_t>(args.sigma[b]);
     const auto limit = static_cast<opmath_t>(args.limit[b]), divisor = static_cast<opmath_t>(args.divisor[b]);
-    const bool rederive = args.rederive, stochastic = args.stochastic;
-    const scalar_t* ob = out + base;
-    const scalar_t* xb = x + base;
-    alignas(32) opmath_t x0[kBlock], res[kBlock];
-    for (int64_t i = 0; i < n; ++i) {
-      const auto o = static_cast<opmath_t>(ob[i]), xi = static_cast<opmath_t>(xb[i]);
-      opmath_t raw;
-      if constexpr (kObjective == 0) {  // ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
-        raw = r0 * xi - r1 * o;
-      } else if constexpr (kObjective == 1) {
-        raw = o;
-      } else {  // v: x̂_0 = √ᾱ x_t − √(1 − ᾱ) v
-        raw = r2 * xi - r3 * o;
-      }
-      const opmath_t lim = std::min(std::max(raw, -limit), limit) / divisor;
-      x0[i] = lim;
-      if constexpr (kDdim) {
-        opmath_t eps;
-        if (rederive) {  // ε̂ from the limited x̂_0
-          eps = (xi - r2 * lim) / r3;
-        } else if constexpr (kObjective == 0) {
-          eps = o;
+    const bool rederive = args.rederive;
+    const scalar_t* __restrict__ ob = out + base;
+    const scalar_t* __restrict__ xb = x + base;
+    scalar_t* __restrict__ pb = x_prev + base;
+    // One pass: x_prev (and x̂_0 where asked for) written as they are computed; specialised on the noise
+    // source (kNoise: 0 none, 1 given, 2 drawn) and on x̂_0 being written, so that the loop has no branch on
+    // them.
+    auto run = [&](auto noise_kind, auto write_x0) {
+      constexpr int kNoise = decltype(noise_kind)::value;
+      constexpr bool kWriteX0 = decltype(write_x0)::value;
+      const scalar_t* __restrict__ gb = kNoise == 1 ? given + base : nullptr;
+      scalar_t* __restrict__ x0b = kWriteX0 ? x0_out + base : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const auto o = static_cast<opmath_t>(ob[i]), xi = static_cast<opmath_t>(xb[i]);
+        opmath_t raw;
+        if constexpr (kObjective == 0) {  // ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
+          raw = r0 * xi - r1 * o;
         } else if constexpr (kObjective == 1) {
-          eps = (xi - r2 * raw) / r3;
-        } else {
-          eps = r3 * xi + r2 * o;
+          raw = o;
+        } else {  // v: x̂_0 = √ᾱ x_t − √(1 − ᾱ) v
+          raw = r2 * xi - r3 * o;
         }
-        // x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂   (DDIM eq. 12; + σ z below)
-        res[i] = c_x0 * lim + c_xt * eps;
-      } else {
-        // μ̃_t(x_t, x̂_0)   (DDPM eq. 7; + σ_t z below, Algorithm 2)
-        res[i] = c_x0 * lim + c_xt * xi;
+        const opmath_t lim = std::min(std::max(raw, -limit), limit) / divisor;
+        opmath_t res;
+        if constexpr (kDdim) {
+          opmath_t eps;
+          if (rederive) {  // ε̂ from the limited x̂_0
+            eps = (xi - r2 * lim) / r3;
+          } else if constexpr (kObjective == 0) {
+            eps = o;
+          } else if constexpr (kObjective == 1) {
+            eps = (xi - r2 * raw) / r3;
+          } else {
+            eps = r3 * xi + r2 * o;
+          }
+          // x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂   (DDIM eq. 12; + σ z)
+          res = c_x0 * lim + c_xt * eps;
+        } else {
+          // μ̃_t(x_t, x̂_0)   (DDPM eq. 7; + σ_t z, Algorithm 2)
+          res = c_x0 * lim + c_xt * xi;
+        }
+        if constexpr (kNoise == 1) {
+          res = res + sigma * static_cast<opmath_t>(gb[i]);
+        } else if constexpr (kNoise == 2) {
+          res = res + sigma * static_cast<opmath_t>(z[i]);
+        }
+        pb[i] = static_cast<scalar_t>(res);
+        if constexpr (kWriteX0) {
+          x0b[i] = static_cast<scalar_t>(lim);
+        }
       }
-    }
-    scalar_t* pb = x_prev + base;
-    if (!stochastic) {
-      for (int64_t i = 0; i < n; ++i) {
-        pb[i] = static_cast<scalar_t>(res[i]);
-      }
+    };
+    auto with_x0 = [&](auto noise_kind) {
+      x0_out != nullptr ? run(noise_kind, std::true_type{}) : run(noise_kind, std::false_type{});
+    };
+    if (!args.stochastic) {
+      with_x0(std::integral_constant<int, 0>{});
     } else if (given != nullptr) {
-      const scalar_t* gb = given + base;
-      for (int64_t i = 0; i < n; ++i) {
-        pb[i] = static_cast<scalar_t>(res[i] + sigma * static_cast<opmath_t>(gb[i]));
-      }
+      with_x0(std::integral_constant<int, 1>{});
     } else {
-      for (int64_t i = 0; i < n; ++i) {
-        pb[i] = static_cast<scalar_t>(res[i] + sigma * static_cast<opmath_t>(z[i]));
-      }
+      with_x0(std::integral_constant<int, 2>{});
       if (noise_out != nullptr) {
         scalar_t* nb = noise_out + base;
         for (int64_t i = 0; i < n; ++i) {
           nb[i] = static_cast<scalar_t>(z[i]);
         }
-      }
-    }
-    if (x0_out != nullptr) {
-      scalar_t* xb0 = x0_out + base;
-      for (int64_t i = 0; i < n; ++i) {
-        xb0[i] = static_cast<scalar_t>(x0[i]);
       }
     }
   });
