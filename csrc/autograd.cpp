@@ -9,7 +9,8 @@
 // below autograd, to their fake kernels when tracing). Double backward is not supported (the backward ops
 // have no autograd), as before.
 //
-//   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward
+//   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward, or on
+//                          the CPU for float32/float64 x saves y too; backward = ..._output_backward
 //   group_norm_silu_train  saves (x, mean, rstd, silu_grad, weight, bias); backward = ..._train_backward
 //   diffusion_loss_train   saves g = ∂loss/∂model_output for an incoming gradient of one; backward = g scaled
 // mean, rstd, silu_grad and g are not differentiable: they leave the node detached; gradients are not
@@ -77,18 +78,36 @@ const c10::TypedOperatorHandle<ForwardSig<kTrain>>& forward_op() {
   return handle;
 }
 
+// Whether the backward of group_norm_silu forms SiLU'(z) from the output y (group_norm_silu_output_backward)
+// rather than recomputing σ: on the CPU for float32 and float64 x. That saves y (which the caller holds anyway,
+// as the next layer's input) and costs one division per element instead of σ's exp and division. A bfloat16 or
+// float16 y holds too few bits of σ (those dtypes train with the training pair), and GPUs recompute σ.
+bool backward_from_output(const Tensor& x) {
+  return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+using BackwardWithSaved = Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const OptTensor&, const OptTensor&, int64_t);
+
 // kTrain: the CPU training pair, whose forward also returns silu_grad and whose backward reads it.
 template <bool kTrain>
 struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<kTrain>> {
-  // outputs (y, mean, rstd[, silu_grad]); saved (x, mean, rstd[, silu_grad], weight, bias)
+  // outputs (y, mean, rstd[, silu_grad]); saved (x, mean, rstd[, silu_grad, or y where backward_from_output],
+  // weight, bias)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t num_groups, const OptTensor& weight,
                                const OptTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below;
     const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
+    const bool from_output = !kTrain && backward_from_output(x);
     ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["from_output"] = from_output;
     ctx->set_materialize_grads(false);
     variable_list saved{x};
     saved.insert(saved.end(), out.begin() + 1, out.end());
+    if (from_output) {
+      saved.push_back(out[0]);  // an output: autograd keeps it without a reference cycle, and refuses a
+                                // backward after an in-place change of y (as for torch.sigmoid or relu)
+    }
     saved.push_back(weight.value_or(Tensor()));
     saved.push_back(bias.value_or(Tensor()));
     ctx->save_for_backward(saved);
@@ -102,11 +121,12 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const variable_list s = ctx->get_saved_variables();
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const OptTensor weight = optional(s[s.size() - 2]), bias = optional(s[s.size() - 1]);
-    if constexpr (kTrain) {
-      static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       const OptTensor&, const OptTensor&, int64_t)>(
-          "fastddpm::group_norm_silu_train_backward");
-      return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups), weight, bias);
+    if (kTrain || ctx->saved_data["from_output"].toBool()) {  // s[3]: silu_grad, or y
+      static const auto train_bwd = op<BackwardWithSaved>("fastddpm::group_norm_silu_train_backward");
+      static const auto output_bwd = op<BackwardWithSaved>("fastddpm::group_norm_silu_output_backward");
+      return input_grads(ctx, (kTrain ? train_bwd : output_bwd).call(grads[0], s[0], s[3], s[1], s[2], weight, bias,
+                                                                      num_groups),
+                         weight, bias);
     } else {
       static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                        const OptTensor&, int64_t)>("fastddpm::group_norm_silu_backward");

@@ -94,10 +94,15 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def(
       "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
-  // The training pair (CPU): the forward also returns silu_grad = dSiLU/dz at every element (float32, float64
-  // for a float64 x; x's shape), computed beside y from the same σ(z), and the backward takes it instead of
-  // recomputing σ: on a CPU, σ is most of the backward's work, and the saved tensor costs what eager autograd
-  // saves anyway (the GroupNorm output, for SiLU's backward). The GPU keeps the recompute (bandwidth-bound).
+  // The same from the forward's output y instead of recomputing σ (CPU, float32 and float64 x): σ = y / z, one
+  // division per element instead of σ's exp and division, and nothing saved beyond y.
+  m.def(
+      "group_norm_silu_output_backward(Tensor grad_y, Tensor x, Tensor y, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
+  // The training pair (CPU; what bfloat16 and float16 x train with, whose y is too coarse for the above): the
+  // forward also returns silu_grad = dSiLU/dz at every element (float32, float64 for a float64 x; x's shape),
+  // computed beside y from the same σ(z), and the backward takes it instead of recomputing σ. The GPU
+  // recomputes σ (bandwidth-bound: the extra bytes would cost more than the arithmetic).
   m.def(
       "group_norm_silu_train(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C+
 
 OP = torch.ops.fastddpm.group_norm_silu
 BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_backward
+# CPU, float32/float64 x: the autograd node of OP saves y and runs this backward (SiLU' from y, σ = y / z)
+OUTPUT_BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_output_backward
 TRAIN_OP = torch.ops.fastddpm.group_norm_silu_train  # the CPU training pair: the forward saves SiLU'(z)
 TRAIN_BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_train_backward
 
@@ -108,18 +110,32 @@ def silu_grad_fp64(x, num_groups, w, b, eps=1e-5):
 
 
 def check_case(shape, num_groups, layout, dtype, affine, seed):
-    """Both op pairs (recompute σ in the backward; the training pair, which saves SiLU'(z)) against float64."""
+    """Every way to the gradients against float64: OP through its autograd node (on the CPU SiLU' from y for
+    float32/float64, σ recomputed for bfloat16), the training pair (saves SiLU'(z)), and each backward op
+    called directly: recompute σ (BACKWARD_OP), and from y (OUTPUT_BACKWARD_OP, float32/float64)."""
     gen = torch.Generator().manual_seed(seed)
     x = make_x(shape, layout, dtype, gen)
     w, b = make_params(shape[1], dtype, gen, weight=affine, bias=affine)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    y = check_pair(OP, x, num_groups, w, b, dy)
-    y_train = check_pair(TRAIN_OP, x, num_groups, w, b, dy)
+    ref = fp64_reference(x, num_groups, w, b, dy)
+    y = check_pair(OP, x, num_groups, w, b, dy, ref)
+    y_train = check_pair(TRAIN_OP, x, num_groups, w, b, dy, ref)
     assert torch.equal(y, y_train)  # the same σ, the same rounding
+    with torch.no_grad():
+        y_op, mean, rstd = OP(x, num_groups, w, b, 1e-5)
+    assert torch.equal(y_op, y)
+    backward_ops = {"recompute": lambda: BACKWARD_OP(dy, x, mean, rstd, w, b, num_groups)}
+    if dtype in (torch.float32, torch.float64):
+        backward_ops["from y"] = lambda: OUTPUT_BACKWARD_OP(dy, x, y_op, mean, rstd, w, b, num_groups)
+    for name, backward in backward_ops.items():
+        gx, gw, gb = backward()
+        grads = {"x": gx, **({"w": gw, "b": gb} if affine else {})}
+        assert gx.stride() == torch.empty_like(x).stride(), name
+        check_against_reference(x, num_groups, w, b, dy, y, grads, ref)
     return y
 
 
-def check_pair(op, x, num_groups, w, b, dy):
+def check_pair(op, x, num_groups, w, b, dy, ref):
     dtype = x.dtype
 
     def fused(x, w, b):
@@ -137,7 +153,14 @@ def check_pair(op, x, num_groups, w, b, dy):
     assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
     assert y.stride() == torch.empty_like(x).stride()  # x's memory format, as the fake impl says
     assert grads["x"].stride() == torch.empty_like(x).stride() and grads["x"].dtype == x.dtype
-    ref_y, ref_grads = fp64_reference(x, num_groups, w, b, dy)
+    check_against_reference(x, num_groups, w, b, dy, y, grads, ref)
+    return y
+
+
+def check_against_reference(x, num_groups, w, b, dy, y, grads, ref):
+    """y and the gradients in `grads` (keys x, w, b) within DESIGN.md's tolerances of ref = fp64_reference(...)."""
+    dtype = x.dtype
+    ref_y, ref_grads = ref
     errors = {"y": rel_err(y, ref_y), **{k: rel_err(grads[k], ref_grads[k]) for k in grads}}
     if dtype == torch.float64:
         limits = dict.fromkeys(errors, 1e-12)
@@ -152,7 +175,6 @@ def check_pair(op, x, num_groups, w, b, dy):
         torch_errors.update({k: rel_err(torch_grads[k], ref_grads[k]) for k in grads})
         limits = {k: 2 * torch_errors[k] for k in errors}
     assert all(errors[k] <= limits[k] for k in errors), (errors, limits)
-    return y
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
@@ -353,6 +375,14 @@ def test_opcheck_backward():
         torch.library.opcheck(BACKWARD_OP.default, (torch.randn_like(x), x, mean, rstd, w, b, g))
 
 
+def test_opcheck_output_backward():
+    for x, g, w, b in opcheck_args():
+        if x.dtype == torch.bfloat16:
+            continue  # refused (test_bad_inputs_output_backward_op)
+        y, mean, rstd = OP(x, g, w, b, 1e-5)
+        torch.library.opcheck(OUTPUT_BACKWARD_OP.default, (torch.randn_like(x), x, y, mean, rstd, w, b, g))
+
+
 def test_opcheck_train_pair():
     for x, g, w, b in opcheck_forward_args():
         torch.library.opcheck(TRAIN_OP.default, (x, g, w, b, 1e-5))
@@ -372,19 +402,42 @@ def test_train_pair_gradcheck_fp64(layout):
                                     (x, w.requires_grad_(), b.requires_grad_()))
 
 
-def test_functional_uses_the_train_pair_only_when_a_gradient_is_needed():
-    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_functional_picks_the_op_pair_by_dtype_and_grad(dtype):
+    """CPU: float32/float64 run group_norm_silu, whose backward works from y; bfloat16/float16 run the training
+    pair when a gradient is needed (and group_norm_silu, with no node, when none is)."""
+    x, w, b = (torch.randn(2, 8, 3, 3).to(dtype), torch.randn(8).to(dtype), torch.randn(8).to(dtype))
+    reduced = dtype in (torch.bfloat16, torch.float16)
+    names = {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_train", "fastddpm::group_norm_silu_backward",
+             "fastddpm::group_norm_silu_output_backward", "fastddpm::group_norm_silu_train_backward"}
 
     def ops_run(**requires):
         xs = [t.detach().requires_grad_(requires.get(k, False)) for k, t in zip("xwb", (x, w, b))]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            group_norm_silu(*xs[:1], 4, *xs[1:])
-        return {e.name for e in prof.events()} & {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_train"}
+            y = group_norm_silu(*xs[:1], 4, *xs[1:])
+            if y.requires_grad:
+                y.sum().backward()
+        return {e.name for e in prof.events()} & names
 
+    trained = ({"fastddpm::group_norm_silu_train", "fastddpm::group_norm_silu_train_backward"} if reduced else
+               {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_output_backward"})
     assert ops_run() == {"fastddpm::group_norm_silu"}
-    assert ops_run(x=True) == ops_run(w=True) == ops_run(b=True) == {"fastddpm::group_norm_silu_train"}
+    assert ops_run(x=True) == ops_run(w=True) == ops_run(b=True) == trained
     with torch.no_grad():
         assert ops_run(x=True) == {"fastddpm::group_norm_silu"}
+
+
+def test_backward_after_an_in_place_change_of_y_raises():
+    """The float32 CPU backward reads y: autograd's version check refuses a y changed in place (as for
+    torch.sigmoid), instead of a wrong gradient. An out-of-place change is fine."""
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y = group_norm_silu(x, 4)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = group_norm_silu(x, 4)
+    (2 * y).sum().backward()
+    assert rel_err(x.grad, torch.autograd.grad((2 * F.silu(F.group_norm(x, 4))).sum(), x)[0]) <= 1e-5
 
 
 class ConvNormAct(torch.nn.Module):
@@ -419,7 +472,7 @@ def test_profiler_shows_the_fused_op():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x).sum().backward()
     names = {e.name for e in prof.events()}
-    assert "fastddpm::group_norm_silu_train" in names and "fastddpm::group_norm_silu_train_backward" in names
+    assert "fastddpm::group_norm_silu" in names and "fastddpm::group_norm_silu_output_backward" in names
     assert not names & {"aten::group_norm", "aten::native_group_norm", "aten::native_group_norm_backward",
                         "aten::silu", "aten::silu_backward"}
 
@@ -456,6 +509,8 @@ def test_independent_of_thread_count(layout, dtype):
             torch.set_num_threads(n)
             y, mean, rstd = OP(x, 32, w, b, 1e-5)
             results.append((y, mean, rstd, *BACKWARD_OP(dy, x, mean, rstd, w, b, 32)))
+            if dtype == torch.float32:
+                results[-1] += OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, w, b, 32)
             y, mean, rstd, silu_grad = TRAIN_OP(x, 32, w, b, 1e-5)
             results[-1] += (y, mean, rstd, silu_grad,
                             *TRAIN_BACKWARD_OP(dy, x, silu_grad, mean, rstd, w, b, 32))
@@ -529,6 +584,41 @@ def test_bad_inputs_raw_backward_op():
         BACKWARD_OP(dy, x, mean, rstd, None, None, 4)
     with pytest.raises(RuntimeError, match="weight must be 1-D of size C = 6"):
         BACKWARD_OP(dy, x, mean, rstd, torch.ones(3), None, 3)
+
+
+def test_bad_inputs_output_backward_op():
+    x = torch.randn(2, 6, 3)
+    y, mean, rstd = OP(x, 3, None, None, 1e-5)
+    dy = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match=r"y shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
+        OUTPUT_BACKWARD_OP(dy, x, y[..., :2], mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="y must be Float for a Float x, got Double"):
+        OUTPUT_BACKWARD_OP(dy, x, y.double(), mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match="rstd must be Float for a Float x, got Double"):
+        OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd.double(), None, None, 3)
+    xb = x.bfloat16()
+    yb, mean_b, rstd_b = OP(xb, 3, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64 .* got BFloat16"):
+        OUTPUT_BACKWARD_OP(dy.bfloat16(), xb, yb, mean_b, rstd_b, None, None, 3)
+    # a y in another layout than x's is read correctly (copied into x's layout)
+    ref = OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, None, None, 3)
+    other = y.transpose(1, 2).contiguous().transpose(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, OUTPUT_BACKWARD_OP(dy, x, other, mean, rstd, None, None, 3)))
+
+
+def test_silu_grad_from_y_at_the_extremes():
+    """σ = y / z where z is 0 (0/0: σ = 1/2 instead), tiny, and where σ saturates (z far below 0 or above):
+    finite gradients, equal to recomputing σ within float32 rounding."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 8, 4, 4, generator=gen)
+    w = torch.tensor([1.0, 1e-30, 0.0, 200.0, -200.0, 1.0, 50.0, -50.0])
+    b = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -120.0, 0.0, 95.0])
+    dy = torch.randn(x.shape, generator=gen)
+    y, mean, rstd = OP(x, 4, w, b, 1e-5)
+    from_y = OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, w, b, 4)
+    recomputed = BACKWARD_OP(dy, x, mean, rstd, w, b, 4)
+    assert all(torch.isfinite(t).all() for t in from_y)
+    assert all(rel_err(a, r) <= 1e-5 for a, r in zip(from_y, recomputed)), [rel_err(a, r) for a, r in zip(from_y, recomputed)]
 
 
 def test_bad_inputs_train_backward_op():

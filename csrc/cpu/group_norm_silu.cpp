@@ -38,6 +38,7 @@ using group_norm_silu::acc_t;
 using group_norm_silu::Capability;
 using group_norm_silu::Kernels;
 using group_norm_silu::Moments;
+using group_norm_silu::Saved;
 using group_norm_silu::Shape;
 
 // NHWC tasks: chunks of about this many elements (whole rows of C); a chunk's two passes stay in L1/L2.
@@ -252,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train
 }
 
 template <Capability cap, typename T>
-void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, const at::Tensor& mean,
+void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& saved, Saved kind, const at::Tensor& mean,
               const at::Tensor& rstd,
               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& dx,
               std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat, const Shape& s, bool nhwc) {
@@ -261,14 +262,14 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, co
   const std::vector<acc> gamma = affine<acc>(weight, s.C, 1), beta = affine<acc>(bias, s.C, 0);
   const T* dyp = dy.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
-  const acc* gp = g.defined() ? g.const_data_ptr<acc>() : nullptr;
+  const acc* sp = kind == Saved::kRecompute ? nullptr : saved.const_data_ptr<acc>();
   const acc* mp = mean.const_data_ptr<acc>();
   const acc* rp = rstd.const_data_ptr<acc>();
   T* dxp = dx.mutable_data_ptr<T>();
   if (!nhwc) {
     at::parallel_for(0, s.N * s.G, grain(s.M()), [&](int64_t begin, int64_t end) {
-      K::backward_nchw(dyp, xp, gp, mp, rp, gamma.data(), beta.data(), dxp, sum_dz.data(), sum_dz_xhat.data(), s,
-                       begin, end);
+      K::backward_nchw(dyp, xp, sp, kind, mp, rp, gamma.data(), beta.data(), dxp, sum_dz.data(), sum_dz_xhat.data(),
+                       s, begin, end);
     });
     return;
   }
@@ -283,7 +284,8 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, co
   }
   std::vector<double> sums(tasks * s.C * 2);
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_sums(dyp, xp, gp, mean_nc.data(), scale.data(), beta.data(), sums.data(), s, rows, begin, end);
+    K::backward_nhwc_sums(dyp, xp, sp, kind, mean_nc.data(), scale.data(), beta.data(), sums.data(), s, rows, begin,
+                          end);
   });
   // Per (n, c): the chunks' sums in chunk order (Σ dz x̂ = rstd Σ dz (x − mean)); per (n, g): A = Σ gamma dz,
   // B = Σ gamma dz x̂; then the coefficients of dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M),
@@ -311,8 +313,8 @@ void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g, co
     }
   }
   at::parallel_for(0, tasks, grain(rows * s.C), [&](int64_t begin, int64_t end) {
-    K::backward_nhwc_apply(dyp, xp, gp, mean_nc.data(), scale.data(), beta.data(), coef_xd.data(), coef_one.data(), dxp,
-                           s, rows, begin, end);
+    K::backward_nhwc_apply(dyp, xp, sp, kind, mean_nc.data(), scale.data(), beta.data(), coef_xd.data(),
+                           coef_one.data(), dxp, s, rows, begin, end);
   });
 }
 
@@ -343,9 +345,9 @@ void check_stat(const at::Tensor& t, const char* name, const at::Tensor& x, cons
               " must have shape [N, num_groups] = [", s.N, ", ", s.G, "], got ", t.sizes());
 }
 
-// The backward; g = the forward's saved dSiLU/dz, or undefined to recompute it.
+// The backward; `saved` (undefined for Saved::kRecompute) as `kind` says.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x,
-                                                           const at::Tensor& g, const at::Tensor& mean,
+                                                           const at::Tensor& saved, Saved kind, const at::Tensor& mean,
                                                            const at::Tensor& rstd,
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& bias, int64_t num_groups,
@@ -362,12 +364,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
   const Shape s = shape_of(x, num_groups);
   check_stat(mean, "mean", x, s, op);
   check_stat(rstd, "rstd", x, s, op);
-  if (g.defined()) {
-    TORCH_CHECK(g.device() == x.device(), op, ": silu_grad must be on x's device ", x.device(), ", got ",
-                g.device());
-    TORCH_CHECK(g.sizes() == x.sizes(), op, ": silu_grad shape ", g.sizes(), " must match x shape ", x.sizes());
-    TORCH_CHECK(g.scalar_type() == stat_dtype(x.scalar_type()), op, ": silu_grad must be ",
-                stat_dtype(x.scalar_type()), " for a ", x.scalar_type(), " x, got ", g.scalar_type());
+  if (kind == Saved::kOutput) {
+    // σ = y / z holds y's precision: a bfloat16/float16 y would give SiLU' to 8-11 bits (the training pair
+    // saves a float32 SiLU' for those dtypes instead).
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": x must be float32 or float64 (a reduced-precision y holds too few bits of SiLU'; "
+                "group_norm_silu_train / group_norm_silu_train_backward save SiLU' for it), got ", x.scalar_type());
+  }
+  if (kind != Saved::kRecompute) {
+    const char* name = kind == Saved::kOutput ? "y" : "silu_grad";
+    TORCH_CHECK(saved.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+                saved.device());
+    TORCH_CHECK(saved.sizes() == x.sizes(), op, ": ", name, " shape ", saved.sizes(), " must match x shape ",
+                x.sizes());
+    TORCH_CHECK(saved.scalar_type() == stat_dtype(x.scalar_type()), op, ": ", name, " must be ",
+                stat_dtype(x.scalar_type()), " for a ", x.scalar_type(), " x, got ", saved.scalar_type());
   }
 
   at::Tensor dx = at::empty_like(x);
@@ -375,17 +386,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
   if (x.numel() > 0) {
     const auto [xk, nhwc] = kernel_input(x, s);
     const at::Tensor dyk = in_layout(grad_y, nhwc) ? grad_y : at::empty_like(xk).copy_(grad_y);
-    const at::Tensor gk = !g.defined() || g.strides() == xk.strides()
-                              ? g : at::empty_like(xk, g.options()).copy_(g);
+    const at::Tensor sk = !saved.defined() || saved.strides() == xk.strides()
+                              ? saved : at::empty_like(xk, saved.options()).copy_(saved);
     const bool direct = in_layout(dx, nhwc);
     at::Tensor dxk = direct ? dx : at::empty_like(xk);
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
       if (use_avx2()) {
-        backward<Capability::kAVX2, scalar_t>(dyk, xk, gk, mean_c, rstd_c, weight, bias, dxk, sum_dz, sum_dz_xhat,
-                                              s, nhwc);
+        backward<Capability::kAVX2, scalar_t>(dyk, xk, sk, kind, mean_c, rstd_c, weight, bias, dxk, sum_dz,
+                                              sum_dz_xhat, s, nhwc);
       } else {
-        backward<Capability::kDefault, scalar_t>(dyk, xk, gk, mean_c, rstd_c, weight, bias, dxk, sum_dz,
+        backward<Capability::kDefault, scalar_t>(dyk, xk, sk, kind, mean_c, rstd_c, weight, bias, dxk, sum_dz,
                                                  sum_dz_xhat, s, nhwc);
       }
     });
@@ -400,14 +411,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups) {
-  return backward_op(grad_y, x, at::Tensor(), mean, rstd, weight, bias, num_groups, "group_norm_silu_backward");
+  return backward_op(grad_y, x, at::Tensor(), Saved::kRecompute, mean, rstd, weight, bias, num_groups,
+                     "group_norm_silu_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_output_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups) {
+  return backward_op(grad_y, x, y, Saved::kOutput, mean, rstd, weight, bias, num_groups,
+                     "group_norm_silu_output_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& silu_grad, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups) {
-  return backward_op(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups, "group_norm_silu_train_backward");
+  return backward_op(grad_y, x, silu_grad, Saved::kSiluGrad, mean, rstd, weight, bias, num_groups,
+                     "group_norm_silu_train_backward");
 }
 
 }  // namespace
@@ -415,6 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_backward_cp
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_output_backward", &group_norm_silu_output_backward_cpu);
   m.impl("group_norm_silu_train", &group_norm_silu_train_cpu);
   m.impl("group_norm_silu_train_backward", &group_norm_silu_train_backward_cpu);
 }

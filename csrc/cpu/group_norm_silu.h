@@ -53,6 +53,14 @@ struct Moments {
 // take tasks (n, k) = chunk k of `rows` spatial positions of sample n, numbered n * chunks + k.
 enum class Capability { kDefault, kAVX2 };
 
+// What a backward kernel forms dz = dy * SiLU'(z) from, besides dy and x (z is recomputed from x, mean, rstd,
+// gamma and beta as in the forward):
+//   kRecompute  σ(z) evaluated again (exp and a division per element);
+//   kSiluGrad   `saved` = SiLU'(z) kept by the training forward (acc type, the kernels' layout of x);
+//   kOutput     `saved` = the forward's output y = z σ(z) itself (T = acc: float32 and float64 only), from
+//               which σ = y / z (one division) and SiLU' = σ + y (1 − σ).
+enum class Saved { kRecompute, kSiluGrad, kOutput };
+
 template <Capability cap, typename T>
 struct Kernels {
   using acc = acc_t<T>;
@@ -71,21 +79,21 @@ struct Kernels {
   static void forward_nhwc_apply(const T* x, T* y, acc* g, const acc* mean, const acc* scale, const acc* beta,
                                  const Shape& s, int64_t rows, int64_t begin, int64_t end);
 
-  // The backward kernels take g = the forward's saved SiLU'(z), or null to recompute it from x.
+  // The backward kernels read `saved` as `kind` says (null for Saved::kRecompute).
   // NCHW backward, tasks = groups: dz = dy * SiLU'(z), sum_dz[n * C + c] = Σ dz and
   // sum_dz_xhat[n * C + c] = Σ dz * x̂ over the channel, then dx of the whole group.
-  static void backward_nchw(const T* dy, const T* x, const acc* g, const acc* mean, const acc* rstd,
-                            const acc* gamma, const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat,
-                            const Shape& s, int64_t begin, int64_t end);
+  static void backward_nchw(const T* dy, const T* x, const acc* saved, Saved kind, const acc* mean,
+                            const acc* rstd, const acc* gamma, const acc* beta, T* dx, double* sum_dz,
+                            double* sum_dz_xhat, const Shape& s, int64_t begin, int64_t end);
   // NHWC backward, pass 1: sums[(task * C + c) * 2 + {0, 1}] = {Σ dz, Σ dz * (x − mean[n, c])} over the
   // chunk's rows, with z = (x − mean[n, c]) * scale[n, c] + beta[c], scale = rstd * gamma.
-  static void backward_nhwc_sums(const T* dy, const T* x, const acc* g, const acc* mean, const acc* scale,
-                                 const acc* beta, double* sums, const Shape& s, int64_t rows, int64_t begin,
-                                 int64_t end);
+  static void backward_nhwc_sums(const T* dy, const T* x, const acc* saved, Saved kind, const acc* mean,
+                                 const acc* scale, const acc* beta, double* sums, const Shape& s, int64_t rows,
+                                 int64_t begin, int64_t end);
   // NHWC backward, pass 2: dx = scale[n, c] * dz + coef_xd[n, c] * (x − mean[n, c]) + coef_one[n, c].
-  static void backward_nhwc_apply(const T* dy, const T* x, const acc* g, const acc* mean, const acc* scale,
-                                  const acc* beta, const acc* coef_xd, const acc* coef_one, T* dx, const Shape& s, int64_t rows,
-                                  int64_t begin, int64_t end);
+  static void backward_nhwc_apply(const T* dy, const T* x, const acc* saved, Saved kind, const acc* mean,
+                                  const acc* scale, const acc* beta, const acc* coef_xd, const acc* coef_one, T* dx,
+                                  const Shape& s, int64_t rows, int64_t begin, int64_t end);
 };
 
 }  // namespace fastddpm::group_norm_silu

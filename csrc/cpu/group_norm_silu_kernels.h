@@ -9,6 +9,8 @@
 // Backward, with dz = dy * dSiLU/dz = dy * σ(z) * (1 + z * (1 − σ(z))):
 //   dbeta[c] = Σ_{n, hw} dz,  dgamma[c] = Σ_{n, hw} dz * x̂
 //   dx = rstd * (gamma[c] * dz − (A + x̂ * B) / M),  A = Σ_group gamma * dz,  B = Σ_group gamma * dz * x̂
+// SiLU'(z) = σ(z) (1 + z (1 − σ(z))) comes from σ recomputed, from the training forward's saved SiLU'(z), or from
+// the forward's output y = z σ(z) as σ + y (1 − σ) with σ = y / z (see Saved in group_norm_silu.h).
 // The kernels work with x − mean rather than x̂ (rstd goes into the per-channel coefficients: one multiply
 // less per element): z = (x − mean) * (rstd gamma) + beta, Σ dz x̂ = rstd Σ dz (x − mean).
 // Statistics are fixed-order reductions: a corrected two-pass (a shift ≈ mean, then Σ (x − shift) and
@@ -202,6 +204,45 @@ void silu_and_grad(const Vectorized<A>& z, Vectorized<A>& y, Vectorized<A>& g) {
   const Vectorized<A> sig = sigmoid(z);
   y = z * sig;
   g = at::vec::fmadd(z, sig * (Vectorized<A>(1) - sig), sig);
+}
+
+// dy * SiLU'(z) from the forward's output y = z σ(z): σ = y / z and SiLU' = σ + y (1 − σ), with σ = 1/2 where
+// |z| < 1e-20 (y / z is 0/0 at z = 0 and loses bits among the subnormals; σ(z) rounds to 1/2 there anyway).
+// y and z are those of the forward (z is recomputed by the same arithmetic), so σ comes back within two
+// roundings; where σ(z) saturates (z below −88 or so), y / z returns the forward's saturated σ.
+template <typename A>
+Vectorized<A> silu_grad_from_output(const Vectorized<A>& dy, const Vectorized<A>& z, const Vectorized<A>& y) {
+  const Vectorized<A> sig = Vectorized<A>::blendv(y / z, Vectorized<A>(0.5), z.abs() < Vectorized<A>(1e-20));
+  return dy * at::vec::fmadd(y, Vectorized<A>(1) - sig, sig);
+}
+
+// dz = dy * SiLU'(z) of one vector, z = xd * scale + beta, from what K says: the vector's k <= V elements of
+// SiLU'(z) or y are at saved + i (saved is null for Saved::kRecompute).
+template <Saved K, typename A>
+Vectorized<A> dz_of(const Vectorized<A>& dy, const Vectorized<A>& xd, const Vectorized<A>& scale,
+                    const Vectorized<A>& beta, const A* saved, int64_t i, int64_t k) {
+  if constexpr (K == Saved::kSiluGrad) {
+    return dy * load_acc(saved + i, k);
+  } else if constexpr (K == Saved::kOutput) {
+    return silu_grad_from_output(dy, at::vec::fmadd(xd, scale, beta), load_acc(saved + i, k));
+  } else {
+    return silu_grad(dy, at::vec::fmadd(xd, scale, beta));
+  }
+}
+
+// fn(std::integral_constant<Saved, K>{}) for K = kind: the backward loops are compiled once per source of SiLU'
+// (a switch per vector measured slower).
+template <typename Fn>
+void with_saved(Saved kind, const Fn& fn) {
+  switch (kind) {
+    case Saved::kSiluGrad:
+      return fn(std::integral_constant<Saved, Saved::kSiluGrad>{});
+    case Saved::kOutput:
+      return fn(std::integral_constant<Saved, Saved::kOutput>{});
+    case Saved::kRecompute:
+      break;
+  }
+  fn(std::integral_constant<Saved, Saved::kRecompute>{});
 }
 
 // {count, mean, m2} of n <= kBlock contiguous values, by the corrected two-pass algorithm (Chan, Golub and
@@ -494,89 +535,91 @@ void Kernels<cap, T>::forward_nhwc_apply(const T* x, T* y, acc* g, const acc* me
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* g, const acc* mean, const acc* rstd,
-                                    const acc* gamma, const acc* beta, T* dx, double* sum_dz, double* sum_dz_xhat,
-                                    const Shape& s, int64_t begin, int64_t end) {
+void Kernels<cap, T>::backward_nchw(const T* dy, const T* x, const acc* saved, Saved kind, const acc* mean,
+                                    const acc* rstd, const acc* gamma, const acc* beta, T* dx, double* sum_dz,
+                                    double* sum_dz_xhat, const Shape& s, int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   const int64_t C = s.C, D = s.D(), HW = s.HW, M = s.M();
   Scratch<acc> dz_buf(M + V);  // the group's dz, kept (in cache) for the second pass
-  for (int64_t ng = begin; ng < end; ++ng) {
-    const int64_t n = ng / s.G, c0 = (ng % s.G) * D;
-    const acc rs = rstd[ng];
-    const Vec mean_v(mean[ng]);
-    // Pass 1: dz, and per channel Σ dz and Σ dz x̂ = rstd Σ dz (x − mean); A and B of the group.
-    const bool more = ng + 1 < end && M <= kPrefetchGroup;
-    double A = 0, B = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const T* xr = x + ng * M + d * HW;
-      const T* dyr = dy + ng * M + d * HW;
-      acc* dzr = dz_buf.data + d * HW;
-      const acc* gr = g == nullptr ? nullptr : g + ng * M + d * HW;
-      const Vec scale_v(rs * gamma[c0 + d]), beta_v(beta[c0 + d]);
-      double s_dz = 0, s_dz_xd = 0;
-      for (int64_t lo = 0; lo < HW; lo += kBlock) {
-        const int64_t hi = std::min(HW, lo + kBlock);
-        // Two accumulator pairs (even and odd vectors): one FMA chain would bound the loop by its latency.
-        Vec a_dz[2] = {Vec(0), Vec(0)}, a_dz_xd[2] = {Vec(0), Vec(0)};
-        auto step = [&](int64_t i, int64_t k, int j) {
-          if (more && i % kLine == 0) {  // the next group's x and dy, a cache line each, while this computes
-            prefetch(xr + M + i);
-            prefetch(dyr + M + i);
+  with_saved(kind, [&](auto saved_kind) {
+    constexpr Saved K = decltype(saved_kind)::value;
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / s.G, c0 = (ng % s.G) * D;
+      const acc rs = rstd[ng];
+      const Vec mean_v(mean[ng]);
+      // Pass 1: dz, and per channel Σ dz and Σ dz x̂ = rstd Σ dz (x − mean); A and B of the group.
+      const bool more = ng + 1 < end && M <= kPrefetchGroup;
+      double A = 0, B = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const T* xr = x + ng * M + d * HW;
+        const T* dyr = dy + ng * M + d * HW;
+        acc* dzr = dz_buf.data + d * HW;
+        const int64_t off = ng * M + d * HW;  // of the channel in x, dy and saved
+        const Vec scale_v(rs * gamma[c0 + d]), beta_v(beta[c0 + d]);
+        double s_dz = 0, s_dz_xd = 0;
+        for (int64_t lo = 0; lo < HW; lo += kBlock) {
+          const int64_t hi = std::min(HW, lo + kBlock);
+          // Two accumulator pairs (even and odd vectors): one FMA chain would bound the loop by its latency.
+          Vec a_dz[2] = {Vec(0), Vec(0)}, a_dz_xd[2] = {Vec(0), Vec(0)};
+          auto step = [&](int64_t i, int64_t k, int j) {
+            if (more && i % kLine == 0) {  // the next group's x and dy, a cache line each, while this computes
+              prefetch(xr + M + i);
+              prefetch(dyr + M + i);
+            }
+            if (K != Saved::kRecompute && more && i % (64 / sizeof(acc)) == 0) {
+              prefetch(saved + off + M + i);
+            }
+            const Vec xd = io::load(xr + i, k) - mean_v;
+            const Vec dz = dz_of<K>(io::load(dyr + i, k), xd, scale_v, beta_v, saved, off + i, k);
+            dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
+            a_dz[j] += dz;
+            a_dz_xd[j] = at::vec::fmadd(dz, xd, a_dz_xd[j]);
+          };
+          int64_t i = lo;
+          for (; i + 2 * V <= hi; i += 2 * V) {
+            step(i, V, 0);
+            step(i + V, V, 1);
           }
-          if (gr != nullptr && more && i % (64 / sizeof(acc)) == 0) {
-            prefetch(gr + M + i);
+          for (; i < hi; i += V) {
+            step(i, std::min(V, hi - i), 0);
           }
+          s_dz += hsum(a_dz[0] + a_dz[1]);
+          s_dz_xd += hsum(a_dz_xd[0] + a_dz_xd[1]);
+        }
+        sum_dz[n * C + c0 + d] = s_dz;
+        sum_dz_xhat[n * C + c0 + d] = rs * s_dz_xd;
+        A += gamma[c0 + d] * s_dz;
+        B += gamma[c0 + d] * (rs * s_dz_xd);
+      }
+      // Pass 2: dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M), x and dz from cache.
+      const Vec c_one(static_cast<acc>(-rs * A / M)), c_xd(static_cast<acc>(-rs * (rs * B) / M));
+      for (int64_t d = 0; d < D; ++d) {
+        const T* xr = x + ng * M + d * HW;
+        const acc* dzr = dz_buf.data + d * HW;
+        T* dxr = dx + ng * M + d * HW;
+        const Vec c_dz(rs * gamma[c0 + d]);
+        int64_t i = 0;
+        for (; i + 2 * V <= HW; i += 2 * V) {
+          Vec x0, x1;
+          io::load2(xr + i, x0, x1);
+          io::store2(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(x0 - mean_v, c_xd, c_one)),
+                     at::vec::fmadd(c_dz, Vec::loadu(dzr + i + V), at::vec::fmadd(x1 - mean_v, c_xd, c_one)));
+        }
+        for (; i < HW; i += V) {
+          const int64_t k = std::min(V, HW - i);
           const Vec xd = io::load(xr + i, k) - mean_v;
-          const Vec dz = gr != nullptr ? io::load(dyr + i, k) * load_acc(gr + i, k)
-                                       : silu_grad(io::load(dyr + i, k), at::vec::fmadd(xd, scale_v, beta_v));
-          dz.store(dzr + i);  // a partial last vector spills into the next channel's slots (or the padding)
-          a_dz[j] += dz;
-          a_dz_xd[j] = at::vec::fmadd(dz, xd, a_dz_xd[j]);
-        };
-        int64_t i = lo;
-        for (; i + 2 * V <= hi; i += 2 * V) {
-          step(i, V, 0);
-          step(i + V, V, 1);
+          io::store(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(xd, c_xd, c_one)), k);
         }
-        for (; i < hi; i += V) {
-          step(i, std::min(V, hi - i), 0);
-        }
-        s_dz += hsum(a_dz[0] + a_dz[1]);
-        s_dz_xd += hsum(a_dz_xd[0] + a_dz_xd[1]);
-      }
-      sum_dz[n * C + c0 + d] = s_dz;
-      sum_dz_xhat[n * C + c0 + d] = rs * s_dz_xd;
-      A += gamma[c0 + d] * s_dz;
-      B += gamma[c0 + d] * (rs * s_dz_xd);
-    }
-    // Pass 2: dx = rstd gamma dz + (x − mean) (−rstd² B / M) + (−rstd A / M), x and dz from cache.
-    const Vec c_one(static_cast<acc>(-rs * A / M)), c_xd(static_cast<acc>(-rs * (rs * B) / M));
-    for (int64_t d = 0; d < D; ++d) {
-      const T* xr = x + ng * M + d * HW;
-      const acc* dzr = dz_buf.data + d * HW;
-      T* dxr = dx + ng * M + d * HW;
-      const Vec c_dz(rs * gamma[c0 + d]);
-      int64_t i = 0;
-      for (; i + 2 * V <= HW; i += 2 * V) {
-        Vec x0, x1;
-        io::load2(xr + i, x0, x1);
-        io::store2(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(x0 - mean_v, c_xd, c_one)),
-                   at::vec::fmadd(c_dz, Vec::loadu(dzr + i + V), at::vec::fmadd(x1 - mean_v, c_xd, c_one)));
-      }
-      for (; i < HW; i += V) {
-        const int64_t k = std::min(V, HW - i);
-        const Vec xd = io::load(xr + i, k) - mean_v;
-        io::store(dxr + i, at::vec::fmadd(c_dz, Vec::loadu(dzr + i), at::vec::fmadd(xd, c_xd, c_one)), k);
       }
     }
-  }
+  });
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* g, const acc* mean,
+void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* saved, Saved kind, const acc* mean,
                                          const acc* scale, const acc* beta, double* sums, const Shape& s,
                                          int64_t rows, int64_t begin, int64_t end) {
   using io = IO<T>;
@@ -584,57 +627,60 @@ void Kernels<cap, T>::backward_nhwc_sums(const T* dy, const T* x, const acc* g, 
   constexpr int64_t V = io::V;
   const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows, Cv = (C + V - 1) / V * V;
   Scratch<acc> a_dz(Cv), a_dz_xd(Cv);
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
-    const acc* m = mean + n * C;
-    const acc* a = scale + n * C;
-    std::fill(a_dz.data, a_dz.data + Cv, acc(0));
-    std::fill(a_dz_xd.data, a_dz_xd.data + Cv, acc(0));
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = (n * HW + r0 + r) * C;
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t k = std::min(V, C - c);
-        const Vec xd = io::load(x + row + c, k) - load_acc(m + c, k);
-        const Vec dz = g != nullptr  // 0 in the lanes past C
-                           ? io::load(dy + row + c, k) * load_acc(g + row + c, k)
-                           : silu_grad(io::load(dy + row + c, k),
-                                       at::vec::fmadd(xd, load_acc(a + c, k), load_acc(beta + c, k)));
-        (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
-        at::vec::fmadd(dz, xd, Vec::loadu(a_dz_xd.data + c)).store(a_dz_xd.data + c);
+  with_saved(kind, [&](auto saved_kind) {
+    constexpr Saved K = decltype(saved_kind)::value;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+      const acc* m = mean + n * C;
+      const acc* a = scale + n * C;
+      std::fill(a_dz.data, a_dz.data + Cv, acc(0));
+      std::fill(a_dz_xd.data, a_dz_xd.data + Cv, acc(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = (n * HW + r0 + r) * C;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t k = std::min(V, C - c);
+          const Vec xd = io::load(x + row + c, k) - load_acc(m + c, k);
+          const Vec dz = dz_of<K>(io::load(dy + row + c, k), xd, load_acc(a + c, k),  // 0 in the lanes past C
+                               load_acc(beta + c, k), saved, row + c, k);
+          (Vec::loadu(a_dz.data + c) + dz).store(a_dz.data + c);
+          at::vec::fmadd(dz, xd, Vec::loadu(a_dz_xd.data + c)).store(a_dz_xd.data + c);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        sums[(task * C + c) * 2] = a_dz.data[c];
+        sums[(task * C + c) * 2 + 1] = a_dz_xd.data[c];
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      sums[(task * C + c) * 2] = a_dz.data[c];
-      sums[(task * C + c) * 2 + 1] = a_dz_xd.data[c];
-    }
-  }
+  });
 }
 
 template <Capability cap, typename T>
-void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* g, const acc* mean,
-                                          const acc* scale, const acc* beta, const acc* coef_xd,
+void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* saved, Saved kind,
+                                          const acc* mean, const acc* scale, const acc* beta, const acc* coef_xd,
                                           const acc* coef_one, T* dx, const Shape& s, int64_t rows,
                                           int64_t begin, int64_t end) {
   using io = IO<T>;
   using Vec = typename io::Vec;
   constexpr int64_t V = io::V;
   const int64_t C = s.C, HW = s.HW, chunks = (HW + rows - 1) / rows;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
-    const int64_t nc = n * C;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = (n * HW + r0 + r) * C;
-      for (int64_t c = 0; c < C; c += V) {
-        const int64_t k = std::min(V, C - c);
-        const Vec xd = io::load(x + row + c, k) - load_acc(mean + nc + c, k);
-        const Vec a = load_acc(scale + nc + c, k);
-        const Vec dz = g != nullptr ? io::load(dy + row + c, k) * load_acc(g + row + c, k)
-                                    : silu_grad(io::load(dy + row + c, k), at::vec::fmadd(xd, a, load_acc(beta + c, k)));
-        const Vec rest = at::vec::fmadd(load_acc(coef_xd + nc + c, k), xd, load_acc(coef_one + nc + c, k));
-        io::store(dx + row + c, at::vec::fmadd(a, dz, rest), k);
+  with_saved(kind, [&](auto saved_kind) {
+    constexpr Saved K = decltype(saved_kind)::value;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows, R = std::min(rows, HW - r0);
+      const int64_t nc = n * C;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = (n * HW + r0 + r) * C;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t k = std::min(V, C - c);
+          const Vec xd = io::load(x + row + c, k) - load_acc(mean + nc + c, k);
+          const Vec a = load_acc(scale + nc + c, k);
+          const Vec dz = dz_of<K>(io::load(dy + row + c, k), xd, a, load_acc(beta + c, k), saved, row + c, k);
+          const Vec rest = at::vec::fmadd(load_acc(coef_xd + nc + c, k), xd, load_acc(coef_one + nc + c, k));
+          io::store(dx + row + c, at::vec::fmadd(a, dz, rest), k);
+        }
       }
     }
-  }
+  });
 }
 
 }  // namespace fastddpm::group_norm_silu

@@ -8,15 +8,20 @@ autograd is C++ too (csrc/autograd.cpp: the Python register_autograd of earlier 
     group_norm_silu(x, num_groups, weight, bias, eps) -> (y, mean, rstd)
     group_norm_silu_backward(grad_y, x, mean, rstd, weight, bias, num_groups)
         -> (grad_x, grad_weight, grad_bias)
+    group_norm_silu_output_backward(grad_y, x, y, mean, rstd, weight, bias, num_groups)       CPU
+        -> (grad_x, grad_weight, grad_bias)
     group_norm_silu_train(x, num_groups, weight, bias, eps) -> (y, mean, rstd, silu_grad)      CPU
     group_norm_silu_train_backward(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups)   CPU
         -> (grad_x, grad_weight, grad_bias)
 
-The training pair is what a CPU call that needs gradients runs: its forward also saves silu_grad = dSiLU/dz
-(float32, float64 for a float64 x), from the same σ(z) as y, so the backward does not evaluate σ again (σ is
-most of the CPU backward's work). That costs one float32 tensor of x's size, held until the backward: what
-eager autograd of F.silu(F.group_norm(x)) holds too (the GroupNorm output). GPUs recompute σ instead (their
-kernels are bandwidth-bound, so the extra bytes would cost more than the arithmetic they save).
+The CPU backward does not evaluate σ again (σ is most of its work). For a float32 or float64 x the autograd
+node of group_norm_silu keeps its output y and runs group_norm_silu_output_backward, which gets σ back as
+y / z (z recomputed from x and the statistics): one division per element, and no tensor saved beyond y, which
+the caller holds anyway. (As for torch.sigmoid or relu, a backward after an in-place change of y then raises
+autograd's "modified by an inplace operation" error.) A bfloat16 or float16 y holds too few bits of σ, so a
+CPU call in those dtypes that needs gradients runs the training pair: its forward also saves
+silu_grad = dSiLU/dz in float32, from the same σ(z) as y, which the backward reads. GPUs recompute σ (their
+kernels are bandwidth-bound: extra bytes would cost more than the arithmetic they save).
 
 y and grad_x are ``empty_like(x)`` (x's dtype and, for dense x, its memory format); mean and rstd are the
 [N, G] group statistics (rstd = 1/sqrt(var + eps), biased variance) in float32, float64 for a float64 x,
@@ -33,7 +38,10 @@ from fastddpm.ops import choose_backend
 
 OP = "fastddpm::group_norm_silu"
 BACKWARD_OP = "fastddpm::group_norm_silu_backward"
-# The CPU training pair: the forward also saves dSiLU/dz, which the backward reads instead of recomputing σ.
+# The CPU backward for float32/float64 x (the autograd node saves y): SiLU' from y, σ = y / z.
+OUTPUT_BACKWARD_OP = "fastddpm::group_norm_silu_output_backward"
+# The CPU training pair of bfloat16/float16 x: the forward also saves dSiLU/dz (float32), which the backward
+# reads instead of recomputing σ.
 TRAIN_OP = "fastddpm::group_norm_silu_train"
 TRAIN_BACKWARD_OP = "fastddpm::group_norm_silu_train_backward"
 
@@ -70,6 +78,10 @@ def _register() -> None:
     def _(grad_y, x, mean, rstd, weight, bias, num_groups):
         return _fake_backward("group_norm_silu_backward", grad_y, x, weight, bias)
 
+    @torch.library.register_fake(OUTPUT_BACKWARD_OP)
+    def _(grad_y, x, y, mean, rstd, weight, bias, num_groups):
+        return _fake_backward("group_norm_silu_output_backward", grad_y, x, weight, bias)
+
     @torch.library.register_fake(TRAIN_OP)
     def _(x, num_groups, weight, bias, eps):
         return _fake_forward("group_norm_silu_train", x, num_groups, True)
@@ -80,6 +92,11 @@ def _register() -> None:
 
 
 _register()
+
+
+# The dtypes whose CPU calls that need gradients run the training pair (float32/float64 run group_norm_silu,
+# whose autograd node recovers SiLU' from y).
+_TRAIN_PAIR_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _needs_grad(x, weight, bias) -> bool:
@@ -98,7 +115,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     device = x.device
     if choose_backend("group_norm_silu", device, backend) == "cpp":
         # (the ops' autograd is C++: a call that needs no gradient passes through it for ~1 µs)
-        if device.type == "cpu" and _needs_grad(x, weight, bias):
+        if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
             return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, float(eps))[0]
         return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)
