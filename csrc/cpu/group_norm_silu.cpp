@@ -415,20 +415,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
                      "group_norm_silu_backward");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_output_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean,
+// The backwards that read a saved tensor: y (group_norm_silu_output_backward) or SiLU'(z) (the training pair's).
+template <Saved kKind>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> saved_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& saved, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups) {
-  return backward_op(grad_y, x, y, Saved::kOutput, mean, rstd, weight, bias, num_groups,
-                     "group_norm_silu_output_backward");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& silu_grad, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    int64_t num_groups) {
-  return backward_op(grad_y, x, silu_grad, Saved::kSiluGrad, mean, rstd, weight, bias, num_groups,
-                     "group_norm_silu_train_backward");
+  return backward_op(grad_y, x, saved, kKind, mean, rstd, weight, bias, num_groups,
+                     kKind == Saved::kOutput ? "group_norm_silu_output_backward" : "group_norm_silu_train_backward");
 }
 
 }  // namespace
@@ -436,9 +430,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_backward_cp
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
-  m.impl("group_norm_silu_output_backward", &group_norm_silu_output_backward_cpu);
+  m.impl("group_norm_silu_output_backward", &saved_backward_cpu<Saved::kOutput>);
   m.impl("group_norm_silu_train", &group_norm_silu_train_cpu);
-  m.impl("group_norm_silu_train_backward", &group_norm_silu_train_backward_cpu);
+  m.impl("group_norm_silu_train_backward", &saved_backward_cpu<Saved::kSiluGrad>);
 }
 
 }  // namespace fastddpm
