@@ -586,26 +586,6 @@ def test_bad_inputs_raw_backward_op():
         BACKWARD_OP(dy, x, mean, rstd, torch.ones(3), None, 3)
 
 
-def test_bad_inputs_output_backward_op():
-    x = torch.randn(2, 6, 3)
-    y, mean, rstd = OP(x, 3, None, None, 1e-5)
-    dy = torch.randn_like(x)
-    with pytest.raises(RuntimeError, match=r"y shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
-        OUTPUT_BACKWARD_OP(dy, x, y[..., :2], mean, rstd, None, None, 3)
-    with pytest.raises(RuntimeError, match="y must be Float for a Float x, got Double"):
-        OUTPUT_BACKWARD_OP(dy, x, y.double(), mean, rstd, None, None, 3)
-    with pytest.raises(RuntimeError, match="rstd must be Float for a Float x, got Double"):
-        OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd.double(), None, None, 3)
-    xb = x.bfloat16()
-    yb, mean_b, rstd_b = OP(xb, 3, None, None, 1e-5)
-    with pytest.raises(RuntimeError, match="x must be float32 or float64 .* got BFloat16"):
-        OUTPUT_BACKWARD_OP(dy.bfloat16(), xb, yb, mean_b, rstd_b, None, None, 3)
-    # a y in another layout than x's is read correctly (copied into x's layout)
-    ref = OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, None, None, 3)
-    other = y.transpose(1, 2).contiguous().transpose(1, 2)
-    assert all(torch.equal(a, b) for a, b in zip(ref, OUTPUT_BACKWARD_OP(dy, x, other, mean, rstd, None, None, 3)))
-
-
 def test_silu_grad_from_y_at_the_extremes():
     """σ = y / z where z is 0 (0/0: σ = 1/2 instead), tiny, and where σ saturates (z far below 0 or above):
     finite gradients, equal to recomputing σ within float32 rounding."""
@@ -618,23 +598,36 @@ def test_silu_grad_from_y_at_the_extremes():
     from_y = OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, w, b, 4)
     recomputed = BACKWARD_OP(dy, x, mean, rstd, w, b, 4)
     assert all(torch.isfinite(t).all() for t in from_y)
-    assert all(rel_err(a, r) <= 1e-5 for a, r in zip(from_y, recomputed)), [rel_err(a, r) for a, r in zip(from_y, recomputed)]
+    errors = [rel_err(a, r) for a, r in zip(from_y, recomputed)]
+    assert all(e <= 1e-5 for e in errors), errors
 
 
-def test_bad_inputs_train_backward_op():
+@pytest.mark.parametrize("name", ["y", "silu_grad"])
+def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
+    """group_norm_silu_output_backward (reads y) and the training pair's backward (reads silu_grad)."""
     x = torch.randn(2, 6, 3)
-    _, mean, rstd, silu_grad = TRAIN_OP(x, 3, None, None, 1e-5)
+    if name == "y":
+        backward = OUTPUT_BACKWARD_OP
+        saved, mean, rstd = OP(x, 3, None, None, 1e-5)
+    else:
+        backward = TRAIN_BACKWARD_OP
+        _, mean, rstd, saved = TRAIN_OP(x, 3, None, None, 1e-5)
     dy = torch.randn_like(x)
-    with pytest.raises(RuntimeError, match=r"silu_grad shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
-        TRAIN_BACKWARD_OP(dy, x, silu_grad[..., :2], mean, rstd, None, None, 3)
-    with pytest.raises(RuntimeError, match="silu_grad must be Float for a Float x, got Double"):
-        TRAIN_BACKWARD_OP(dy, x, silu_grad.double(), mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match=rf"{name} shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
+        backward(dy, x, saved[..., :2], mean, rstd, None, None, 3)
+    with pytest.raises(RuntimeError, match=f"{name} must be Float for a Float x, got Double"):
+        backward(dy, x, saved.double(), mean, rstd, None, None, 3)
     with pytest.raises(RuntimeError, match="mean must be Float for a Float x, got Double"):
-        TRAIN_BACKWARD_OP(dy, x, silu_grad, mean.double(), rstd, None, None, 3)
-    # a silu_grad in another layout than x's is read correctly (copied into x's layout)
-    ref = TRAIN_BACKWARD_OP(dy, x, silu_grad, mean, rstd, None, None, 3)
-    other = silu_grad.transpose(1, 2).contiguous().transpose(1, 2)
-    assert all(torch.equal(a, b) for a, b in zip(ref, TRAIN_BACKWARD_OP(dy, x, other, mean, rstd, None, None, 3)))
+        backward(dy, x, saved, mean.double(), rstd, None, None, 3)
+    # a saved tensor in another layout than x's is read correctly (copied into x's layout)
+    ref = backward(dy, x, saved, mean, rstd, None, None, 3)
+    other = saved.transpose(1, 2).contiguous().transpose(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, backward(dy, x, other, mean, rstd, None, None, 3)))
+    if name == "y":  # a bfloat16 y holds too few bits of σ: the output backward refuses it
+        xb = x.bfloat16()
+        yb, mean_b, rstd_b = OP(xb, 3, None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="x must be float32 or float64 .* got BFloat16"):
+            backward(dy.bfloat16(), xb, yb, mean_b, rstd_b, None, None, 3)
 
 
 @pytest.mark.parametrize(
