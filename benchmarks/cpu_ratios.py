@@ -53,9 +53,13 @@ for name, (e, f, args) in cases.items():
     for fn in fns[name].values():
         fn(*args); fn(*args)
 best = {(n, p): float("inf") for n in cases for p in ("eager", "compile", "fastddpm")}
-for rep in range(int(sys.argv[2]) if len(sys.argv) > 2 else 15):  # interleaved: every provider in every round
+# Interleaved: every provider in every round, in an order that rotates (a call pays for the dirty cache lines the
+# previous one left; a fixed order would favour whoever follows the cleanest).
+for rep in range(int(sys.argv[2]) if len(sys.argv) > 2 else 15):
     for name, (_, _, args) in cases.items():
-        for p, fn in fns[name].items():
+        order = list(fns[name])
+        for p in order[rep % 3:] + order[:rep % 3]:
+            fn = fns[name][p]
             a = time.perf_counter(); fn(*args); best[(name, p)] = min(best[(name, p)], time.perf_counter() - a)
 print(f"shape {'x'.join(map(str, shape))} ({x0.numel()} elements), threads {torch.get_num_threads()}, torch {torch.__version__}, {MALLOC}; best of interleaved rounds")
 print("| case | eager | torch.compile | fastddpm | × faster of eager/compile |")
