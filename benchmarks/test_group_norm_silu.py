@@ -1,7 +1,8 @@
 """group_norm_silu: y = SiLU(GroupNorm(x; 32 groups, weight, bias)), the U-Net's norm + activation.
 
 Forward reads x and writes y; forward + backward also reads dy (and x again) and writes dx: 2 and 5 tensors
-of x's size at the least (the fused kernels move about that; eager PyTorch moves an intermediate z too).
+of x's size at the least, which GB/s counts (the fused CPU backward also reads y, from which it gets σ: 6 in
+all; eager PyTorch moves an intermediate z too).
 """
 import pytest
 import torch
