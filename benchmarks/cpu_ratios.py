@@ -58,7 +58,7 @@ best = {(n, p): float("inf") for n in cases for p in ("eager", "compile", "fastd
 for rep in range(int(sys.argv[2]) if len(sys.argv) > 2 else 15):
     for name, (_, _, args) in cases.items():
         order = list(fns[name])
-        for p in order[rep % 3:] + order[:rep % 3]:
+        for p in order[rep % len(order):] + order[:rep % len(order)]:
             fn = fns[name][p]
             a = time.perf_counter(); fn(*args); best[(name, p)] = min(best[(name, p)], time.perf_counter() - a)
 print(f"shape {'x'.join(map(str, shape))} ({x0.numel()} elements), threads {torch.get_num_threads()}, torch {torch.__version__}, {MALLOC}; best of interleaved rounds")

@@ -40,6 +40,11 @@ CASES = [  # (shape, memory format, dtype)
 ]
 
 
+def train_pair(x, num_groups, weight, bias):
+    """y of the CPU training pair (its forward also writes SiLU', which its backward reads)."""
+    return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, 1e-5)[0]
+
+
 def make_fn(op, x, weight, bias, dy, backward):
     if not backward:
         def fn():
@@ -61,6 +66,9 @@ def main():
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or CPU time of this thread (needs --threads 1, CPU)")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocation thresholds")
+    parser.add_argument("--train-pair", action="store_true",
+                        help="also time the CPU training pair (group_norm_silu_train, whose forward saves SiLU'; "
+                             "what float32 ran before group_norm_silu_output_backward) as a fourth provider")
     parser.add_argument("--scrub", action="store_true",
                         help="before every timed call, write a 64 MB buffer: each call then starts from the same "
                              "cache state (full of another layer's dirty lines) whatever ran before it")
@@ -74,9 +82,10 @@ def main():
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.reps} rounds, "
           f"{args.clock} clock, {malloc}")
-    print("| case | pass | eager median (min) | compile median (min) | fastddpm median (min) | vs eager "
-          "| vs compile |")
-    print("|---|---|---|---|---|---|---|")
+    extra = ["train pair"] if args.train_pair else []
+    print("| case | pass | eager median (min) | compile median (min) | fastddpm median (min) | "
+          + "".join(f"{name} median (min) | " for name in extra) + "vs eager | vs compile |")
+    print("|---|---|---|---|---|" + "---|" * len(extra) + "---|---|")
     for shape, layout, dtype in CASES:
         gen = torch.Generator().manual_seed(0)
         x = (-2.3 + 0.5 * torch.randn(shape, generator=gen)).to(dtype).to(args.device)
@@ -92,6 +101,8 @@ def main():
             providers = {"eager": reference.group_norm_silu,
                          "compile": torch.compile(reference.group_norm_silu),
                          "fastddpm": group_norm_silu}
+            if args.train_pair:
+                providers["train pair"] = train_pair
             fns = {name: make_fn(op, x, weight, bias, dy, backward) for name, op in providers.items()}
             for fn in fns.values():  # warm-up: compilation, allocator
                 for _ in range(3):

@@ -122,11 +122,9 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const OptTensor weight = optional(s[s.size() - 2]), bias = optional(s[s.size() - 1]);
     if (kTrain || ctx->saved_data["from_output"].toBool()) {  // s[3]: silu_grad, or y
-      static const auto train_bwd = op<BackwardWithSaved>("fastddpm::group_norm_silu_train_backward");
-      static const auto output_bwd = op<BackwardWithSaved>("fastddpm::group_norm_silu_output_backward");
-      return input_grads(ctx, (kTrain ? train_bwd : output_bwd).call(grads[0], s[0], s[3], s[1], s[2], weight, bias,
-                                                                      num_groups),
-                         weight, bias);
+      static const auto bwd = op<BackwardWithSaved>(kTrain ? "fastddpm::group_norm_silu_train_backward"
+                                                           : "fastddpm::group_norm_silu_output_backward");
+      return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups), weight, bias);
     } else {
       static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                        const OptTensor&, int64_t)>("fastddpm::group_norm_silu_backward");
