@@ -38,6 +38,12 @@ namespace portable {
 #if FASTDDPM_HAVE_AVX2_BUILD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+// GCC's scheduling before register allocation (off at -O2/-O3 on x86) interleaves the independent log, sincos and
+// Philox chains of a draw: 1.55 → 1.27 ns a normal on one core (Zen 3), q_sample/reverse step 8–20 % faster,
+// outputs bit-identical. Source-level interleaving, Estrin's log and a shorter sincos reduction gained less.
+#if !defined(__clang__)
+#pragma GCC optimize("schedule-insns", "sched-pressure")
+#endif
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #endif
