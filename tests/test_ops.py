@@ -74,6 +74,13 @@ def test_backend_choice(monkeypatch, sched):
     monkeypatch.setenv("FASTDDPM_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FASTDDPM_BACKEND='cuda' is not a backend"):
         choose_backend("q_sample", "cpu")
+    # where os.environ has no byte dict to read (not POSIX), the same answers through os.environ.get
+    import fastddpm.ops
+    monkeypatch.setattr(fastddpm.ops, "_ENV_BYTES", None)
+    monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+    assert choose_backend("q_sample", "cpu") == "reference"
+    monkeypatch.delenv("FASTDDPM_BACKEND")
+    assert choose_backend("q_sample", "cpu") == "cpp"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
