@@ -80,17 +80,25 @@ def _env_bytes(name: bytes) -> bytes | None:
     return None if value is None else value.encode()
 
 
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+
+
 def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -> str:
     """The implementation that runs ``op`` on ``device``: 'reference', 'triton' or 'cpp'."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    env_backend = _env_bytes(b"FASTDDPM_BACKEND")
-    key = (op, device_type, backend, env_backend, _env_bytes(b"TRITON_INTERPRET"), _extension.load() is not None)
+    env = _ENV_BYTES
+    if env is not None:
+        env_backend, interpret = env.get(b"FASTDDPM_BACKEND"), env.get(b"TRITON_INTERPRET")
+    else:
+        env_backend, interpret = _env_bytes(b"FASTDDPM_BACKEND"), _env_bytes(b"TRITON_INTERPRET")
+    key = (op, device_type, backend, env_backend, interpret, _extension.load() is not None)
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _choose_backend(op, device_type, backend,
                                                  None if env_backend is None else os.fsdecode(env_backend))
-    if (choice == "cpp" and op in _CPP_AUTOGRAD and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None):
+    # (the C call first: torch.compiler.is_compiling is two Python calls, and this runs on every op call)
+    if (choice == "cpp" and op in _CPP_AUTOGRAD and _peek_interpreter_stack() is not None
+            and not torch.compiler.is_compiling()):
         return "reference"  # torch.func transforms refuse C++ autograd Functions
     return choice
 
