@@ -637,8 +637,18 @@ def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
         (X6, 3, torch.ones(5), ValueError, r"weight must be 1-D of size C=6 .* \(5,\)"),
         (torch.ones(2, 4, 3, dtype=torch.int64), 2, None, TypeError, "floating-point"),
         (torch.randn(4), 2, None, ValueError, "at least 2 dimensions"),
+        ([[1.0, 2.0]], 1, None, TypeError, "x must be a torch.Tensor, got list"),
+        (X6, 3, [1.0] * 6, TypeError, "weight must be a torch.Tensor or None, got list"),
+        (X6, True, None, ValueError, "num_groups must be a positive int, got True"),
+        (X6, 0, None, ValueError, "num_groups must be a positive int, got 0"),
+        # a problem only the op itself checks (the reference's F.group_norm: "parameter"): its error, unchanged
+        (X6, 3, torch.ones(6, dtype=torch.float64), RuntimeError, "weight|parameter"),
     ],
 )
-def test_bad_inputs_functional(x, num_groups, weight, exc, match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_inputs_functional(monkeypatch, x, num_groups, weight, exc, match, backend):
+    """The same errors whether the C++ op runs (it checks its arguments; the Python checks run only after it
+    raised, for their messages) or the reference (the checks run first)."""
+    monkeypatch.setenv("FASTDDPM_BACKEND", backend)
     with pytest.raises(exc, match=match):
         group_norm_silu(x, num_groups, weight)

@@ -107,15 +107,26 @@ def _needs_grad(x, weight, bias) -> bool:
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", check=None) -> torch.Tensor:
     """SiLU(GroupNorm(x)) on the chosen backend: the fused C++ op (CPU; CUDA where built), else the reference.
 
-    No argument checks here: :func:`fastddpm.functional.group_norm_silu` does them.
+    ``check(x, num_groups, weight, bias)`` (:func:`fastddpm.functional.group_norm_silu` passes its checks)
+    runs before the reference, and after a C++ call that raised, to raise its own error instead; a C++ call
+    that succeeds needs none (the op checks its arguments itself).
     """
+    if check is not None and not isinstance(x, torch.Tensor):
+        check(x, num_groups, weight, bias)
     device = x.device
     if choose_backend("group_norm_silu", device, backend) == "cpp":
-        # (the ops' autograd is C++: a call that needs no gradient passes through it for ~1 µs)
-        if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
-            return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, float(eps))[0]
-        return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
+        try:
+            # (the ops' autograd is C++: a call that needs no gradient passes through it for ~1 µs)
+            if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
+                return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, float(eps))[0]
+            return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
+        except (RuntimeError, TypeError, ValueError):
+            if check is not None:
+                check(x, num_groups, weight, bias)  # raises where the arguments are at fault
+            raise
+    if check is not None:
+        check(x, num_groups, weight, bias)
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)
