@@ -52,7 +52,10 @@ void for_each_block(int64_t B, int64_t N, const Noise* noise, const Streams& str
   }
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const uint64_t rows = static_cast<uint64_t>((N + 3) / 4);
-  at::parallel_for(0, B * chunks, std::max<int64_t>(1, kGrainElements / kChunk), [&](int64_t begin, int64_t end) {
+  // (a grain of kGrainElements elements: tasks hold min(N, kChunk) elements, so that many small samples, e.g.
+  // a batch of 8×8 images, stay on one thread instead of paying for the others' wake-up)
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::min(N, kChunk));
+  at::parallel_for(0, B * chunks, grain, [&](int64_t begin, int64_t end) {
     alignas(32) float z[kBlock + 64];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
