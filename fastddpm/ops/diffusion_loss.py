@@ -253,8 +253,8 @@ def noised(schedule, x_start: torch.Tensor, t: torch.Tensor, *, backend: str = "
 
     The one place that decides whether ε is stored or regenerated (Diffusion and the benchmarks call it):
       * ``{"noise": ε}``: q_sample writes ε and the loss forward and backward read it. On the CPU (C++ kernels,
-        or the reference) drawing ε (Philox + Box–Muller, ~2 ns an element on one core) costs ~10× streaming
-        it, so one draw and two reads beat three draws.
+        or the reference) drawing ε (Philox + Box–Muller, ~1.3 ns an element on one core) costs several times
+        streaming it, so one draw and two reads beat three draws.
       * ``{"seed": key}``: the loss regenerates ε from the Philox key q_sample drew it with. The Triton
         kernels (GPUs: bandwidth-bound, where recomputing is cheaper than a round trip through memory), and
         float16/bfloat16 x_0 on any backend: a stored ε would be rounded to x_0's dtype and change the loss
