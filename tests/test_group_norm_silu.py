@@ -641,6 +641,8 @@ def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
         (X6, 3, [1.0] * 6, TypeError, "weight must be a torch.Tensor or None, got list"),
         (X6, True, None, ValueError, "num_groups must be a positive int, got True"),
         (X6, 0, None, ValueError, "num_groups must be a positive int, got 0"),
+        # (bfloat16 x: the training-pair test reads weight.requires_grad first)
+        (X6.bfloat16(), 3, [1.0] * 6, TypeError, "weight must be a torch.Tensor or None, got list"),
         # a problem only the op itself checks (the reference's F.group_norm: "parameter"): its error, unchanged
         (X6, 3, torch.ones(6, dtype=torch.float64), RuntimeError, "weight|parameter"),
     ],
@@ -650,5 +652,21 @@ def test_bad_inputs_functional(monkeypatch, x, num_groups, weight, exc, match, b
     """The same errors whether the C++ op runs (it checks its arguments; the Python checks run only after it
     raised, for their messages) or the reference (the checks run first)."""
     monkeypatch.setenv("FASTDDPM_BACKEND", backend)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as raised:
         group_norm_silu(x, num_groups, weight)
+    assert raised.value.__context__ is None or exc is RuntimeError  # not chained to the C++ op's error
+
+
+@pytest.mark.parametrize(
+    "x,num_groups,weight,exc,match",
+    [
+        (X6, 4, None, ValueError, r"channels \(6\) must be divisible by num_groups \(4\)"),
+        (X6, 3, torch.ones(8, 1), ValueError, r"weight must be 1-D of size C=6"),
+        (torch.ones(2, 4, 3, dtype=torch.int64), 2, None, TypeError, "floating-point"),
+    ],
+)
+def test_bad_inputs_functional_compiled(x, num_groups, weight, exc, match):
+    """Under torch.compile the checks run while tracing: the same errors as eager."""
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=match):
+        torch.compile(lambda x, w: group_norm_silu(x, num_groups, w), backend="eager")(x, weight)

@@ -1,4 +1,5 @@
 """Op registration (fake, autograd, opcheck) and the choice of backend."""
+import os
 import warnings
 
 import pytest
@@ -74,11 +75,20 @@ def test_backend_choice(monkeypatch, sched):
     monkeypatch.setenv("FASTDDPM_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FASTDDPM_BACKEND='cuda' is not a backend"):
         choose_backend("q_sample", "cpu")
+    monkeypatch.delenv("FASTDDPM_BACKEND")
+    # os.environ replaced by another mapping: read through it
+    monkeypatch.setattr(os, "environ", {**os.environ, "FASTDDPM_BACKEND": "reference"})
+    assert choose_backend("q_sample", "cpu") == "reference"
+    monkeypatch.undo()
+    assert choose_backend("q_sample", "cpu") == "cpp"
     # where os.environ has no byte dict to read (not POSIX), the same answers through os.environ.get
     import fastddpm.ops
-    monkeypatch.setattr(fastddpm.ops, "_ENV_BYTES", None)
+    monkeypatch.setattr(fastddpm.ops, "_POSIX_ENVIRON", False)
     monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
     assert choose_backend("q_sample", "cpu") == "reference"
+    monkeypatch.setenv("FASTDDPM_BACKEND", "bad\udcff")  # (not UTF-8: an error that names the variable)
+    with pytest.raises(ValueError, match="is not a backend"):
+        choose_backend("q_sample", "cpu")
     monkeypatch.delenv("FASTDDPM_BACKEND")
     assert choose_backend("q_sample", "cpu") == "cpp"
 

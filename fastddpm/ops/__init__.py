@@ -69,15 +69,14 @@ _choices: dict[tuple, str] = {}
 # The environment as choose_backend reads it on every call. os.environ.get costs 1–2 µs here (for an unset
 # variable, the usual case, a KeyError raised and caught inside it); on POSIX, os.environ keeps its contents in
 # a dict of bytes (``_data``) that every assignment or deletion through os.environ updates, which a lookup
-# reads in ~0.1 µs. Elsewhere (or should that attribute go), os.environ.get.
-_ENV_BYTES = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
+# reads in ~0.1 µs. Elsewhere, or for an os.environ replaced by another mapping, os.environ.get.
+_ENVIRON_TYPE = type(os.environ)
+_POSIX_ENVIRON = os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)
 
 
-def _env_bytes(name: bytes) -> bytes | None:
-    if _ENV_BYTES is not None:
-        return _ENV_BYTES.get(name)
-    value = os.environ.get(name.decode())
-    return None if value is None else value.encode()
+def _env_bytes(name: str) -> bytes | None:
+    value = os.environ.get(name)
+    return None if value is None else os.fsencode(value)
 
 
 _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
@@ -86,11 +85,12 @@ _peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -> str:
     """The implementation that runs ``op`` on ``device``: 'reference', 'triton' or 'cpp'."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    env = _ENV_BYTES
-    if env is not None:
-        env_backend, interpret = env.get(b"FASTDDPM_BACKEND"), env.get(b"TRITON_INTERPRET")
+    environ = os.environ
+    if _POSIX_ENVIRON and type(environ) is _ENVIRON_TYPE:
+        data = environ._data
+        env_backend, interpret = data.get(b"FASTDDPM_BACKEND"), data.get(b"TRITON_INTERPRET")
     else:
-        env_backend, interpret = _env_bytes(b"FASTDDPM_BACKEND"), _env_bytes(b"TRITON_INTERPRET")
+        env_backend, interpret = _env_bytes("FASTDDPM_BACKEND"), _env_bytes("TRITON_INTERPRET")
     key = (op, device_type, backend, env_backend, interpret, _extension.load() is not None)
     choice = _choices.get(key)
     if choice is None:

@@ -112,10 +112,12 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 
     ``check(x, num_groups, weight, bias)`` (:func:`fastddpm.functional.group_norm_silu` passes its checks)
     runs before the reference, and after a C++ call that raised, to raise its own error instead; a C++ call
-    that succeeds needs none (the op checks its arguments itself).
+    that succeeds needs none (the op checks its arguments itself). While torch.compile traces, it runs first.
     """
-    if check is not None and not isinstance(x, torch.Tensor):
+    if check is not None and (not isinstance(x, torch.Tensor) or torch.compiler.is_dynamo_compiling()):
+        # (a compiled graph calls the op outside this function: the checks go into the trace, as before)
         check(x, num_groups, weight, bias)
+        check = None
     device = x.device
     if choose_backend("group_norm_silu", device, backend) == "cpp":
         try:
@@ -123,10 +125,12 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
             if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
                 return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, float(eps))[0]
             return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
-        except (RuntimeError, TypeError, ValueError):
-            if check is not None:
-                check(x, num_groups, weight, bias)  # raises where the arguments are at fault
-            raise
+        except Exception as e:
+            if check is None:
+                raise
+            error = e
+        check(x, num_groups, weight, bias)  # raises where the arguments are at fault (outside the except: unchained)
+        raise error
     if check is not None:
         check(x, num_groups, weight, bias)
     return reference.group_norm_silu(x, num_groups, weight, bias, eps)
