@@ -100,7 +100,6 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
     const bool from_output = !kTrain && backward_from_output(x);
     ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["from_output"] = from_output;
     ctx->set_materialize_grads(false);
     variable_list saved{x};
     saved.insert(saved.end(), out.begin() + 1, out.end());
@@ -121,7 +120,7 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const variable_list s = ctx->get_saved_variables();
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const OptTensor weight = optional(s[s.size() - 2]), bias = optional(s[s.size() - 1]);
-    if (kTrain || ctx->saved_data["from_output"].toBool()) {  // s[3]: silu_grad, or y
+    if (kTrain || backward_from_output(s[0])) {  // s[3]: silu_grad, or y (s[0] is x: the forward's choice again)
       static const auto bwd = op<BackwardWithSaved>(kTrain ? "fastddpm::group_norm_silu_train_backward"
                                                            : "fastddpm::group_norm_silu_output_backward");
       return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups), weight, bias);

@@ -82,7 +82,6 @@ def test_backend_choice(monkeypatch, sched):
     monkeypatch.undo()
     assert choose_backend("q_sample", "cpu") == "cpp"
     # where os.environ has no byte dict to read (not POSIX), the same answers through os.environ.get
-    import fastddpm.ops
     monkeypatch.setattr(fastddpm.ops, "_POSIX_ENVIRON", False)
     monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
     assert choose_backend("q_sample", "cpu") == "reference"
