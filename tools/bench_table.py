@@ -1,8 +1,10 @@
-"""Print a pytest-benchmark JSON file as one table: a row per case, the median time of each provider side by
+"""Print pytest-benchmark JSON files as one table: a row per case, the median time of each provider side by
 side, fastddpm's speed-up against eager and torch.compile, its GB/s and (on a GPU) its fraction of a
 device-to-device copy.
 
-    python tools/bench_table.py build/bench.json
+    python tools/bench_table.py build/bench.json [more.json ...]
+
+Several files (e.g. the steps of tools/device_check.sh) are merged into one table; the header names the first.
 """
 from __future__ import annotations
 
@@ -48,8 +50,19 @@ def table(data: dict) -> str:
     return header + "\n\n" + "\n".join(lines)
 
 
+def merged(paths: list[str]) -> dict:
+    data: dict = {}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        if not data:
+            data = part
+        else:
+            data["benchmarks"] = data["benchmarks"] + part["benchmarks"]
+    return data
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
-    with open(sys.argv[1]) as f:
-        print(table(json.load(f)))
+    print(table(merged(sys.argv[1:])))

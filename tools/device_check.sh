@@ -1,53 +1,124 @@
 #!/usr/bin/env bash
-# On a GPU machine (its own python, torch and triton; no network): build fastddpm._C with CUDA for the card,
-# run the GPU-only tests (pytest -m cuda) and the benchmarks, print a short summary last.
-# Full logs go to $OUT when it is set. Budget: under 8 minutes.
+# On a GPU machine (its own python, torch and triton; no network), in one call: build fastddpm._C with CUDA for
+# the card, run the GPU-only tests and the GPU benchmarks, and print a short summary and the benchmark table last.
+#
+#   bash tools/device_check.sh            # env: OUT (where results go), PYTHON, DEVICE_CHECK_BUDGET (s, 450)
+#
+# The whole run keeps within DEVICE_CHECK_BUDGET seconds (the device tool's per-call limit is 600): each step
+# runs under `timeout` with the smaller of its own cap and the time left, and a step with under
+# DEVICE_CHECK_MIN_STEP (20) seconds left is skipped and named so. Steps run in the order of what a first run on
+# a GPU must tell: does it build, are the kernels right (`pytest -m cuda`), the issue's targets (sampling, then
+# training), the Triton kernels' own tests compiled for the GPU, the per-op benchmarks, compute-sanitizer last
+# (COMPUTE_SANITIZER names it; empty skips it).
+#
+# $OUT gets at most six files (the device tool returns eight): summary.txt (rewritten after every step, so a
+# killed run still says how far it got), device_check.log (every step's full output), bench_*.json (one per
+# benchmark step, so that a step cut short loses only its own numbers) and bench_table.md.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
+BUDGET=${DEVICE_CHECK_BUDGET:-450}
+MIN_STEP=${DEVICE_CHECK_MIN_STEP:-20}  # a step with less time than this left is skipped
 export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0
+LOG=$OUT/device_check.log
+SUMMARY=$OUT/summary.txt
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+: >"$LOG"
+
+versions=$($PY -c 'import sys, torch, triton
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
+      triton.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 |
+  tail -n 1)
 arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
-
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the status
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  summary+=$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")")$'\n'
-  [ "$rc" -eq 0 ] || failed=1
-  return $rc
-}
-
 summary=""
 failed=0
-$PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())' | tee "$OUT/versions.log"
-step build $PY -m pip install -e . --no-build-isolation --no-deps
-step info $PY -m fastddpm info
-step cuda_tests $PY -m pytest -m cuda -q tests/
-# The Triton kernel tests of CI (interpreter on CPU tensors), here compiled on CUDA tensors.
-step triton_kernels env FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0 $PY -m pytest -q tests/test_kernels.py
-# The GroupNorm+SiLU CUDA kernels under compute-sanitizer memcheck, on a subset of their tests (both split and
-# unsplit statistics, odd sizes, 3-D, all layouts, fp32/fp16; misaligned views). Without the caching allocator
-# every tensor and workspace is its own cudaMalloc, so an access past the end of any of them is caught.
-sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
-if [ -z "$sanitizer" ]; then
-  summary+=$(printf '%-10s skipped: no compute-sanitizer' memcheck)$'\n'
-elif ! timeout 120 "$sanitizer" --tool memcheck --error-exitcode 1 \
-    $PY -c 'import torch; torch.ones(1, device="cuda").sum().item()' >"$OUT/memcheck_probe.log" 2>&1; then
-  summary+=$(printf '%-10s skipped: compute-sanitizer does not run here: %s' memcheck \
-    "$(grep -m 1 -i 'error\|not supported' "$OUT/memcheck_probe.log")")$'\n'
-else
-  step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 "$sanitizer" --tool memcheck --error-exitcode 1 \
-    --print-limit 20 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_group_norm_silu.py \
-    -k "(test_against_float64_reference and (2x6x5x7 or 2x48x37 or 2x320x8x8 or 1x256x64x64) and (fp32 or fp16)) \
+
+write_summary() {
+  printf '== device_check %s, %ss of %ss (%s)\n%s' "$(date -u +%FT%TZ)" "$SECONDS" "$BUDGET" "$versions" \
+    "$summary" >"$SUMMARY"
+}
+
+record() {  # record NAME TEXT: one line of the summary
+  summary+=$(printf '%-14s %s' "$1" "$2")$'\n'
+  write_summary
+}
+
+step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output to the log, summarise it
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  [ "$cap" -le "$left" ] || cap=$left
+  if [ "$cap" -lt "$MIN_STEP" ]; then
+    record "$name" "skipped: ${left}s of the budget left"
+    failed=1
+    return 1
+  fi
+  local t0=$SECONDS rc
+  printf '\n===== %s (limit %ss): %s\n' "$name" "$cap" "$*" >>"$LOG"
+  timeout -k 10 "$cap" "$@" >"$TMP/step.log" 2>&1
+  rc=$?
+  cat "$TMP/step.log" >>"$LOG"
+  local last
+  last=$(grep -v '^[[:space:]]*$' "$TMP/step.log" | tail -n 1 | cut -c1-160)
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && last="TIMED OUT after ${cap}s; last line: $last"
+  record "$name" "$(printf 'rc=%-3s %4ss  %s' "$rc" "$((SECONDS - t0))" "$last")"
+  [ "$rc" -eq 0 ] || failed=1
+  return "$rc"
+}
+
+# pytest-timeout (on the device image) stops one hung test instead of the whole step.
+pytest_timeout=()
+$PY -c 'import pytest_timeout' 2>/dev/null && pytest_timeout=(--timeout 120)
+pytest=("$PY" -m pytest -q -p no:cacheprovider "${pytest_timeout[@]}")
+# Fewer, shorter rounds than pytest-benchmark's defaults: each case has already been warmed up once by
+# benchmarks/conftest.run, and CUDA timings are stable.
+bench=("${pytest[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
+
+write_summary
+if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
+    && step info 30 "$PY" -m fastddpm info; then
+  step cuda_tests 150 "${pytest[@]}" -m cuda tests/
+  step bench_sampling 120 "${bench[@]}" benchmarks/test_end_to_end.py -k "sampling and cuda" \
+    --benchmark-json "$OUT/bench_sampling.json"
+  step bench_training 120 "${bench[@]}" benchmarks/test_end_to_end.py -k "training and cuda" \
+    --benchmark-json "$OUT/bench_training.json"
+  # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled on CUDA tensors.
+  step triton_kernels 90 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
+  step bench_ops 120 "${bench[@]}" benchmarks/ --ignore benchmarks/test_end_to_end.py -k cuda \
+    --benchmark-json "$OUT/bench_ops.json"
+  # The GroupNorm+SiLU CUDA kernels under compute-sanitizer memcheck, on a subset of their tests (split and
+  # unsplit statistics, odd sizes, 3-D, all layouts, fp32/fp16, misaligned views). Without the caching
+  # allocator every tensor and workspace is its own cudaMalloc, so an access past the end of any is caught.
+  sanitizer=${COMPUTE_SANITIZER-$(command -v compute-sanitizer ||
+    ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)}
+  if [ -z "$sanitizer" ]; then
+    record memcheck "skipped: no compute-sanitizer"
+  elif [ $((BUDGET - SECONDS)) -lt $((60 + MIN_STEP)) ]; then  # the probe's 60 s and a step
+    record memcheck "skipped: $((BUDGET - SECONDS))s of the budget left"
+  elif ! timeout -k 5 60 "$sanitizer" --tool memcheck --error-exitcode 1 \
+      "$PY" -c 'import torch; torch.ones(1, device="cuda").sum().item()' >"$TMP/probe.log" 2>&1; then
+    # Not a failure of fastddpm's: on gVisor the sanitizer cannot attach (device/H200.md).
+    { printf '\n===== memcheck probe\n'; cat "$TMP/probe.log"; } >>"$LOG"
+    record memcheck "skipped: compute-sanitizer does not run here: $(grep -m 1 -i 'error\|not supported' "$TMP/probe.log")"
+  else
+    step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+      --print-limit 20 "${pytest[@]}" tests/test_cuda_group_norm_silu.py \
+      -k "(test_against_float64_reference and (2x6x5x7 or 2x48x37 or 2x320x8x8 or 1x256x64x64) and (fp32 or fp16)) \
 or test_misaligned_views or test_grad_y_in_another_layout or test_without_weight_or_bias"
+  fi
 fi
-if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then
-  step bench $PY -m pytest benchmarks/ -q -k cuda --benchmark-json "$OUT/bench.json"
+
+write_summary
+cat "$SUMMARY"
+jsons=()
+for f in "$OUT"/bench_sampling.json "$OUT"/bench_training.json "$OUT"/bench_ops.json; do
+  [ -s "$f" ] && jsons+=("$f")
+done
+if [ "${#jsons[@]}" -gt 0 ]; then
+  echo
+  $PY tools/bench_table.py "${jsons[@]}" | tee "$OUT/bench_table.md"
 fi
-echo "== summary ($(cat "$OUT/versions.log"))"
-printf '%s' "$summary"
-[ -f "$OUT/bench.json" ] && $PY tools/bench_table.py "$OUT/bench.json" | tee "$OUT/bench_table.md"
 exit $failed
