@@ -116,3 +116,16 @@ def test_bench_table_merges_files(tmp_path, n):
                          capture_output=True, text=True, check=True).stdout
     for i in range(n):
         assert f"| case{i}[cpu] | 3.000 ms | 2.000 ms | 1.000 ms | 3.00 | 2.00 | 4.0 | — |" in out
+
+
+def test_steps_chosen(tmp_path):
+    proc, out, calls = run_script(tmp_path, DEVICE_CHECK_STEPS="bench_ops memcheck")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    for name in ("build", "info", "bench_ops"):
+        assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
+    for name in ("cuda_tests", "bench_sampling", "bench_training", "triton_kernels"):
+        assert re.search(rf"^{name} +not asked for", summary, re.M), summary
+    assert "memcheck       skipped: no compute-sanitizer" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["bench_ops.json", "bench_table.md", "device_check.log",
+                                                     "summary.txt"]

@@ -2,7 +2,8 @@
 # On a GPU machine (its own python, torch and triton; no network), in one call: build fastddpm._C with CUDA for
 # the card, run the GPU-only tests and the GPU benchmarks, and print a short summary and the benchmark table last.
 #
-#   bash tools/device_check.sh            # env: OUT (where results go), PYTHON, DEVICE_CHECK_BUDGET (s, 450)
+#   bash tools/device_check.sh            # env: OUT (where results go), PYTHON, DEVICE_CHECK_BUDGET (s, 480)
+#   DEVICE_CHECK_STEPS="triton_kernels bench_ops memcheck" bash tools/device_check.sh   # build + only these
 #
 # The whole run keeps within DEVICE_CHECK_BUDGET seconds (the device tool's per-call limit is 600): each step
 # runs under `timeout` with the smaller of its own cap and the time left, and a step with under
@@ -18,8 +19,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-BUDGET=${DEVICE_CHECK_BUDGET:-450}
+BUDGET=${DEVICE_CHECK_BUDGET:-480}  # the issue asks for under 8 minutes
 MIN_STEP=${DEVICE_CHECK_MIN_STEP:-20}  # a step with less time than this left is skipped
+STEPS=${DEVICE_CHECK_STEPS:-}  # empty: all; else the steps to run after the build (which always runs)
 export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0
 LOG=$OUT/device_check.log
 SUMMARY=$OUT/summary.txt
@@ -49,6 +51,10 @@ record() {  # record NAME TEXT: one line of the summary
 step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output to the log, summarise it
   local name=$1 cap=$2
   shift 2
+  if [ -n "$STEPS" ] && [ "$name" != build ] && [ "$name" != info ] && [[ " $STEPS " != *" $name "* ]]; then
+    record "$name" "not asked for (DEVICE_CHECK_STEPS)"
+    return 0
+  fi
   local left=$((BUDGET - SECONDS))
   [ "$cap" -le "$left" ] || cap=$left
   if [ "$cap" -lt "$MIN_STEP" ]; then
@@ -81,20 +87,22 @@ write_summary
 if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     && step info 30 "$PY" -m fastddpm info; then
   step cuda_tests 150 "${pytest[@]}" -m cuda tests/
-  step bench_sampling 120 "${bench[@]}" benchmarks/test_end_to_end.py -k "sampling and cuda" \
+  step bench_sampling 150 "${bench[@]}" benchmarks/test_end_to_end.py -k "sampling and cuda" \
     --benchmark-json "$OUT/bench_sampling.json"
-  step bench_training 120 "${bench[@]}" benchmarks/test_end_to_end.py -k "training and cuda" \
+  step bench_training 150 "${bench[@]}" benchmarks/test_end_to_end.py -k "training and cuda" \
     --benchmark-json "$OUT/bench_training.json"
   # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled on CUDA tensors.
   step triton_kernels 90 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
-  step bench_ops 120 "${bench[@]}" benchmarks/ --ignore benchmarks/test_end_to_end.py -k cuda \
+  step bench_ops 150 "${bench[@]}" benchmarks/ --ignore benchmarks/test_end_to_end.py -k cuda \
     --benchmark-json "$OUT/bench_ops.json"
   # The GroupNorm+SiLU CUDA kernels under compute-sanitizer memcheck, on a subset of their tests (split and
   # unsplit statistics, odd sizes, 3-D, all layouts, fp32/fp16, misaligned views). Without the caching
   # allocator every tensor and workspace is its own cudaMalloc, so an access past the end of any is caught.
   sanitizer=${COMPUTE_SANITIZER-$(command -v compute-sanitizer ||
     ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)}
-  if [ -z "$sanitizer" ]; then
+  if [ -n "$STEPS" ] && [[ " $STEPS " != *" memcheck "* ]]; then
+    record memcheck "not asked for (DEVICE_CHECK_STEPS)"
+  elif [ -z "$sanitizer" ]; then
     record memcheck "skipped: no compute-sanitizer"
   elif [ $((BUDGET - SECONDS)) -lt $((60 + MIN_STEP)) ]; then  # the probe's 60 s and a step
     record memcheck "skipped: $((BUDGET - SECONDS))s of the budget left"
