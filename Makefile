@@ -73,4 +73,4 @@ clean:
 	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV)
+	rm -rf $(VENV) $(CUDA_VENV) .venv-device
