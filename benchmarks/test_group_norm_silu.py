@@ -71,5 +71,6 @@ def test_group_norm_silu(benchmark, device, provider, direction, case):
         assert out[0].shape == x.shape and rel_err(out[0], y64.detach()) <= 1e-5
     else:
         refs = torch.autograd.grad(y64, leaves64, dy.double())
-        assert out[0].stride() == x.stride()
+        if provider == "fastddpm":  # the fused op keeps x's layout (PyTorch's CUDA group_norm returns NCHW)
+            assert out[0].stride() == x.stride()
         assert all(rel_err(o, r) <= 1e-4 for o, r in zip(out, refs))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 from tqdm.auto import tqdm
@@ -99,19 +100,37 @@ class _GraphedStep:
         self.graph, self.x, self.t, self.t_prev, self.seed = graph, x, t, t_prev, seed
 
 
-def _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype):
-    """The captured step for this shape and these settings, captured on first use and kept on the Diffusion.
+# The captured steps, per Diffusion (weakly: a graph never keeps a Diffusion alive), outside the module itself so
+# that a Diffusion that has sampled with a graph still deep-copies and pickles (EMA copies, checkpoints).
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    The key holds everything the captured kernels depend on, the addresses of the network's parameters
-    included (in-place optimizer updates keep them; moving or replacing the network re-captures)."""
-    key = (op, tuple(x.shape), net_dtype, diffusion.objective, diffusion.variance, diffusion.clip_denoised,
-           diffusion.ddim_sampling_eta, diffusion.sampling_timesteps,
-           tuple(p.data_ptr() for p in diffusion.model.parameters()))
-    cache = diffusion.__dict__.setdefault("_cuda_graphs", {})
-    if key not in cache:
-        cache.clear()  # one graph (and its memory pool) at a time
-        cache[key] = _graph_step(diffusion, x, step_fn, in_kernel, net_dtype)
-    return cache[key]
+
+def _graph_key(diffusion, op, x, net_dtype) -> tuple:
+    """Everything the captured kernels depend on. Captured kernels keep the addresses, dtypes and modes they
+    were captured with, so the key holds: the addresses of every parameter and buffer (the network's and the
+    schedule's: in-place optimizer updates keep them, moving or replacing re-captures); each module's
+    train/eval mode (dropout); grad/inference mode (the buffers' kind); the autocast state; the cuDNN/TF32
+    settings that pick the kernels; and the sampler's settings."""
+    cuda = torch.backends.cuda.matmul
+    cudnn = torch.backends.cudnn
+    return (op, tuple(x.shape), net_dtype, diffusion.objective, diffusion.variance, diffusion.clip_denoised,
+            diffusion.ddim_sampling_eta, diffusion.sampling_timesteps,
+            tuple(p.data_ptr() for p in diffusion.parameters()), tuple(b.data_ptr() for b in diffusion.buffers()),
+            tuple(m.training for m in diffusion.modules()), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), cuda.allow_tf32,
+            cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
+            cudnn.enabled, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+
+
+def _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype):
+    """The captured step for this shape and these settings, captured on first use and kept for the Diffusion
+    (one graph, and its memory pool, at a time)."""
+    key = _graph_key(diffusion, op, x, net_dtype)
+    cached = _graphs.get(diffusion)
+    if cached is None or cached[0] != key:
+        _graphs.pop(diffusion, None)  # free the old graph's pool before capturing the new one
+        _graphs[diffusion] = (key, _graph_step(diffusion, x, step_fn, in_kernel, net_dtype))
+    return _graphs[diffusion][1]
 
 
 def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
@@ -133,7 +152,8 @@ def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) does not break the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
     except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
         torch.cuda.synchronize()

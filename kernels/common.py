@@ -13,9 +13,22 @@ MAX_ROWS = 1024  # 4096 elements per program
 MAX_CHUNKS = 65535  # CUDA's limit on gridDim.y
 
 
-def tile_rows(per_sample: int) -> int:
+def pow2_at_least(n, cap: int) -> int:
+    """The smallest power of two ≥ n, at most ``cap`` (a power of two) and at least 1.
+
+    Comparisons only: while torch.compile traces with dynamic shapes, n is a SymInt, and the launch constants
+    (constexpr tile sizes, num_warps) must come out as plain ints; each comparison adds a range guard (the
+    graph is reused until n crosses a power of two). triton.next_power_of_2 would return a symbolic
+    bit-twiddling expression instead."""
+    p = cap
+    while p > 1 and p // 2 >= n:
+        p //= 2
+    return p
+
+
+def tile_rows(per_sample) -> int:
     """Rows R of the [R, 4] tile for samples of ``per_sample`` elements: a power of two in [1, MAX_ROWS]."""
-    return min(MAX_ROWS, triton.next_power_of_2(max(1, (per_sample + 3) // 4)))
+    return pow2_at_least((per_sample + 3) // 4, MAX_ROWS)
 
 
 def grid(batch: int, per_sample: int, rows: int) -> tuple[int, int]:

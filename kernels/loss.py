@@ -13,7 +13,7 @@ storing ∂L/∂pred in the forward (which costs a write there plus a read-scale
 import triton
 import triton.language as tl
 
-from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
+from .common import compute_dtype, grid, num_warps, pow2_at_least, sample_tile, tile_rows
 from .noise import normal_rows
 
 PRED_NOISE, PRED_X0, PRED_V = 0, 1, 2
@@ -133,7 +133,7 @@ def launch_loss(pred, x_start, t, sqrt_ac, sqrt_1m_ac, partial, per_sample_loss,
     wrap(loss_finalize_kernel)[(1,)](partial, t, sqrt_ac, sqrt_1m_ac, per_sample_loss, mean, batch, per_sample,
                                      sqrt_ac.shape[0], g[1], 0.0 if min_snr_gamma is None else min_snr_gamma,
                                      OBJECTIVE=objective, HAS_GAMMA=min_snr_gamma is not None, CD=cd,
-                                     BLOCK_B=min(1024, triton.next_power_of_2(batch)), num_warps=4)
+                                     BLOCK_B=pow2_at_least(batch, 1024), num_warps=4)
 
 
 def chunks(pred) -> int:

@@ -7,10 +7,15 @@ from fastddpm import Diffusion, UNet
 pytestmark = pytest.mark.cuda
 
 
-def small_diffusion(**kw):
+def small_diffusion(dropout=0.0, **kw):
     torch.manual_seed(0)
     model = UNet(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.0, image_size=8)
+                 dropout=dropout, image_size=8)
+    # The DDPM U-Net zero-initialises its output conv (and each block's second conv): a fresh one outputs 0,
+    # and a test of the sampling loop would never see the network. Every parameter gets a random part.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
     return Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine", **kw).cuda()
 
 
@@ -112,3 +117,51 @@ def test_cuda_graph_sampling_equals_the_eager_loop(sampling_timesteps):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def _sample(d, graph, seed=5, batch=3):
+    return d.sample(batch, generator=torch.Generator("cuda").manual_seed(seed), progress=False, cuda_graph=graph)
+
+
+def test_the_network_is_not_trivial():
+    d = small_diffusion()
+    x = torch.randn(2, 1, 8, 8, device="cuda")
+    assert d.model(x, torch.tensor([3, 40], device="cuda")).abs().mean() > 1e-3
+
+
+def test_cuda_graph_follows_modes_and_weights():
+    """A captured step keeps what it was captured with; the cache re-captures when any of it changes: the
+    train/eval mode (dropout), in-place weight updates (same addresses: the graph reads the new values),
+    inference mode vs no_grad (the static buffers' kind), autocast."""
+    d = small_diffusion(dropout=0.5, sampling_timesteps=10, backend="triton")
+    d.train()
+    _sample(d, True)  # captured with dropout on
+    d.eval()
+    torch.testing.assert_close(_sample(d, True), _sample(d, False), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        for p in d.model.parameters():
+            p.mul_(0.9)  # an optimizer step: same tensors, new values
+    torch.testing.assert_close(_sample(d, True), _sample(d, False), rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        inference = _sample(d, True)
+    torch.testing.assert_close(_sample(d, True), inference, rtol=1e-5, atol=1e-5)  # no "inference tensor" error
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = _sample(d, True)
+        torch.testing.assert_close(low, _sample(d, False), rtol=1e-5, atol=1e-5)
+    full = _sample(d, True)
+    torch.testing.assert_close(full, _sample(d, False), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(low, full)
+
+
+def test_a_diffusion_that_sampled_with_a_graph_copies_and_saves():
+    import copy
+    import io
+
+    d = small_diffusion(sampling_timesteps=10, backend="triton")
+    _sample(d, True)
+    twin = copy.deepcopy(d)  # e.g. an EMA copy
+    torch.save(d, io.BytesIO())
+    torch.testing.assert_close(_sample(twin, True), _sample(d, True), rtol=1e-5, atol=1e-5)

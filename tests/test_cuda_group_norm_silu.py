@@ -290,3 +290,26 @@ def test_bad_inputs(ops):
         back(y, x, mean, rstd.cpu(), w, w, 3)
     with pytest.raises(RuntimeError, match="divisible by num_groups"):
         back(y, x, mean, rstd, w, w, 4)
+
+
+def test_float64_on_cuda_runs_the_reference():
+    """The CUDA kernels take no float64: fastddpm.functional.group_norm_silu (so GroupNormSiLU and the U-Net of
+    a model in .double()) runs the reference for it on "auto", forward and backward, and says so by name when
+    the C++ backend is asked for."""
+    from fastddpm import functional
+    from fastddpm.ops import group_norm_silu as op
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, device="cuda", dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, device="cuda", dtype=torch.float64, requires_grad=True)
+    y = functional.group_norm_silu(x, 4, w, b)
+    ref = F.silu(F.group_norm(x, 4, w, b, EPS))
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        op.group_norm_silu(x.detach(), 4, w.detach(), b.detach(), backend="cpp")

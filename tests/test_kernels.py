@@ -6,6 +6,7 @@ launched in this module. On a GPU machine tools/device_check.sh runs this same f
 FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0.
 """
 import collections
+import math
 import os
 
 import pytest
@@ -282,3 +283,28 @@ def test_every_kernel_was_launched():
     names = ["q_sample_kernel", "loss_partial_kernel", "loss_finalize_kernel", "loss_backward_kernel",
              "p_sample_kernel", "ddim_kernel"]
     assert all(LAUNCHES[n] > 0 for n in names), dict(LAUNCHES)
+
+
+def test_launch_constants_are_plain_ints_under_symbolic_shapes():
+    """While torch.compile traces with dynamic shapes, sizes are SymInts; the tile sizes, block sizes and warp
+    counts the launchers pass as constexprs must still be plain ints (a symbolic constexpr cannot compile),
+    equal to what the concrete sizes give, and the grid a function of the sizes."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastddpm.kernels import common
+
+    for shape in [(3, 2, 5, 5), (64, 3, 32, 32), (2, 1, 1, 1), (5, 4096), (1, 3, 257, 129)]:
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(shape))
+        x = mode.from_tensor(torch.empty(shape), symbolic_context=ctx)
+        batch, per_sample = x.shape[0], x.numel() // x.shape[0]
+        assert isinstance(per_sample, torch.SymInt)
+        concrete = math.prod(shape[1:])
+        rows = common.tile_rows(per_sample)
+        assert type(rows) is int and rows == common.tile_rows(concrete)
+        assert type(common.num_warps(rows)) is int
+        block_b = common.pow2_at_least(batch, 1024)
+        assert type(block_b) is int and block_b == common.pow2_at_least(shape[0], 1024)
+        chunks = common.grid(batch, per_sample, rows)[1]
+        assert int(chunks) == common.grid(shape[0], concrete, rows)[1]

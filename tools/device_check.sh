@@ -44,7 +44,7 @@ write_summary() {
 }
 
 record() {  # record NAME TEXT: one line of the summary
-  summary+=$(printf '%-14s %s' "$1" "$2")$'\n'
+  summary+=$(printf '%-20s %s' "$1" "$2")$'\n'
   write_summary
 }
 
@@ -75,26 +75,33 @@ step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output
   return "$rc"
 }
 
-# pytest-timeout (on the device image) stops one hung test instead of the whole step.
-pytest_timeout=()
-$PY -c 'import pytest_timeout' 2>/dev/null && pytest_timeout=(--timeout 120)
-pytest=("$PY" -m pytest -q -p no:cacheprovider "${pytest_timeout[@]}")
-# Fewer, shorter rounds than pytest-benchmark's defaults: each case has already been warmed up once by
-# benchmarks/conftest.run, and CUDA timings are stable.
+# pytest-timeout (on the device image) stops one hung test instead of the whole step; pytest-xdist (there too)
+# spreads the correctness tests over processes, which compile their Triton kernels in parallel.
+pytest=("$PY" -m pytest -q -p no:cacheprovider)
+$PY -c 'import pytest_timeout' 2>/dev/null && pytest+=(--timeout 120)
+parallel=()
+$PY -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-8}")
+# Fewer, shorter rounds than pytest-benchmark's defaults: each case has been warmed up by benchmarks/conftest.run,
+# and on a GPU a round is already ≥ 1 ms of back-to-back calls.
 bench=("${pytest[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
+e2e=benchmarks/test_end_to_end.py
+# The offline machine: pip must not look for a newer pip or an index.
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 
 write_summary
 if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     && step info 30 "$PY" -m fastddpm info; then
-  step cuda_tests 150 "${pytest[@]}" -m cuda tests/
-  step bench_sampling 150 "${bench[@]}" benchmarks/test_end_to_end.py -k "sampling and cuda" \
-    --benchmark-json "$OUT/bench_sampling.json"
-  step bench_training 150 "${bench[@]}" benchmarks/test_end_to_end.py -k "training and cuda" \
+  step cuda_tests 150 "${pytest[@]}" "${parallel[@]}" -m cuda tests/
+  # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled for the GPU.
+  step triton_kernels 150 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" "${parallel[@]}" tests/test_kernels.py
+  # The issue's targets: sampling (batch 1, 16, 128), then the training steps; torch.compile of the CIFAR-10
+  # U-Net's training step (the slowest compile by far) comes after the per-op benchmarks.
+  step bench_sampling 150 "${bench[@]}" "$e2e" -k "sampling and cuda" --benchmark-json "$OUT/bench_sampling.json"
+  step bench_training 150 "${bench[@]}" "$e2e" -k "training and cuda and not (cifar10 and compile)" \
     --benchmark-json "$OUT/bench_training.json"
-  # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled on CUDA tensors.
-  step triton_kernels 90 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
-  step bench_ops 150 "${bench[@]}" benchmarks/ --ignore benchmarks/test_end_to_end.py -k cuda \
-    --benchmark-json "$OUT/bench_ops.json"
+  step bench_ops 150 "${bench[@]}" benchmarks/ --ignore "$e2e" -k cuda --benchmark-json "$OUT/bench_ops.json"
+  step bench_cifar_compile 180 "${bench[@]}" "$e2e" -k "training and cuda and cifar10 and compile" \
+    --benchmark-json "$OUT/bench_cifar_compile.json"
   # The GroupNorm+SiLU CUDA kernels under compute-sanitizer memcheck, on a subset of their tests (split and
   # unsplit statistics, odd sizes, 3-D, all layouts, fp32/fp16, misaligned views). Without the caching
   # allocator every tensor and workspace is its own cudaMalloc, so an access past the end of any is caught.
@@ -106,13 +113,15 @@ if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     record memcheck "skipped: no compute-sanitizer"
   elif [ $((BUDGET - SECONDS)) -lt $((60 + MIN_STEP)) ]; then  # the probe's 60 s and a step
     record memcheck "skipped: $((BUDGET - SECONDS))s of the budget left"
-  elif ! timeout -k 5 60 "$sanitizer" --tool memcheck --error-exitcode 1 \
+  elif ! timeout -k 5 60 "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 1 \
       "$PY" -c 'import torch; torch.ones(1, device="cuda").sum().item()' >"$TMP/probe.log" 2>&1; then
     # Not a failure of fastddpm's: on gVisor the sanitizer cannot attach (device/H200.md).
     { printf '\n===== memcheck probe\n'; cat "$TMP/probe.log"; } >>"$LOG"
     record memcheck "skipped: compute-sanitizer does not run here: $(grep -m 1 -i 'error\|not supported' "$TMP/probe.log")"
   else
-    step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    # (--report-api-errors no: CUDA API errors that PyTorch provokes and handles are not memory errors)
+    step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --report-api-errors no \
+      --error-exitcode 1 \
       --print-limit 20 "${pytest[@]}" tests/test_cuda_group_norm_silu.py \
       -k "(test_against_float64_reference and (2x6x5x7 or 2x48x37 or 2x320x8x8 or 1x256x64x64) and (fp32 or fp16)) \
 or test_misaligned_views or test_grad_y_in_another_layout or test_without_weight_or_bias"
@@ -122,7 +131,7 @@ fi
 write_summary
 cat "$SUMMARY"
 jsons=()
-for f in "$OUT"/bench_sampling.json "$OUT"/bench_training.json "$OUT"/bench_ops.json; do
+for f in "$OUT"/bench_{sampling,training,ops,cifar_compile}.json; do
   [ -s "$f" ] && jsons+=("$f")
 done
 if [ "${#jsons[@]}" -gt 0 ]; then

@@ -119,7 +119,10 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         check(x, num_groups, weight, bias)
         check = None
     device = x.device
-    if choose_backend("group_norm_silu", device, backend) == "cpp":
+    # The CUDA kernels take float32/float16/bfloat16: a float64 x on CUDA runs the reference, unless the C++
+    # backend was asked for by name (which then says that it does not take float64).
+    if choose_backend("group_norm_silu", device, backend) == "cpp" and not (
+            x.dtype == torch.float64 and device.type == "cuda" and backend == "auto"):
         try:
             # (the ops' autograd is C++: a call that needs no gradient passes through it for ~1 µs)
             if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
