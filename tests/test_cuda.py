@@ -165,3 +165,22 @@ def test_a_diffusion_that_sampled_with_a_graph_copies_and_saves():
     twin = copy.deepcopy(d)  # e.g. an EMA copy
     torch.save(d, io.BytesIO())
     torch.testing.assert_close(_sample(twin, True), _sample(d, True), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_syncs_falls_back_to_the_eager_loop_with_one_warning():
+    import warnings
+
+    d = small_diffusion(sampling_timesteps=10, backend="triton")
+    forward = d.model.forward
+
+    def syncing(x, t, *args, **kwargs):
+        float(x.abs().max())  # a device→host read: not allowed while a graph is captured
+        return forward(x, t, *args, **kwargs)
+
+    d.model.forward = syncing
+    with pytest.warns(RuntimeWarning, match="capturing the sampling step in a CUDA graph failed"):
+        graphed = _sample(d, True)
+    torch.testing.assert_close(graphed, _sample(d, False), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no second capture, no second warning
+        torch.testing.assert_close(_sample(d, True), graphed, rtol=1e-5, atol=1e-5)
