@@ -70,7 +70,7 @@ $(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
 
 clean:
 	rm -rf build *.egg-info fastddpm/_C*.so $(INSTALLED)
-	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) -o -path ./.venv-device \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
 	rm -rf $(VENV) $(CUDA_VENV) .venv-device

@@ -20,6 +20,7 @@ def pow2_at_least(n, cap: int) -> int:
     (constexpr tile sizes, num_warps) must come out as plain ints; each comparison adds a range guard (the
     graph is reused until n crosses a power of two). triton.next_power_of_2 would return a symbolic
     bit-twiddling expression instead."""
+    assert cap > 0 and cap & (cap - 1) == 0, f"cap must be a power of two, got {cap}"
     p = cap
     while p > 1 and p // 2 >= n:
         p //= 2

@@ -117,10 +117,20 @@ def test_cuda_graph_sampling_equals_the_eager_loop(sampling_timesteps):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    from fastddpm import sampling
+
+    assert sampling._graphs[d][1] is not None  # captured, not the eager fallback
 
 
-def _sample(d, graph, seed=5, batch=3):
-    return d.sample(batch, generator=torch.Generator("cuda").manual_seed(seed), progress=False, cuda_graph=graph)
+def _sample(d, graph, seed=5, batch=3, captured=True):
+    """d.sample; with graph=True, also that the step was captured (a failed capture warns once and samples
+    eagerly, which would pass the comparisons)."""
+    from fastddpm import sampling
+
+    out = d.sample(batch, generator=torch.Generator("cuda").manual_seed(seed), progress=False, cuda_graph=graph)
+    if graph:
+        assert (sampling._graphs[d][1] is not None) == captured
+    return out
 
 
 def test_the_network_is_not_trivial():
@@ -154,6 +164,13 @@ def test_cuda_graph_follows_modes_and_weights():
     full = _sample(d, True)
     torch.testing.assert_close(full, _sample(d, False), rtol=1e-5, atol=1e-5)
     assert not torch.equal(low, full)
+    # A new autocast block after a weight update: the graph captured in the first block must not read the
+    # bf16 weight copies autocast cached there (freed when that block ended) but cast the current weights.
+    with torch.no_grad():
+        for p in d.model.parameters():
+            p.mul_(1.1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(_sample(d, True), _sample(d, False), rtol=1e-5, atol=1e-5)
 
 
 def test_a_diffusion_that_sampled_with_a_graph_copies_and_saves():
@@ -179,8 +196,8 @@ def test_a_model_that_syncs_falls_back_to_the_eager_loop_with_one_warning():
 
     d.model.forward = syncing
     with pytest.warns(RuntimeWarning, match="capturing the sampling step in a CUDA graph failed"):
-        graphed = _sample(d, True)
+        graphed = _sample(d, True, captured=False)
     torch.testing.assert_close(graphed, _sample(d, False), rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failure is remembered: no second capture, no second warning
-        torch.testing.assert_close(_sample(d, True), graphed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_sample(d, True, captured=False), graphed, rtol=1e-5, atol=1e-5)

@@ -341,3 +341,55 @@ def test_cuda_graph_request_on_cpu_warns_once_and_samples_eagerly():
         a = d.sample(2, generator=g, progress=False, cuda_graph=True)
     b = d.sample(2, generator=torch.Generator().manual_seed(3), progress=False)
     assert torch.equal(a, b)
+
+
+def test_cuda_graph_key_changes_with_what_the_graph_depends_on():
+    """The key of the captured-step cache (computed the same on any device): it changes with the network's
+    train/eval mode, a moved or replaced parameter or buffer, inference mode, the shape, the sampler's
+    settings; not with an in-place weight update (the graph reads the new values)."""
+    from fastddpm import sampling
+
+    d = make(sampling_timesteps=5)
+    x = torch.zeros(2, *d.model.conv_in.weight.shape[1:2], *d.image_size)
+
+    def key():
+        return sampling._graph_key(d, "ddim_step", x, torch.float32)
+
+    base = key()
+    assert key() == base
+    with torch.no_grad():
+        d.model.conv_in.weight.mul_(2)
+    assert key() == base
+    d.model.eval()
+    assert key() != base
+    d.model.train()
+    assert key() == base
+    with torch.inference_mode():
+        assert key() != base
+    d.model.conv_in.weight.data = d.model.conv_in.weight.data.clone()  # what .to() does to a parameter
+    moved = key()
+    assert moved != base
+    d.schedule.sqrt_alphas_cumprod.data = d.schedule.sqrt_alphas_cumprod.data.clone()  # a schedule buffer
+    assert key() != moved
+    moved = key()
+    d.ddim_sampling_eta = 0.5
+    assert key() != moved
+    assert sampling._graph_key(d, "ddim_step", x[:1], torch.float32) != key()
+
+
+def test_cuda_graph_key_reads_flags_that_raise():
+    """A legacy TF32 flag raises once torch's new fp32_precision API is used: the key holds the error's text."""
+    from fastddpm import sampling
+
+    class Flags:
+        @property
+        def allow_tf32(self):
+            raise RuntimeError("mix of the legacy and new APIs")
+
+        def get_precision(self):
+            return "tf32"
+
+    assert sampling._setting(Flags(), "allow_tf32") == "unreadable: mix of the legacy and new APIs"
+    assert sampling._setting(Flags(), "get_precision") == "tf32"
+    assert sampling._setting(Flags(), "missing") is None
+    sampling._backend_settings()  # readable in this process

@@ -6,13 +6,14 @@
 #   DEVICE_CHECK_STEPS="triton_kernels bench_ops memcheck" bash tools/device_check.sh   # build + only these
 #
 # The whole run keeps within DEVICE_CHECK_BUDGET seconds (the device tool's per-call limit is 600): each step
-# runs under `timeout` with the smaller of its own cap and the time left, and a step with under
-# DEVICE_CHECK_MIN_STEP (20) seconds left is skipped and named so. Steps run in the order of what a first run on
-# a GPU must tell: does it build, are the kernels right (`pytest -m cuda`), the issue's targets (sampling, then
-# training), the Triton kernels' own tests compiled for the GPU, the per-op benchmarks, compute-sanitizer last
+# runs under `timeout` with the smaller of its own cap and the time left (plus 10 s to die after a TERM), and a
+# step with under DEVICE_CHECK_MIN_STEP (20) seconds left is skipped and named so. Steps run in the order of
+# what a first run on a GPU must tell: does it build; are the kernels right (`pytest -m cuda`, then the Triton
+# kernel tests compiled for the GPU); the issue's targets (sampling, then the training steps); the per-op
+# benchmarks; torch.compile of the CIFAR-10 training step (the slowest compile); compute-sanitizer last
 # (COMPUTE_SANITIZER names it; empty skips it).
 #
-# $OUT gets at most six files (the device tool returns eight): summary.txt (rewritten after every step, so a
+# $OUT gets at most seven files (the device tool returns eight): summary.txt (rewritten after every step, so a
 # killed run still says how far it got), device_check.log (every step's full output), bench_*.json (one per
 # benchmark step, so that a step cut short loses only its own numbers) and bench_table.md.
 set -uo pipefail
@@ -29,11 +30,11 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 : >"$LOG"
 
-versions=$($PY -c 'import sys, torch, triton
+versions=$("$PY" -c 'import sys, torch, triton
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
       triton.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 |
   tail -n 1)
-arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null)
+arch=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
 summary=""
 failed=0
@@ -76,11 +77,13 @@ step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output
 }
 
 # pytest-timeout (on the device image) stops one hung test instead of the whole step; pytest-xdist (there too)
-# spreads the correctness tests over processes, which compile their Triton kernels in parallel.
+# spreads the CUDA test modules over processes.
+# (--dist loadfile: a module's tests stay in one process; test_kernels.py counts its launches per process, so
+# it runs whole, in one process.)
 pytest=("$PY" -m pytest -q -p no:cacheprovider)
-$PY -c 'import pytest_timeout' 2>/dev/null && pytest+=(--timeout 120)
+"$PY" -c 'import pytest_timeout' 2>/dev/null && pytest+=(--timeout 120)
 parallel=()
-$PY -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-8}")
+"$PY" -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-4}" --dist loadfile)
 # Fewer, shorter rounds than pytest-benchmark's defaults: each case has been warmed up by benchmarks/conftest.run,
 # and on a GPU a round is already ≥ 1 ms of back-to-back calls.
 bench=("${pytest[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
@@ -93,7 +96,7 @@ if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     && step info 30 "$PY" -m fastddpm info; then
   step cuda_tests 150 "${pytest[@]}" "${parallel[@]}" -m cuda tests/
   # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled for the GPU.
-  step triton_kernels 150 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" "${parallel[@]}" tests/test_kernels.py
+  step triton_kernels 150 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
   # The issue's targets: sampling (batch 1, 16, 128), then the training steps; torch.compile of the CIFAR-10
   # U-Net's training step (the slowest compile by far) comes after the per-op benchmarks.
   step bench_sampling 150 "${bench[@]}" "$e2e" -k "sampling and cuda" --benchmark-json "$OUT/bench_sampling.json"
@@ -136,6 +139,6 @@ for f in "$OUT"/bench_{sampling,training,ops,cifar_compile}.json; do
 done
 if [ "${#jsons[@]}" -gt 0 ]; then
   echo
-  $PY tools/bench_table.py "${jsons[@]}" | tee "$OUT/bench_table.md"
+  "$PY" tools/bench_table.py "${jsons[@]}" | tee "$OUT/bench_table.md"
 fi
 exit $failed

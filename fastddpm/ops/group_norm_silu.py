@@ -119,8 +119,9 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         check(x, num_groups, weight, bias)
         check = None
     device = x.device
-    # The CUDA kernels take float32/float16/bfloat16: a float64 x on CUDA runs the reference, unless the C++
-    # backend was asked for by name (which then says that it does not take float64).
+    # The CUDA kernels take float32/float16/bfloat16: a float64 x on CUDA runs the reference, unless the
+    # backend argument asks for "cpp" by name (which then says that it does not take float64); the
+    # FASTDDPM_BACKEND variable, a default for every op, does not.
     if choose_backend("group_norm_silu", device, backend) == "cpp" and not (
             x.dtype == torch.float64 and device.type == "cuda" and backend == "auto"):
         try:
