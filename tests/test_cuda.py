@@ -158,19 +158,20 @@ def test_cuda_graph_follows_modes_and_weights():
         inference = _sample(d, True)
     torch.testing.assert_close(_sample(d, True), inference, rtol=1e-5, atol=1e-5)  # no "inference tensor" error
 
+    full = _sample(d, True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         low = _sample(d, True)
         torch.testing.assert_close(low, _sample(d, False), rtol=1e-5, atol=1e-5)
-    full = _sample(d, True)
-    torch.testing.assert_close(full, _sample(d, False), rtol=1e-5, atol=1e-5)
     assert not torch.equal(low, full)
-    # A new autocast block after a weight update: the graph captured in the first block must not read the
-    # bf16 weight copies autocast cached there (freed when that block ended) but cast the current weights.
+    # A weight update, then a new autocast block with the same key: the graph captured in the first block is
+    # replayed, and must not read the bf16 weight copies autocast cached there (freed when that block ended)
+    # but cast the current weights itself.
     with torch.no_grad():
         for p in d.model.parameters():
             p.mul_(1.1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(_sample(d, True), _sample(d, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_sample(d, True), _sample(d, False), rtol=1e-5, atol=1e-5)
 
 
 def test_a_diffusion_that_sampled_with_a_graph_copies_and_saves():
