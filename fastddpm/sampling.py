@@ -175,7 +175,8 @@ def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), uncached_autocast():  # warm-up before capture (allocator, autotuning, lazy init)
+        # warm-up before capture (allocator, autotuning, lazy init)
+        with torch.cuda.stream(side), uncached_autocast():
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
