@@ -74,8 +74,9 @@ def close_to_stream(eps, expected):
     * compiled for a GPU, CUDA's own bounds (logf 1 ulp, sinf/cosf 2 ulp, a fast sqrt ≈ 2 ulp) add
       ≈ 5.7·(2 + 2)·2⁻²⁴ ≈ 1.4e-6 to z on each side, so 4e-6 there."""
     slack = 4e-6 if eps.device.type == "cuda" else 1e-6
-    bound = torch.finfo(eps.dtype).eps * expected.abs().to(eps.device) / 2 + slack
-    return bool(((eps.float() - expected.to(eps.device)).abs() <= bound).all())
+    expected = expected.to(eps.device)
+    bound = torch.finfo(eps.dtype).eps * expected.abs() / 2 + slack
+    return bool(((eps.float() - expected).abs() <= bound).all())
 
 
 def loss_case(sched, shape, dtype, cl, objective, gamma, reduction, drawn, backend):

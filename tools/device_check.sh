@@ -49,13 +49,16 @@ record() {  # record NAME TEXT: one line of the summary
   write_summary
 }
 
+asked() {  # asked NAME: whether DEVICE_CHECK_STEPS lets the step run (build and info always do)
+  [ -z "$STEPS" ] || [ "$1" = build ] || [ "$1" = info ] || [[ " $STEPS " == *" $1 "* ]] && return 0
+  record "$1" "not asked for (DEVICE_CHECK_STEPS)"
+  return 1
+}
+
 step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output to the log, summarise it
   local name=$1 cap=$2
   shift 2
-  if [ -n "$STEPS" ] && [ "$name" != build ] && [ "$name" != info ] && [[ " $STEPS " != *" $name "* ]]; then
-    record "$name" "not asked for (DEVICE_CHECK_STEPS)"
-    return 0
-  fi
+  asked "$name" || return 0
   local left=$((BUDGET - SECONDS))
   [ "$cap" -le "$left" ] || cap=$left
   if [ "$cap" -lt "$MIN_STEP" ]; then
@@ -110,8 +113,8 @@ if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
   # allocator every tensor and workspace is its own cudaMalloc, so an access past the end of any is caught.
   sanitizer=${COMPUTE_SANITIZER-$(command -v compute-sanitizer ||
     ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)}
-  if [ -n "$STEPS" ] && [[ " $STEPS " != *" memcheck "* ]]; then
-    record memcheck "not asked for (DEVICE_CHECK_STEPS)"
+  if ! asked memcheck; then
+    :
   elif [ -z "$sanitizer" ]; then
     record memcheck "skipped: no compute-sanitizer"
   elif [ $((BUDGET - SECONDS)) -lt $((60 + MIN_STEP)) ]; then  # the probe's 60 s and a step
