@@ -1,11 +1,20 @@
 import os
 
-os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
-# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch  # (imports no triton)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from .isolation import register as _register_isolation
+
+os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
+# Without a GPU, the Triton kernels run on CPU tensors through the interpreter (set before triton is imported).
+# With one, they compile for it: the interpreter would replace the compiler for CUDA tensors too, and the tests
+# of Triton on CPU tensors skip (CI runs them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+needs_triton_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set on machines without a GPU; CI runs this)")
 
 
 def _round_bf16_to_nearest_in_the_interpreter():
@@ -28,7 +37,8 @@ def _round_bf16_to_nearest_in_the_interpreter():
     interpreter._convert_float = convert
 
 
-_round_bf16_to_nearest_in_the_interpreter()
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _round_bf16_to_nearest_in_the_interpreter()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,6 +66,10 @@ class TinyNet(torch.nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet
+
+
+def pytest_configure(config):
+    _register_isolation(config)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -445,6 +445,7 @@ def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.isolated
 def test_bad_input_raises_clear_errors(sched):
     x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)

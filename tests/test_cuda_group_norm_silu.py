@@ -253,6 +253,7 @@ def test_empty(ops):
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(w))
 
 
+@pytest.mark.isolated
 def test_bad_inputs(ops):
     x = torch.randn(2, 6, 4, 4, device="cuda")
     w = torch.ones(6, device="cuda")

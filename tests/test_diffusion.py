@@ -166,6 +166,7 @@ def test_load_errors_name_the_problem(tmp_path):
     (dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
     (dict(beta_schedule="jsd"), ValueError, "zero terminal SNR"),
 ])
+@pytest.mark.isolated
 def test_bad_construction(kwargs, err, match):
     with pytest.raises(err, match=match):
         make(**kwargs)
@@ -176,6 +177,7 @@ def test_zero_terminal_snr_ok_with_v():
     assert torch.isfinite(d.sample(2, progress=False)).all()
 
 
+@pytest.mark.isolated
 def test_bad_training_batches():
     d = make()
     with pytest.raises(TypeError, match="must be floating point"):
@@ -196,6 +198,7 @@ def test_bad_training_batches():
     assert torch.isfinite(make(auto_normalize=False)(torch.rand(2, 3, 6, 6) * 2 - 1))
 
 
+@pytest.mark.isolated
 def test_bad_timesteps():
     d = make()
     x = torch.randn(2, 3, 6, 6)

@@ -186,6 +186,7 @@ def test_q_sample_independent_of_thread_count(q_sample, dtype):
 
 
 # ----------------------------------------------------------------------------- bad inputs
+@pytest.mark.isolated
 def test_q_sample_bad_inputs(q_sample):
     sqrt_ac, sqrt_1mac = tables()
     x, noise, t = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 5, T - 1])

@@ -94,6 +94,7 @@ X6 = torch.randn(2, 6, 3)
         (X6, 3, [1.0] * 6, None, TypeError, "weight must be a torch.Tensor"),
     ],
 )
+@pytest.mark.isolated
 def test_bad_inputs_raise(x, num_groups, weight, bias, exc, match):
     with pytest.raises(exc, match=match):
         group_norm_silu(x, num_groups, weight, bias)

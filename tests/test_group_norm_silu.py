@@ -561,11 +561,13 @@ X6 = torch.randn(2, 6, 3)
         (torch.randn(4), 2, None, None, r"x must have at least 2 dimensions \[N, C, \*\], got shape \[4\]"),
     ],
 )
+@pytest.mark.isolated
 def test_bad_inputs_raw_op(x, num_groups, weight, bias, match):
     with pytest.raises(RuntimeError, match=match):
         OP(x, num_groups, weight, bias, 1e-5)
 
 
+@pytest.mark.isolated
 def test_bad_inputs_raw_backward_op():
     x = torch.randn(2, 6, 3)
     _, mean, rstd = OP(x, 3, None, None, 1e-5)
@@ -602,6 +604,7 @@ def test_silu_grad_from_y_at_the_extremes():
     assert all(e <= 1e-5 for e in errors), errors
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize("name", ["y", "silu_grad"])
 def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
     """group_norm_silu_output_backward (reads y) and the training pair's backward (reads silu_grad)."""
@@ -647,6 +650,7 @@ def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
         (X6, 3, torch.ones(6, dtype=torch.float64), RuntimeError, "weight|parameter"),
     ],
 )
+@pytest.mark.isolated
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_bad_inputs_functional(monkeypatch, x, num_groups, weight, exc, match, backend):
     """The same errors whether the C++ op runs (it checks its arguments; the Python checks run only after it
@@ -665,6 +669,7 @@ def test_bad_inputs_functional(monkeypatch, x, num_groups, weight, exc, match, b
         (torch.ones(2, 4, 3, dtype=torch.int64), 2, None, TypeError, "floating-point"),
     ],
 )
+@pytest.mark.isolated
 def test_bad_inputs_functional_compiled(x, num_groups, weight, exc, match):
     """Under torch.compile the checks run while tracing: the same errors as eager."""
     torch._dynamo.reset()

@@ -241,6 +241,7 @@ def test_compile_fullgraph_training_step_through_the_ops(sched):
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.isolated
 def test_bad_input_raises_clear_errors(sched):
     x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\), got 1000"):

@@ -82,11 +82,12 @@ step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output
 # pytest-timeout (on the device image) stops one hung test instead of the whole step; pytest-xdist (there too)
 # spreads the CUDA test modules over processes.
 # (--dist loadfile: a module's tests stay in one process; test_kernels.py counts its launches per process, so
-# it runs whole, in one process.)
+# it runs whole, in one process. --max-worker-restart 0: a crashed worker is not replaced by one that would
+# crash the same way; the tests of bad input run in child processes of their own, tests/isolation.py.)
 pytest=("$PY" -m pytest -q -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && pytest+=(--timeout 120)
 parallel=()
-"$PY" -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-4}" --dist loadfile)
+"$PY" -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-4}" --dist loadfile --max-worker-restart 0)
 # Fewer, shorter rounds than pytest-benchmark's defaults: each case has been warmed up by benchmarks/conftest.run,
 # and on a GPU a round is already ≥ 1 ms of back-to-back calls.
 bench=("${pytest[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
