@@ -33,6 +33,9 @@ FAKE_PYTHON = textwrap.dedent('''\
             sys.exit(1)  # not installed: the script runs pytest without --timeout
         print("9.0" if "get_device_capability" in code else "python 3.12 torch 2.11.0 cuda 13.0 | Fake H200")
         sys.exit(0)
+    if args[0].endswith("bad_input_probe.py"):
+        print("bad-input probe: 0 of 10 cases crashed")
+        sys.exit(0)
     if args[:2] == ["-m", "pytest"]:
         if os.environ.get("FAKE_SLOW", "-") in args:
             time.sleep(60)
@@ -76,7 +79,7 @@ def test_all_steps(tmp_path):
     assert files == ["bench_cifar_compile.json", "bench_ops.json", "bench_sampling.json", "bench_table.md",
                      "bench_training.json", "device_check.log", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_ops",
+    steps = ["build", "info", "bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_ops",
              "bench_cifar_compile"]
     for name in steps:
         assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
@@ -125,7 +128,7 @@ def test_steps_chosen(tmp_path):
     summary = (out / "summary.txt").read_text()
     for name in ("build", "info", "bench_ops"):
         assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
-    for name in ("cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_cifar_compile"):
+    for name in ("bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_cifar_compile"):
         assert re.search(rf"^{name} +not asked for", summary, re.M), summary
     assert re.search(r"^memcheck +skipped: no compute-sanitizer", summary, re.M)
     assert sorted(p.name for p in out.iterdir()) == ["bench_ops.json", "bench_table.md", "device_check.log",

@@ -8,10 +8,10 @@
 # The whole run keeps within DEVICE_CHECK_BUDGET seconds (the device tool's per-call limit is 600): each step
 # runs under `timeout` with the smaller of its own cap and the time left (plus 10 s to die after a TERM), and a
 # step with under DEVICE_CHECK_MIN_STEP (20) seconds left is skipped and named so. Steps run in the order of
-# what a first run on a GPU must tell: does it build; are the kernels right (`pytest -m cuda`, then the Triton
-# kernel tests compiled for the GPU); the targets (sampling, then the training steps); the per-op
-# benchmarks; torch.compile of the CIFAR-10 training step (the slowest compile); compute-sanitizer last
-# (COMPUTE_SANITIZER names it; empty skips it).
+# what a first run on a GPU must tell: does it build; does bad input raise (tools/bad_input_probe.py); are the
+# kernels right (`pytest -m cuda`, then the Triton kernel tests compiled for the GPU); the issue's targets
+# (sampling, then the training steps); the per-op benchmarks; torch.compile of the CIFAR-10 training step (the
+# slowest compile); compute-sanitizer last (COMPUTE_SANITIZER names it; empty skips it).
 #
 # $OUT gets at most seven files (the device tool returns eight): summary.txt (rewritten after every step, so a
 # killed run still says how far it got), device_check.log (every step's full output), bench_*.json (one per
@@ -98,6 +98,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 write_summary
 if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     && step info 30 "$PY" -m fastddpm info; then
+  # Calls that must raise, each in a process of its own; a crash gets its backtrace (gdb or cuda-gdb).
+  step bad_inputs 90 "$PY" tools/bad_input_probe.py
   step cuda_tests 150 "${pytest[@]}" "${parallel[@]}" -m cuda tests/
   # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled for the GPU.
   step triton_kernels 150 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
