@@ -56,7 +56,16 @@ def backtrace(code: str) -> str:
     return "\n".join(frames[:30]) or out[-3000:]
 
 
+def environment() -> str:
+    """What a crash on raising could depend on: the compilers that built the extension, torch's backtrace
+    settings."""
+    gcc = subprocess.run(["sh", "-c", "${CXX:-c++} --version | head -n 1"], capture_output=True, text=True).stdout
+    settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCH_", "LD_", "PYTORCH_"))}
+    return f"python {sys.version.split()[0]}; c++: {gcc.strip()}; env: {settings}"
+
+
 def main() -> int:
+    print(environment(), flush=True)
     crashed = 0
     for case in CASES:
         code = program(case)
@@ -65,7 +74,12 @@ def main() -> int:
         if proc.returncode < 0:
             crashed += 1
             name = signal.Signals(-proc.returncode).name
-            print(f"CRASH {case}: {name}\n{backtrace(code)}\n", flush=True)
+            print(f"CRASH {case}: {name}\n{backtrace(code)}", flush=True)
+            # torch symbolises C++ backtraces itself when asked to: does the crash follow that setting?
+            for var, value in (("TORCH_SHOW_CPP_STACKTRACES", "0"), ("TORCH_SHOW_CPP_STACKTRACES", "1")):
+                again = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                       env={**os.environ, var: value})
+                print(f"      with {var}={value}: rc={again.returncode}", flush=True)
         else:
             last = (proc.stdout.strip().splitlines() or [proc.stderr.strip()[-200:]])[-1]
             print(f"ok    {case}: rc={proc.returncode} {last}", flush=True)
