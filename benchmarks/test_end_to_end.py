@@ -10,10 +10,13 @@ per provider:
 
 The CIFAR-10 U-Net (35.7M parameters) runs on CUDA only (a CPU step takes seconds and compiling it minutes);
 the small demo U-Net runs everywhere. Sampling is timed over a 10-step DDIM trajectory and reported per step
-in extra_info.
+in extra_info. Around a network of one 1×1 convolution (issue 17's case: 128×3×256×256 on a GPU) the
+diffusion ops themselves decide the time of a training step (t, ε, q_sample, the network, the loss and its
+backward) and of an ancestral step (Diffusion.p_sample).
 """
 import pytest
 import torch
+from torch import nn
 
 from fastddpm import Diffusion, UNet
 
@@ -77,3 +80,57 @@ def test_sampling_loop(benchmark, device, provider, batch, monkeypatch):
     if stats is not None and getattr(stats, "stats", None) is not None:
         benchmark.extra_info["per step (s)"] = stats.stats.median / STEPS
     assert out.shape == (batch, 1, 8, 8) and torch.isfinite(out).all()
+
+
+class PointwiseNet(nn.Module):
+    """ε̂ = a 1×1 convolution of x_t plus a learned per-timestep bias: a network that costs next to nothing."""
+
+    def __init__(self, channels=3, timesteps=1000):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.embed = nn.Embedding(timesteps, channels)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.embed(t)[:, :, None, None]
+
+
+POINTWISE_SHAPE = {"cpu": (16, 3, 32, 32), "cuda": (128, 3, 256, 256)}
+
+
+def pointwise_diffusion(device, provider, monkeypatch):
+    torch.manual_seed(0)
+    if provider in ("eager", "compile"):
+        monkeypatch.setenv("FASTDDPM_BACKEND", "reference")
+    net = PointwiseNet().to(device)
+    if provider == "compile":
+        net = torch.compile(net)
+    shape = POINTWISE_SHAPE[device]
+    backend = "reference" if provider in ("eager", "compile") else "auto"
+    return Diffusion(net, image_size=shape[2:], timesteps=1000, backend=backend, channels=shape[1]).to(device), shape
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_training_step_pointwise_net(benchmark, device, provider, monkeypatch):
+    d, shape = pointwise_diffusion(device, provider, monkeypatch)
+    images = torch.rand(shape, device=device)
+
+    def step():
+        loss = d(images)
+        loss.backward()
+        return loss
+
+    loss = run(benchmark, step, device, bytes_moved=0)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_p_sample_pointwise_net(benchmark, device, provider, monkeypatch):
+    d, shape = pointwise_diffusion(device, provider, monkeypatch)
+    x = torch.randn(shape, device=device)
+
+    def step():
+        with torch.no_grad():
+            return d.p_sample(x, 500)[0]
+
+    out = run(benchmark, step, device, bytes_moved=0)
+    assert out.shape == x.shape and torch.isfinite(out).all()

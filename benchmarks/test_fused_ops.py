@@ -21,12 +21,21 @@ from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
-from .conftest import PROVIDERS, compiled, elements, run
+from .conftest import CIFAR, DEVICES, PROVIDERS, compiled, elements, run
+
+# Per device: the streaming-op size; on a GPU also the CIFAR-10 training batch (the per-call host cost).
+SHAPES = [(device, shape) for device in DEVICES for shape in ((elements(device), CIFAR) if device == "cuda"
+                                                               else (elements(device),))]
 
 
-def setup(device):
+@pytest.fixture(params=SHAPES, ids=lambda v: f"{v[0]}-{'x'.join(map(str, v[1]))}")
+def device_shape(request):
+    return request.param
+
+
+def setup(device_shape):
+    device, shape = device_shape
     sched = NoiseSchedule(get_beta_schedule("linear", 1000)).to(device)
-    shape = elements(device)
     x0 = torch.randn(shape, device=device)
     t = torch.randint(0, 1000, (shape[0],), device=device)
     return sched, x0, t
@@ -41,8 +50,9 @@ def pick(provider, eager_fn, fused_fn, device):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_noise_and_q_sample(benchmark, device, provider):
-    sched, x0, t = setup(device)
+def test_noise_and_q_sample(benchmark, device_shape, provider):
+    device = device_shape[0]
+    sched, x0, t = setup(device_shape)
 
     def eager(x0, t):
         return reference.q_sample(sched, x0, t, torch.randn_like(x0))
@@ -56,8 +66,9 @@ def test_noise_and_q_sample(benchmark, device, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_loss_forward_backward(benchmark, device, provider):
-    sched, x0, t = setup(device)
+def test_loss_forward_backward(benchmark, device_shape, provider):
+    device = device_shape[0]
+    sched, x0, t = setup(device_shape)
     pred = torch.randn_like(x0).requires_grad_(True)
     seed = new_seed(device)
 
@@ -75,8 +86,9 @@ def test_loss_forward_backward(benchmark, device, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_noise_q_sample_and_loss_forward_backward(benchmark, device, provider):
-    sched, x0, t = setup(device)
+def test_noise_q_sample_and_loss_forward_backward(benchmark, device_shape, provider):
+    device = device_shape[0]
+    sched, x0, t = setup(device_shape)
     pred = torch.randn_like(x0).requires_grad_(True)  # stands in for the network's output
 
     def eager(pred, x0, t):
@@ -96,8 +108,9 @@ def test_noise_q_sample_and_loss_forward_backward(benchmark, device, provider):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_reverse_step(benchmark, device, provider):
-    sched, x, t = setup(device)
+def test_reverse_step(benchmark, device_shape, provider):
+    device = device_shape[0]
+    sched, x, t = setup(device_shape)
     out = torch.randn_like(x)
 
     def eager(out, x, t):

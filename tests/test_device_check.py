@@ -43,7 +43,7 @@ FAKE_PYTHON = textwrap.dedent('''\
             path = args[args.index("--benchmark-json") + 1]
             name = os.path.basename(path)[len("bench_"):-len(".json")]
             benchmarks = [{{"name": f"test_{{name}}[cuda-{{p}}]", "params": {{"device": "cuda", "provider": p}},
-                           "stats": {{"median": m}}, "extra_info": {{}}}}
+                           "stats": {{"median": m}}, "extra_info": {{"per-call host (s)": 1.5e-5}}}}
                           for p, m in (("eager", 3e-3), ("compile", 2e-3), ("fastddpm", 1e-3))]
             with open(path, "w") as f:
                 json.dump({{"datetime": "2026-11-29", "machine_info": {{}}, "benchmarks": benchmarks}}, f)
@@ -93,7 +93,8 @@ def test_all_steps(tmp_path):
     table = (out / "bench_table.md").read_text()
     assert proc.stdout.rstrip().endswith(table.rstrip())
     for case in ("sampling", "training", "ops", "cifar_compile"):
-        assert re.search(rf"^\| {case}\[cuda\] \| 3\.000 ms \| 2\.000 ms \| 1\.000 ms \| 3\.00 \| 2\.00 \|", table, re.M)
+        assert re.search(rf"^\| {case}\[cuda\] \| 3\.000 ms \| 2\.000 ms \| 1\.000 ms \| 3\.00 \| 2\.00 \| — \| — \| "
+                         r"15, 15 \|$", table, re.M), table
     assert proc.stdout.index("== device_check") < proc.stdout.index("| case |")
 
 

@@ -21,6 +21,21 @@ def fmt_time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def param(value) -> str:
+    """A parameter as the case's name shows it: a shape as 128x3x32x32, a (device, shape) pair as cuda-128x3x32x32."""
+    if not isinstance(value, (list, tuple)):
+        return str(value)
+    if all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    return "-".join(param(v) for v in value)
+
+
+def host_cost(providers: dict) -> str:
+    """The per-call host cost of eager and fastddpm (GPU cases), in µs."""
+    costs = [providers.get(p, {}).get("extra_info", {}).get("per-call host (s)") for p in ("eager", "fastddpm")]
+    return "—" if all(c is None for c in costs) else ", ".join("—" if c is None else f"{c * 1e6:.0f}" for c in costs)
+
+
 def table(data: dict) -> str:
     rows: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
@@ -28,12 +43,12 @@ def table(data: dict) -> str:
         provider = params.get("provider")
         if provider not in PROVIDERS:
             continue
-        others = "-".join(str(v) if not isinstance(v, (list, tuple)) else "x".join(map(str, v))
-                          for k, v in params.items() if k != "provider")
+        others = "-".join(param(v) for k, v in params.items() if k != "provider")
         case = bench["name"].split("[")[0].removeprefix("test_") + (f"[{others}]" if others else "")
         rows[case][provider] = bench
-    lines = ["| case | eager | torch.compile | fastddpm | × eager | × compile | fastddpm GB/s | of copy |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | eager | torch.compile | fastddpm | × eager | × compile | fastddpm GB/s | of copy | "
+             "host µs/call (eager, fastddpm) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for case in sorted(rows):
         median = {p: rows[case][p]["stats"]["median"] if p in rows[case] else None for p in PROVIDERS}
         fast = rows[case].get("fastddpm", {})
@@ -44,7 +59,8 @@ def table(data: dict) -> str:
         frac = extra.get("fraction of copy")
         lines.append(f"| {case} | {fmt_time(median['eager'])} | {fmt_time(median['compile'])} | "
                      f"{fmt_time(median['fastddpm'])} | {speedup['eager']} | {speedup['compile']} | "
-                     f"{'—' if gbps is None else f'{gbps:.1f}'} | {'—' if frac is None else f'{frac:.0%}'} |")
+                     f"{'—' if gbps is None else f'{gbps:.1f}'} | {'—' if frac is None else f'{frac:.0%}'} | "
+                     f"{host_cost(rows[case])} |")
     machine = data.get("machine_info", {})
     header = f"{data.get('datetime', '')} — {machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}"
     return header + "\n\n" + "\n".join(lines)

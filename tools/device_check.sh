@@ -106,7 +106,7 @@ if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
   # The targets: sampling (batch 1, 16, 128), then the training steps; torch.compile of the CIFAR-10
   # U-Net's training step (the slowest compile by far) comes after the per-op benchmarks.
   step bench_sampling 150 "${bench[@]}" "$e2e" -k "sampling and cuda" --benchmark-json "$OUT/bench_sampling.json"
-  step bench_training 150 "${bench[@]}" "$e2e" -k "training and cuda and not (cifar10 and compile)" \
+  step bench_training 150 "${bench[@]}" "$e2e" -k "(training or p_sample) and cuda and not (cifar10 and compile)" \
     --benchmark-json "$OUT/bench_training.json"
   step bench_ops 150 "${bench[@]}" benchmarks/ --ignore "$e2e" -k cuda --benchmark-json "$OUT/bench_ops.json"
   step bench_cifar_compile 180 "${bench[@]}" "$e2e" -k "training and cuda and cifar10 and compile" \
