@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from fastddpm import reference, sampling
-from fastddpm.ops import check_backend
-from fastddpm.ops import choose_backend
+from fastddpm.ops import assert_on_device, check_backend, check_timesteps, choose_backend
 from fastddpm.ops.diffusion_loss import diffusion_loss as _diffusion_loss_op
 from fastddpm.ops.diffusion_loss import noised as _noised
 from fastddpm.ops.q_sample import q_sample as _q_sample_op
@@ -181,6 +180,15 @@ class Diffusion(nn.Module):
     def _check_finite_range(self, img: torch.Tensor) -> None:
         if not self.check_inputs:
             return
+        if img.is_cuda:  # on the device, without a host sync (a bad batch fails the next sync)
+            lo, hi = torch.aminmax(img.detach())
+            if self.auto_normalize:  # (NaN fails both comparisons)
+                ok = lo.ge(0).logical_and_(hi.le(1))
+            else:
+                ok = lo.isfinite().logical_and_(hi.isfinite())
+            assert_on_device(ok, "training batch contains NaN or Inf" + (
+                ", or values outside [0, 1] (auto_normalize=True)" if self.auto_normalize else ""))
+            return
         lo, hi = torch.stack(torch.aminmax(img.detach())).tolist()  # one host sync for both checks
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("training batch contains NaN or Inf")
@@ -204,7 +212,9 @@ class Diffusion(nn.Module):
             raise TypeError(f"t must be an int64 tensor of shape [{batch}], got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
-        if self.check_inputs:
+        if self.check_inputs and t.is_cuda:  # on the device, without a host sync
+            check_timesteps("t", t, self.num_timesteps)
+        elif self.check_inputs:
             lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")

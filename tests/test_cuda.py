@@ -31,6 +31,37 @@ def test_sampling_loop_never_syncs(sampling_timesteps):
     assert out.shape == (4, 1, 8, 8) and out.is_cuda
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_training_step_never_syncs(backend):
+    """Diffusion's input checks (image range, t) run on the device: a training step with check_inputs=True
+    issues no device→host sync, so the host runs ahead of the GPU."""
+    d = small_diffusion(backend=backend)
+    images = torch.rand(8, 1, 8, 8, device="cuda")
+    d(images).backward()  # warm-up (first-call allocations, autotuning)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = d(images)
+        loss.backward()
+        d.p_losses(images * 2 - 1, torch.randint(0, 50, (8,), device="cuda")).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.isolated  # a device-side assert ends the process's CUDA context
+@pytest.mark.parametrize("case", ["t", "images"])
+def test_bad_values_fail_on_the_device(case):
+    d = small_diffusion()
+    images = torch.rand(4, 1, 8, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        if case == "t":
+            d.p_losses(images, torch.tensor([0, 1, 2, 50], device="cuda"))
+        else:
+            d(images + 1.5)
+        torch.cuda.synchronize()
+
+
 def test_cuda_sampling_is_seeded_and_loss_trains():
     d = small_diffusion()
     a = d.sample(2, generator=torch.Generator("cuda").manual_seed(1), progress=False)

@@ -150,6 +150,42 @@ def call_op(op, *args):
         return op(*args)
 
 
+def runs_eagerly(*tensors) -> bool:
+    """Whether a call may run an op's implementation as a plain function, skipping the dispatcher and
+    torch.library's Python layers (on the Triton path those cost several times Triton's own launch): eager
+    mode, plain tensors, no dispatch mode, functorch transform or trace that must see the op, and no tensor
+    whose gradient autograd would have to record."""
+    if torch._C._len_torch_dispatch_stack() or _peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # (a loop: cheaper than any() over a generator)
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return not torch.compiler.is_compiling()
+
+
+def _launch_directly(kernel):
+    return kernel
+
+
+def launcher(x: torch.Tensor):
+    """How an implementation launches its Triton kernel for data x: through torch.library.wrap_triton while the
+    op is traced (fake or functional tensors, a dispatch mode), so that the launch becomes a node of the graph;
+    else directly. (wrap_triton's eager path is a plain launch behind more Python, and before torch 2.13 it
+    refuses the interpreter's kernels.)"""
+    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack():
+        return _launch_directly
+    from torch.library import wrap_triton
+
+    return wrap_triton
+
+
+def require(condition, message) -> None:
+    """torch._check(condition, message), without its cost for a plain True (every eager call's checks)."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -187,50 +223,61 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 def check_data(op: str, name: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
     """A floating-point data tensor of at least 1 dimension, with like's shape and device when given."""
-    torch._check(isinstance(tensor, torch.Tensor), lambda: f"{op}: {name} must be a tensor")
-    torch._check(tensor.dtype in FLOAT_DTYPES,
-                 lambda: f"{op}: {name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-    torch._check(tensor.dim() >= 1, lambda: f"{op}: {name} must have a batch dimension, got a 0-d tensor")
+    require(isinstance(tensor, torch.Tensor), lambda: f"{op}: {name} must be a tensor")
+    require(tensor.dtype in FLOAT_DTYPES,
+            lambda: f"{op}: {name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    require(tensor.dim() >= 1, lambda: f"{op}: {name} must have a batch dimension, got a 0-d tensor")
     if like is not None:
-        torch._check(tensor.shape == like.shape,
+        require(tensor.shape == like.shape,
                      lambda: f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}")
-        torch._check(tensor.device == like.device,
+        require(tensor.device == like.device,
                      lambda: f"{op}: {name} is on {tensor.device}, the data on {like.device}")
 
 
 def check_index(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    torch._check(t.dtype == torch.int64 and t.dim() == 1 and t.shape[0] == x.shape[0],
-                 lambda: f"{op}: {name} must be int64 of shape [{x.shape[0]}] (one per sample), "
-                         f"got {t.dtype} {tuple(t.shape)}")
-    torch._check(t.device == x.device, lambda: f"{op}: {name} is on {t.device}, the data on {x.device}")
+    require(t.dtype == torch.int64 and t.dim() == 1 and t.shape[0] == x.shape[0],
+            lambda: f"{op}: {name} must be int64 of shape [{x.shape[0]}] (one per sample), "
+                    f"got {t.dtype} {tuple(t.shape)}")
+    require(t.device == x.device, lambda: f"{op}: {name} is on {t.device}, the data on {x.device}")
 
 
 def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, rows: int | None = None) -> None:
-    torch._check(table.dtype in (torch.float32, torch.float64),
-                 lambda: f"{op}: table {name} must be float32 or float64, got {table.dtype}")
-    torch._check(table.device == x.device,
-                 lambda: f"{op}: table {name} is on {table.device}, the data on {x.device}; move the schedule "
-                         f"with .to(device)")
-    torch._check(table.is_contiguous(), lambda: f"{op}: table {name} must be contiguous")
+    require(table.dtype in (torch.float32, torch.float64),
+            lambda: f"{op}: table {name} must be float32 or float64, got {table.dtype}")
+    require(table.device == x.device,
+            lambda: f"{op}: table {name} is on {table.device}, the data on {x.device}; move the schedule "
+                    f"with .to(device)")
+    require(table.is_contiguous(), lambda: f"{op}: table {name} must be contiguous")
     if rows is None:
-        torch._check(table.dim() == 1 and table.shape[0] >= 1, lambda: f"{op}: table {name} must be 1-D")
+        require(table.dim() == 1 and table.shape[0] >= 1, lambda: f"{op}: table {name} must be 1-D")
     else:
-        torch._check(table.dim() == 2 and table.shape[0] >= rows,
+        require(table.dim() == 2 and table.shape[0] >= rows,
                      lambda: f"{op}: table {name} must be [{rows}, T], got {tuple(table.shape)}")
 
 
 def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
-    torch._check(seed.dtype == torch.int64 and seed.numel() >= 1,
-                 lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-    torch._check(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
+    require(seed.dtype == torch.int64 and seed.numel() >= 1,
+            lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+    require(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
 
 
 def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:
-    """t ∈ [0, T) (or [−1, T) for an end marker). Reads t on the host: callers that must not sync (sampling
-    loops, CUDA graphs) build t themselves and skip this; the kernels clamp every table read anyway."""
+    """t ∈ [0, T) (or [−1, T) for an end marker). A CPU t is read on the host (a ValueError names the bad value);
+    a CUDA t is checked on the device (torch._assert_async: no host sync, the kernels keep streaming; a bad value
+    fails the next synchronisation with a device-side assert). Skipped while torch.compile traces and inside a
+    CUDA graph capture; the kernels clamp every table read anyway."""
     if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     low = -1 if allow_negative else 0
+    if t.is_cuda:
+        assert_on_device(t.ge(low).logical_and_(t.lt(num_timesteps)).all(),
+                         f"{op}: timesteps must lie in [{low}, {num_timesteps})")
+        return
     bad = (t < low) | (t >= num_timesteps)
     if bool(bad.any()):
         raise ValueError(f"{op}: timesteps must lie in [{low}, {num_timesteps}), got {t[bad][0].item()}")
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail the device's stream unless the one-element bool tensor ``condition`` holds, without a host sync."""
+    torch._assert_async(condition, message)

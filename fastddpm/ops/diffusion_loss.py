@@ -12,11 +12,11 @@ on the CPU, a loss whose gradient goes to the prediction alone runs the training
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastddpm import _extension, reference
 from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, new_seed)
+                          choose_backend, dense, launcher, new_seed, require, runs_eagerly)
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
@@ -30,15 +30,15 @@ def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objecti
     check_index(NAME, "t", t, model_output)
     check_table(NAME, "sqrt_alphas_cumprod", sqrt_ac, model_output)
     check_table(NAME, "sqrt_one_minus_alphas_cumprod", sqrt_1m_ac, model_output)
-    torch._check(objective in (0, 1, 2), lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
-    torch._check(reduction in (0, 1), lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
-    torch._check(model_output.shape[0] > 0, lambda: f"{NAME}: empty batch")
+    require(objective in (0, 1, 2), lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
+    require(reduction in (0, 1), lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
+    require(model_output.shape[0] > 0, lambda: f"{NAME}: empty batch")
     if objective != 0:
-        torch._check(x_start is not None, lambda: f"{NAME}: the x_0 and v objectives need x_start")
+        require(x_start is not None, lambda: f"{NAME}: the x_0 and v objectives need x_start")
     if x_start is not None:
         check_data(NAME, "x_start", x_start, model_output)
     if objective != 1:
-        torch._check((noise is None) != (seed is None), lambda: f"{NAME}: give exactly one of noise and seed")
+        require((noise is None) != (seed is None), lambda: f"{NAME}: give exactly one of noise and seed")
     if noise is not None:
         check_data(NAME, "noise", noise, model_output)
     if seed is not None:
@@ -66,7 +66,7 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     mean = torch.empty((), dtype=dtype, device=pred.device)
     launch_loss(pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
                 objective=objective, noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
-                wrap=wrap_triton)
+                wrap=launcher(pred))
     return mean if reduction == 1 else per_sample
 
 
@@ -82,13 +82,32 @@ def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tens
     grad_pred = torch.empty_like(pred)
     launch_loss_backward(grad.contiguous(), pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                          grad_pred, objective=objective, reduction=reduction, noise=eps, seed=seed, offset=offset,
-                         min_snr_gamma=min_snr_gamma, wrap=wrap_triton)
+                         min_snr_gamma=min_snr_gamma, wrap=launcher(pred))
     return grad_pred
 
 
 diffusion_loss_triton = triton_op("fastddpm::diffusion_loss_triton", _diffusion_loss_triton, mutates_args=())
 diffusion_loss_backward_triton = triton_op("fastddpm::diffusion_loss_backward_triton",
                                            _diffusion_loss_backward_triton, mutates_args=())
+
+
+class _EagerTritonLoss(torch.autograd.Function):
+    """The Triton loss in eager mode with its gradient to model_output alone (x_start and noise need none): the
+    same implementations as diffusion_loss_triton's forward and backward, without the dispatcher and
+    torch.library's Python autograd layers around each."""
+
+    @staticmethod
+    def forward(ctx, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma,
+                reduction):
+        ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
+        ctx.args = (offset, objective, min_snr_gamma, reduction)
+        return _diffusion_loss_triton(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
+                                      min_snr_gamma, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_pred = _diffusion_loss_backward_triton(grad, *ctx.saved_tensors, *ctx.args)
+        return (grad_pred.to(ctx.saved_tensors[0].dtype),) + (None,) * 10
 
 
 # ----------------------------------------------------------------------------- CPU (reference math)
@@ -233,6 +252,10 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
             noise, seed, offset, OBJECTIVES[objective], min_snr_gamma, REDUCTIONS[reduction])
     backend = choose_backend(NAME, model_output.device, backend)
     if backend == "triton":
+        if runs_eagerly(x_start, noise) and runs_eagerly(model_output.detach()):
+            if torch.is_grad_enabled() and model_output.requires_grad:
+                return _EagerTritonLoss.apply(*args)
+            return _diffusion_loss_triton(*args)
         return torch.ops.fastddpm.diffusion_loss_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
         if _use_train_op(model_output, x_start, noise):

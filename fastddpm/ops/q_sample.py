@@ -12,11 +12,11 @@ stream (registered only in a build without csrc/cpu/q_sample.cpp's fused one), a
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastddpm import _extension, reference
 from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, new_seed)
+                          choose_backend, dense, launcher, new_seed, runs_eagerly)
 
 NAME = "q_sample"
 
@@ -38,7 +38,7 @@ def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod
     x = dense(x_start)
     out = torch.empty_like(x)
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
-                    noise=as_layout_of(noise.to(x.dtype), x), wrap=wrap_triton)
+                    noise=as_layout_of(noise.to(x.dtype), x), wrap=launcher(x))
     return out
 
 
@@ -53,7 +53,7 @@ def _q_sample_philox_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_
     out = torch.empty_like(x)
     noise = torch.empty_like(x) if write_noise else x.new_empty(0)
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out, seed=seed, offset=offset,
-                    noise_out=noise if write_noise else None, wrap=wrap_triton)
+                    noise_out=noise if write_noise else None, wrap=launcher(x))
     return out, noise
 
 
@@ -169,6 +169,8 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     tables = (schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
     if noise is not None:
         if backend == "triton":
+            if runs_eagerly(x_start, noise):
+                return _q_sample_triton(x_start, t, *tables, noise)
             return torch.ops.fastddpm.q_sample_triton(x_start, t, *tables, noise)
         if backend == "cpp":
             return call_op(torch.ops.fastddpm.q_sample.default, x_start, t, *tables, noise)
@@ -176,6 +178,8 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     if seed is None:
         seed = new_seed(x_start.device, generator)
     if backend == "triton":
+        if runs_eagerly(x_start):
+            return _q_sample_philox_triton(x_start, t, *tables, seed, offset, write_noise)
         return torch.ops.fastddpm.q_sample_philox_triton(x_start, t, *tables, seed, offset, write_noise)
     if backend == "cpp" and _extension.cpu_built():
         return call_op(torch.ops.fastddpm.q_sample_philox.default, x_start, t, *tables, seed, offset, write_noise)

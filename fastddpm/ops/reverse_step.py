@@ -9,11 +9,11 @@ on request). Sampling is not differentiated: no autograd is registered.
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from fastddpm import _extension, reference
 from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, new_seed)
+                          choose_backend, dense, launcher, new_seed, require, runs_eagerly)
 from fastddpm.ops.q_sample import philox_noise_like
 
 OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
@@ -26,16 +26,16 @@ def _prepare(name, model_output, x_t, t, table, noise, seed, objective, clip, th
     check_data(name, "model_output", model_output, x_t)
     check_index(name, "t", t, x_t)
     check_table(name, "table", table, x_t, rows=TABLE_ROWS if name == "p_sample_step" else 4)
-    torch._check(objective in (0, 1, 2), lambda: f"{name}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
-    torch._check(clip is None or clip > 0, lambda: f"{name}: clip must be positive, got {clip}")
+    require(objective in (0, 1, 2), lambda: f"{name}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
+    require(clip is None or clip > 0, lambda: f"{name}: clip must be positive, got {clip}")
     if noise is not None:
         check_data(name, "noise", noise, x_t)
     if seed is not None:
         check_seed(name, seed, x_t)
     if threshold_scale is not None:
-        torch._check(threshold_scale.shape == (x_t.shape[0],) and threshold_scale.is_floating_point(),
+        require(threshold_scale.shape == (x_t.shape[0],) and threshold_scale.is_floating_point(),
                      lambda: f"{name}: threshold_scale must be a float tensor of shape [{x_t.shape[0]}]")
-        torch._check(threshold_scale.device == x_t.device,
+        require(threshold_scale.device == x_t.device,
                      lambda: f"{name}: threshold_scale is on {threshold_scale.device}, the data on {x_t.device}")
     x = dense(x_t)
     return x, as_layout_of(model_output, x), as_layout_of(noise, x)
@@ -56,12 +56,12 @@ def _p_sample_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torc
 
     x, out, eps = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
                            threshold_scale)
-    torch._check((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
+    require((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None)
     launch_p_sample(out, x, t.contiguous(), table, x_prev, objective=objective, noise=eps, seed=seed, offset=offset, clip=clip,
                     threshold_scale=None if threshold_scale is None else threshold_scale.contiguous(),
                     x0_out=x0 if write_x0 else None,
-                    noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
+                    noise_out=noise_out if noise_out.numel() else None, wrap=launcher(x))
     return x_prev, x0, noise_out
 
 
@@ -81,17 +81,17 @@ def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Te
                 noise=eps if eta != 0 else None, seed=seed, offset=offset, clip=clip,
                 threshold_scale=None if threshold_scale is None else threshold_scale.contiguous(),
                     x0_out=x0 if write_x0 else None,
-                noise_out=noise_out if noise_out.numel() else None, wrap=wrap_triton)
+                noise_out=noise_out if noise_out.numel() else None, wrap=launcher(x))
     return x_prev, x0, noise_out
 
 
 def _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta):
     check_index("ddim_step", "t_prev", t_prev, x)
     check_table("ddim_step", "alphas_cumprod", alphas_cumprod, x)
-    torch._check(alphas_cumprod.shape[0] == table.shape[1],
+    require(alphas_cumprod.shape[0] == table.shape[1],
                  lambda: "ddim_step: alphas_cumprod and table must cover the same timesteps")
-    torch._check(eta >= 0, lambda: f"ddim_step: eta must be >= 0, got {eta}")
-    torch._check(eta == 0 or (noise is None) != (seed is None),
+    require(eta >= 0, lambda: f"ddim_step: eta must be >= 0, got {eta}")
+    require(eta == 0 or (noise is None) != (seed is None),
                  lambda: "ddim_step: with eta > 0 give exactly one of noise and seed")
 
 
@@ -131,7 +131,7 @@ def _p_sample_step_cpu(model_output, x_t, t, table, noise, seed, offset, objecti
                        write_x0, write_noise):
     x, out, eps = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
                            threshold_scale)
-    torch._check((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
+    require((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
     z = _step_noise(x, eps, seed, offset)
     x_prev, x0 = reference.p_sample_step(_Schedule(table), out, x, t, z, _OBJECTIVE_NAMES[objective], "fixed_small",
                                          clip, threshold_scale)
@@ -219,6 +219,8 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
             scale, write_x0, write_noise)
     backend = choose_backend("p_sample_step", x_t.device, backend)
     if backend == "triton":
+        if runs_eagerly(model_output, x_t, noise):
+            return _p_sample_step_triton(*args)
         return torch.ops.fastddpm.p_sample_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
         # (a plain call, not fastddpm.ops.call_op: no Python autograd kernel is registered for the steps,
@@ -250,6 +252,8 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="
             write_noise)
     backend = choose_backend("ddim_step", x_t.device, backend)
     if backend == "triton":
+        if runs_eagerly(model_output, x_t, noise):
+            return _ddim_step_triton(*args)
         return torch.ops.fastddpm.ddim_step_triton(*args)
     if backend == "cpp" and _extension.cpu_built():
         return torch.ops.fastddpm.ddim_step.default(*args)  # (plain: see p_sample_step)
