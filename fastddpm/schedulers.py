@@ -3,8 +3,9 @@
 Swap ``from diffusers import DDPMScheduler`` for ``from fastddpm import DDPMScheduler``: the constructor
 arguments, ``config`` (with ``_use_default_values``; config keys also read as attributes, with diffusers'
 FutureWarning), ``scheduler_config.json`` files (both ways), ``set_timesteps``, ``step`` (its output an ordered
-dict, as diffusers'), ``_get_variance``, ``add_noise``, ``get_velocity`` and ``compatibles`` behave as diffusers' do, and a seeded ``torch.Generator`` draws the same noise, so a
-sampling loop gives the same images. Beyond diffusers:
+dict, as diffusers'), ``_get_variance``, ``add_noise``, ``get_velocity`` and ``compatibles`` behave as diffusers'
+do, and a seeded ``torch.Generator`` draws the same noise, so a sampling loop gives the same images. Beyond
+diffusers:
 
 - ``step`` takes per-sample timesteps (an integer tensor of shape [B] on any device) as well as an int or a
   0-d tensor, and never syncs the device with the host: no ``.item()``, no Python branch on a tensor's value;

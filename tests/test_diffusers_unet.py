@@ -87,6 +87,15 @@ def test_converted_structure(converted):
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_round_trip_keeps_dtype():
+    model = random_unet2d(SMALL).to(torch.bfloat16)
+    unet = UNet.from_diffusers(model)
+    assert next(unet.parameters()).dtype == torch.bfloat16
+    back = unet.to_diffusers()
+    assert back.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
 @pytest.mark.parametrize("config", [CIFAR10, LSUN_256], ids=["cifar10", "lsun_256"])
 def test_released_configs_map_tensor_for_tensor(config):
     """The released models' full configs, built on the meta device: every tensor has its place and shape."""
@@ -250,3 +259,38 @@ def test_cli_samples_a_diffusers_folder(tmp_path, layout, capsys):
     assert main(["sample", "--checkpoint", str(folder), "--num", "2", "--steps", "3", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
     assert f"wrote 2 samples to {out}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a converted model in DDPMPipeline
+@pytest.mark.parametrize("name, steps, batch", [("small", 10, 2), ("cifar10", 2, 1)])
+def test_converted_model_in_ddpm_pipeline_gives_the_same_images(name, steps, batch):
+    """diffusers' DDPMPipeline with the converted UNet and fastddpm's scheduler, against the original UNet2DModel
+    with diffusers' scheduler, the same generator seed: the same images to float32 rounding."""
+    from fastddpm import DDPMScheduler
+
+    model = random_unet2d(CONFIGS[name], seed=5)
+    images = []
+    for unet, scheduler in ((model, diffusers.DDPMScheduler()),
+                            (UNet.from_diffusers(model).eval().for_diffusers_pipeline(), DDPMScheduler())):
+        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=batch, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                   output_type="np", return_dict=False)[0]
+        images.append(torch.from_numpy(out))
+    assert images[0].shape == (batch, model.config.sample_size, model.config.sample_size, 3)
+    assert (images[0] - images[1]).abs().max() <= 1e-5
+    assert images[0].std() > 0.05  # a picture, not a constant
+
+
+def test_pipeline_unet_interface():
+    model = random_unet2d(SMALL)
+    unet = UNet.from_diffusers(model).eval()
+    wrapped = unet.for_diffusers_pipeline()
+    assert wrapped.unet is unet and wrapped.dtype == torch.float32 and wrapped.device == torch.device("cpu")
+    assert wrapped.config.sample_size == 16 and wrapped.config.in_channels == 3
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, torch.tensor(7)).sample, unet(x, 7))
+        assert torch.equal(wrapped(x, 7, return_dict=False)[0], unet(x, 7))
+    with pytest.raises(ValueError, match="unconditional"):
+        wrapped(x, 7, class_labels=torch.tensor([0, 1]))

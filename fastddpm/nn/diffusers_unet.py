@@ -260,3 +260,35 @@ def to_diffusers(unet: UNet):
     model.load_state_dict(state_dict_to_diffusers(unet, shapes), strict=True)
     return model.to(param.device).train(unet.training)
 
+
+
+class PipelineUNet(torch.nn.Module):
+    """fastddpm's :class:`UNet` behind ``UNet2DModel``'s interface, so that diffusers' pipelines (``DDPMPipeline``,
+    ``DDIMPipeline``) run it: ``config`` (the ``UNet2DModel`` config), ``dtype``, ``device``, and
+    ``forward(sample, timestep, return_dict=True)`` returning an output with ``.sample``. Its state dict is the
+    UNet's, under ``unet.``. Build it with :meth:`UNet.for_diffusers_pipeline`."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        from fastddpm.schedulers import FrozenDict
+
+        if not isinstance(unet, UNet):
+            raise TypeError(f"PipelineUNet wraps a fastddpm.UNet, got {type(unet).__name__}")
+        self.unet = unet
+        self.config = FrozenDict({"_class_name": UNET2D_CLASS, **diffusers_config_from_unet(unet)})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        if class_labels is not None:
+            raise ValueError("fastddpm's UNet is unconditional: class_labels must be None")
+        out = self.unet(sample, timestep)
+        return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -244,6 +244,13 @@ class UNet(nn.Module):
 
         return to_diffusers(self)
 
+    def for_diffusers_pipeline(self):
+        """This UNet (the same module, not a copy) behind diffusers' ``UNet2DModel`` interface, for diffusers'
+        pipelines: ``DDPMPipeline(unet=unet.for_diffusers_pipeline(), scheduler=...)``."""
+        from fastddpm.nn.diffusers_unet import PipelineUNet
+
+        return PipelineUNet(self)
+
     def _check_inputs(self, x: torch.Tensor, t) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
