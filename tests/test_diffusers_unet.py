@@ -118,6 +118,8 @@ def test_from_folder(tmp_path, safe):
     model.save_pretrained(tmp_path, safe_serialization=safe)
     unet = UNet.from_diffusers(tmp_path)
     ref = UNet.from_diffusers(model)
+    assert not unet.training and not ref.training  # as the model, and as diffusers' from_pretrained loads one
+    assert UNet.from_diffusers(model.train()).training
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), ref.state_dict().values()))
 
 

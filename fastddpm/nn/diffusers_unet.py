@@ -235,15 +235,17 @@ def read_unet2d_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def from_diffusers(model_or_folder) -> UNet:
-    """:meth:`UNet.from_diffusers`: a ``UNet2DModel`` (object, or a folder saved by it) as a :class:`UNet`."""
-    if isinstance(model_or_folder, (str, os.PathLike)):
-        return from_config_and_state(*read_unet2d_folder(model_or_folder))
+    """:meth:`UNet.from_diffusers`: a ``UNet2DModel`` (object, or a folder saved by it) as a :class:`UNet` on the
+    model's device and in its train/eval mode (a folder: on the CPU, in eval mode)."""
+    if isinstance(model_or_folder, (str, os.PathLike)):  # in eval mode, as diffusers' from_pretrained loads it
+        return from_config_and_state(*read_unet2d_folder(model_or_folder)).eval()
     config = getattr(model_or_folder, "config", None)
     if not isinstance(model_or_folder, torch.nn.Module) or config is None:
         raise TypeError(f"from_diffusers takes a diffusers UNet2DModel or the folder it was saved to, got "
                         f"{type(model_or_folder).__name__}")
     config = {"_class_name": type(model_or_folder).__name__, **config}
-    return from_config_and_state(config, model_or_folder.state_dict())
+    unet = from_config_and_state(config, model_or_folder.state_dict())
+    return unet.to(next(model_or_folder.parameters()).device).train(model_or_folder.training)
 
 
 def to_diffusers(unet: UNet):
