@@ -246,6 +246,8 @@ def test_from_pretrained_refuses_settings_diffusion_lacks(tmp_path, kwargs, fiel
 
 def test_from_pretrained_refuses_a_pipeline_without_unet2d(tmp_path):
     write_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="leave out model="):
+        Diffusion.from_pretrained(tmp_path, model=UNet.small())
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
