@@ -377,7 +377,8 @@ class Diffusion(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
                         device: str | torch.device | None = None, **overrides) -> Diffusion:
-        """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``).
+        """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``), or a
+        diffusers DDPM pipeline folder or ``UNet2DModel`` folder.
 
         ``model`` is needed only for networks other than :class:`fastddpm.UNet`; ``overrides`` replace
         constructor arguments (e.g. ``sampling_timesteps=50``).
@@ -385,8 +386,12 @@ class Diffusion(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from fastddpm import diffusers_folders
         from fastddpm.nn import UNet
 
+        # A diffusers pipeline or UNet2DModel folder: its U-Net converted, the settings from its scheduler config.
+        if (found := diffusers_folders.find(directory)) is not None:
+            return diffusers_folders.load(cls, found, model=model, device=device, **overrides)
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() and (directory / "model" / CONFIG_NAME).is_file():
             directory = directory / "model"

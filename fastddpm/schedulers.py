@@ -1,9 +1,11 @@
 """Schedulers with the API of diffusers' ``DDPMScheduler`` and ``DDIMScheduler`` (diffusers 0.42).
 
 Swap ``from diffusers import DDPMScheduler`` for ``from fastddpm import DDPMScheduler``: the constructor
-arguments, ``config``, ``scheduler_config.json`` files (both ways), ``set_timesteps``, ``step``, ``add_noise``
-and ``get_velocity`` behave as diffusers' do, and a seeded ``torch.Generator`` draws the same noise, so a
-sampling loop gives the same images. Beyond diffusers:
+arguments, ``config`` (with ``_use_default_values``; config keys also read as attributes, with diffusers'
+FutureWarning), ``scheduler_config.json`` files (both ways), ``set_timesteps``, ``step`` (its output an ordered
+dict, as diffusers'), ``_get_variance``, ``add_noise``, ``get_velocity`` and ``compatibles`` behave as diffusers'
+do, and a seeded ``torch.Generator`` draws the same noise, so a sampling loop gives the same images. Beyond
+diffusers:
 
 - ``step`` takes per-sample timesteps (an integer tensor of shape [B] on any device) as well as an int or a
   0-d tensor, and never syncs the device with the host: no ``.item()``, no Python branch on a tensor's value;
@@ -24,12 +26,14 @@ The common case of each ``step`` runs through one function of tensors, :func:`_d
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import math
 import os
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,19 +119,41 @@ class FrozenDict(OrderedDict):
         return type(self), (list(self.items()),)
 
 
-class _Output:
-    """Like diffusers' BaseOutput: fields by attribute, by name (``out["prev_sample"]``) or by position."""
+class _Output(OrderedDict):
+    """As diffusers' BaseOutput: an ordered dict of the fields that are not None, whose values are also read by
+    attribute (``out.prev_sample``) and by position (``out[0]``, ``out.to_tuple()``). Keys cannot be removed."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                self[f.name] = value
+
+    def _no_removal(self, *args, **kwargs):
+        raise TypeError(f"a {type(self).__name__}'s fields cannot be removed or replaced in bulk")
+
+    __delitem__ = setdefault = pop = popitem = update = clear = _no_removal
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            return getattr(self, key)
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
-    def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+    def __setattr__(self, name, value) -> None:
+        if name in self.keys() and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
 
-    def to_tuple(self):
-        return tuple(getattr(self, k) for k in self.keys())
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __reduce__(self):  # copy/pickle rebuild through the dataclass's __init__
+        rebuild, _, *rest = super().__reduce__()
+        return (rebuild, tuple(getattr(self, f.name) for f in fields(self)), *rest)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[k] for k in self.keys())
 
 
 @dataclass
@@ -158,6 +184,27 @@ def _json_value(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _register_to_config(init):
+    """Wrap a scheduler's ``__init__`` as diffusers' ``@register_to_config`` does: before it runs, ``config`` holds
+    every argument (defaults filled in) and, under ``_use_default_values``, the names of those left at their
+    defaults, which another class's ``from_config`` then replaces by its own defaults (diffusers' rule)."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        passed = set(bound.arguments)
+        bound.apply_defaults()
+        config = {name: _json_value(value) for name, value in list(bound.arguments.items())[1:]}
+        defaults = [name for name in config if name not in passed]
+        if defaults:
+            config["_use_default_values"] = defaults
+        self._internal_dict = FrozenDict(config)
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- β schedules
@@ -384,14 +431,9 @@ class _Scheduler:
     order = 1
     has_compatibles = True
     init_noise_sigma = 1.0
+    _deprecated_kwargs: list[str] = []  # constructor arguments diffusers deprecates (none for these classes)
 
     # --------------------------------------------------------------- config
-    def _register_config(self, values: dict) -> None:
-        config = {}
-        for name in inspect.signature(type(self).__init__).parameters:
-            if name != "self":
-                config[name] = _json_value(values[name])
-        self._internal_dict = FrozenDict(config)
 
     @property
     def config(self) -> FrozenDict:
@@ -405,9 +447,13 @@ class _Scheduler:
         self._tables.clear()
 
     def __getattr__(self, name):
-        # diffusers still lets config values be read as attributes (deprecated there): scheduler.num_train_timesteps
+        # diffusers still lets config values be read as attributes, with a FutureWarning: scheduler.num_train_timesteps
         config = self.__dict__.get("_internal_dict")
         if config is not None and name in config:
+            cls = type(self).__name__
+            warnings.warn(f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. "
+                          f"Please access '{name}' over '{cls}'s config object instead, e.g. "
+                          f"'scheduler.config.{name}'.", FutureWarning, stacklevel=2)
             return config[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -486,7 +532,7 @@ class _Scheduler:
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_json_string(self) -> str:
-        config = {k: _json_value(v) for k, v in self.config.items()}
+        config = {k: _json_value(v) for k, v in self.config.items() if k != "_use_default_values"}  # as diffusers
         config["_class_name"] = type(self).__name__
         config["_diffusers_version"] = DIFFUSERS_VERSION
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -508,7 +554,15 @@ class _Scheduler:
 
     @property
     def compatibles(self) -> list[type]:
-        return [DDPMScheduler, DDIMScheduler]
+        """The scheduler classes that can be built from this one's config: fastddpm's two and, where diffusers is
+        installed, the classes diffusers lists for its scheduler of the same name."""
+        ours = [DDPMScheduler, DDIMScheduler]
+        try:
+            import diffusers
+        except ImportError:
+            return ours
+        theirs = getattr(diffusers, type(self).__name__, None)
+        return ours + list(theirs._get_compatibles()) if theirs is not None else ours
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
@@ -699,6 +753,9 @@ class _Scheduler:
 
 
 # ----------------------------------------------------------------------------- DDPM
+# Rows of DDPMScheduler's variance table: the values diffusers' _get_variance returns per variance_type, and log β̃_t.
+_VARIANCE_ROWS = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "log_small": 4}
+
 class DDPMScheduler(_Scheduler):
     """Ancestral sampling of DDPM (Ho et al. 2020), with the constructor, config and methods of diffusers'
     ``DDPMScheduler``.
@@ -720,6 +777,7 @@ class DDPMScheduler(_Scheduler):
 
     _compatibles = ["DDIMScheduler"]
 
+    @_register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
                  clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
@@ -730,7 +788,6 @@ class DDPMScheduler(_Scheduler):
             raise ValueError(f"variance_type {variance_type!r} must be one of {', '.join(VARIANCE_TYPES)}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
-        self._register_config(locals())
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.one = torch.tensor(1.0)
@@ -855,15 +912,57 @@ class DDPMScheduler(_Scheduler):
 
     def _log_variances(self, device):
         """(log β̃_t clamped at 1e-20, log β_t) [T] float32 for the current schedule, computed in float64."""
+        table = self._variances(device)
+        return table[_VARIANCE_ROWS["log_small"]], table[_VARIANCE_ROWS["fixed_large_log"]]
+
+    def _variances(self, device) -> torch.Tensor:
+        """[5, T] float32, rows as :data:`_VARIANCE_ROWS`, for the (t, previous t) pairs of the current schedule,
+        computed in float64."""
         def build():
             ac = self.alphas_cumprod.double()
             prev = torch.from_numpy(self._prev_host())
             ac_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(ac))
             beta_t = 1 - ac / ac_prev
-            small = ((1 - ac_prev) / (1 - ac) * beta_t).clamp(min=1e-20)
-            return torch.stack([small.log(), beta_t.log()]).float()
-        table = self._cached("ddpm_log_variances", torch.device(device), build)
-        return table[0], table[1]
+            small = ((1 - ac_prev) / (1 - ac) * beta_t).clamp(min=1e-20)  # β̃_t (eq. 7), clamped as diffusers
+            return torch.stack([small, small.sqrt(), beta_t, beta_t.log(), small.log()]).float()
+        return self._cached("ddpm_variances", torch.device(device), build)
+
+    def _get_variance(self, t, predicted_variance: torch.Tensor | None = None, variance_type: str | None = None):
+        """The variance term of the step at timestep ``t`` (an int, or an integer tensor looked up on its device),
+        in the form diffusers' ``_get_variance`` returns for ``variance_type`` (default: the config's):
+        fixed_small β̃_t; fixed_small_log √β̃_t; fixed_large β_t; fixed_large_log log β_t; learned the
+        ``predicted_variance`` itself; learned_range the log-variance f·log β_t + (1 − f)·log β̃_t with
+        f = (predicted_variance + 1)/2. The previous timestep is that of the current schedule; float64 math,
+        float32 result."""
+        variance_type = self.config.variance_type if variance_type is None else variance_type
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type {variance_type!r} must be one of {', '.join(VARIANCE_TYPES)}")
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range" and predicted_variance is None:
+            raise ValueError("variance_type='learned_range' needs the model's predicted_variance")
+        value = _as_python_int(t)
+        if value is not None:
+            num_train = self.alphas_cumprod.shape[0]
+            if not 0 <= value < num_train:
+                raise ValueError(f"timestep must lie in [0, {num_train}), got {value}")
+            on = self._on_schedule()
+            if on is not None and not on[value]:
+                raise ValueError(f"timestep {value} is not in the current schedule {self._timesteps_host.tolist()}")
+            index, device = torch.tensor(value), torch.device("cpu")
+        elif isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            index, device = t.long(), t.device
+        else:
+            raise TypeError(f"timestep must be an int or an integer tensor, got {t!r}")
+        if predicted_variance is not None:
+            device = predicted_variance.device
+        table = self._variances(device)
+        index = index.to(device)
+        if variance_type == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return (frac * table[_VARIANCE_ROWS["fixed_large_log"]][index]
+                    + (1 - frac) * table[_VARIANCE_ROWS["log_small"]][index])
+        return table[_VARIANCE_ROWS[variance_type]][index]
 
 
 # ----------------------------------------------------------------------------- DDIM
@@ -884,6 +983,7 @@ class DDIMScheduler(_Scheduler):
 
     _compatibles = ["DDPMScheduler"]
 
+    @_register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
@@ -892,7 +992,6 @@ class DDIMScheduler(_Scheduler):
                  rescale_betas_zero_snr: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
-        self._register_config(locals())
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
@@ -934,6 +1033,31 @@ class DDIMScheduler(_Scheduler):
         final = self._cached("final_alpha_cumprod", device,
                              lambda: torch.as_tensor(self.final_alpha_cumprod, dtype=torch.float32).clone())
         return prev, ac, final
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """σ_t²/η² of the step ``timestep`` → ``prev_timestep`` (Song et al. 2021, eq. 16):
+        (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev), with ᾱ_prev = ``final_alpha_cumprod`` for a negative
+        ``prev_timestep``, as diffusers' ``_get_variance``. Ints or integer tensors (looked up on their device);
+        float64 math, float32 result."""
+        num_train = self.alphas_cumprod.shape[0]
+        device = next((v.device for v in (timestep, prev_timestep) if isinstance(v, torch.Tensor)), None)
+        device = torch.device("cpu") if device is None else device
+        index = []
+        for name, value in (("timestep", timestep), ("prev_timestep", prev_timestep)):
+            host = _as_python_int(value)
+            if host is not None and (host >= num_train or (name == "timestep" and host < 0)):
+                raise ValueError(f"{name} must lie in [0, {num_train}), got {host} (a negative prev_timestep: "
+                                 f"the end of the schedule)")
+            if host is None and (not isinstance(value, torch.Tensor) or value.is_floating_point()
+                                 or value.is_complex() or value.dtype == torch.bool):
+                raise TypeError(f"{name} must be an int or an integer tensor, got {value!r}")
+            index.append(torch.as_tensor(value, device=device).long())
+        t, t_prev = index
+        ac = self._cached("alphas_cumprod_float64", device, lambda: self.alphas_cumprod.double())
+        ac_t = ac[t]
+        ac_prev = torch.where(t_prev >= 0, ac[t_prev.clamp(min=0)], torch.tensor(self._final_alpha_host,
+                                                                                  dtype=ac.dtype, device=device))
+        return ((1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)).float()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,

@@ -5,6 +5,9 @@ import copy
 import itertools
 import json
 import pickle
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -464,6 +467,11 @@ def test_step_does_not_sync_on_gpu():
 
 
 # ----------------------------------------------------------------------------- config files
+def arguments(config) -> dict:
+    """A config without ``_use_default_values`` (which a config read from a file holding every key has not)."""
+    return {k: v for k, v in config.items() if k != "_use_default_values"}
+
+
 @pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
 def test_config_round_trip_with_diffusers(cls, tmp_path):
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
@@ -472,13 +480,14 @@ def test_config_round_trip_with_diffusers(cls, tmp_path):
     ours.save_config(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == cls and saved["_diffusers_version"] == S.DIFFUSERS_VERSION
+    assert "_use_default_values" not in saved and "_use_default_values" in ours.config  # as diffusers
     theirs = getattr(diffusers, cls).from_pretrained(tmp_path / "ours")  # ours → diffusers
-    for key, value in ours.config.items():
+    for key, value in arguments(ours.config).items():
         assert theirs.config[key] == value, key
     getattr(diffusers, cls)(**kw, trained_betas=None).save_config(tmp_path / "theirs")
     back = getattr(S, cls).from_pretrained(tmp_path / "theirs")  # diffusers → ours
-    assert dict(back.config) == dict(ours.config)
-    assert dict(getattr(S, cls).from_config(theirs.config).config) == dict(ours.config)
+    assert dict(back.config) == arguments(ours.config)
+    assert dict(getattr(S, cls).from_config(theirs.config).config) == arguments(ours.config)
     assert torch.equal(back.alphas_cumprod, theirs.alphas_cumprod)
     # subfolder, a file path, overrides, unused keys
     (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
@@ -486,7 +495,7 @@ def test_config_round_trip_with_diffusers(cls, tmp_path):
     sub = getattr(S, cls).from_pretrained(tmp_path / "pipe", subfolder="scheduler", prediction_type="epsilon")
     assert sub.config.prediction_type == "epsilon" and sub.config.steps_offset == 1
     same = getattr(S, cls).from_pretrained(tmp_path / "ours" / "scheduler_config.json")
-    assert dict(same.config) == dict(ours.config)
+    assert dict(same.config) == arguments(ours.config)
     _, unused = getattr(S, cls).from_config({**ours.config, "skip_prk_steps": True}, return_unused_kwargs=True,
                                             foo=1)
     assert unused == {"skip_prk_steps": True, "foo": 1}
@@ -588,3 +597,146 @@ def test_ddpm_pipeline_with_our_scheduler():
         pipe.set_progress_bar_config(disable=True)
         images.append(pipe(batch_size=2, generator=gen(0), num_inference_steps=3, output_type="np").images)
     assert abs(images[0] - images[1]).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- the rest of diffusers' contract
+@pytest.mark.parametrize("variance_type", S.VARIANCE_TYPES)
+@pytest.mark.parametrize("schedule", ["train", "leading", "trailing", "custom"])
+def test_ddpm_get_variance_as_diffusers(variance_type, schedule):
+    """diffusers' pipelines call scheduler._get_variance(t, predicted_variance): the same values as diffusers'
+    formulas evaluated in float64 (and a tensor timestep gives them per sample)."""
+    kw = dict(variance_type=variance_type, beta_schedule="squaredcos_cap_v2", timestep_spacing=schedule)
+    if schedule in ("train", "custom"):
+        kw.pop("timestep_spacing")
+    ours, exact = DDPMScheduler(**kw), as_float64(diffusers.DDPMScheduler(**kw))
+    if schedule == "custom":
+        for s in (ours, exact):
+            s.set_timesteps(timesteps=[900, 640, 333, 90, 7, 0])
+    elif schedule != "train":
+        for s in (ours, exact):
+            s.set_timesteps(20)
+    steps = [int(t) for t in exact.timesteps][:: max(1, len(exact.timesteps) // 7)] + [int(exact.timesteps[-1])]
+    v = torch.rand(len(steps), generator=gen(2)) * 2 - 1  # learned: a variance > 0; learned_range: v ∈ [−1, 1]
+    predicted = v.abs() * 0.02 + 1e-4 if variance_type == "learned" else v
+    for i, t in enumerate(steps):
+        a = ours._get_variance(t, predicted_variance=predicted[i])
+        b = exact._get_variance(t, predicted_variance=predicted[i].double())
+        assert a.dtype == torch.float32 and a.shape == b.shape == ()
+        assert rel_err(a, b) <= 1e-6, (t, float(a), float(b))
+    per_sample = ours._get_variance(torch.tensor(steps), predicted_variance=predicted)
+    assert torch.equal(per_sample, torch.stack([ours._get_variance(t, predicted[i]) for i, t in enumerate(steps)]))
+    if variance_type != "learned":
+        other = "fixed_large" if variance_type != "fixed_large" else "fixed_small"  # the variance_type argument
+        assert rel_err(ours._get_variance(steps[0], predicted[0], variance_type=other),
+                       exact._get_variance(steps[0], predicted[0].double(), variance_type=other)) <= 1e-6
+
+
+def test_ddpm_get_variance_refuses_bad_timesteps():
+    ours = DDPMScheduler()
+    ours.set_timesteps(10)
+    with pytest.raises(ValueError, match="not in the current schedule"):
+        ours._get_variance(5)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1000\)"):
+        ours._get_variance(1000)
+    with pytest.raises(TypeError, match="integer tensor"):
+        ours._get_variance(torch.tensor(3.0))
+    with pytest.raises(ValueError, match="predicted_variance"):
+        DDPMScheduler(variance_type="learned_range")._get_variance(3)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_get_variance_as_diffusers(set_alpha_to_one):
+    kw = dict(beta_schedule="scaled_linear", set_alpha_to_one=set_alpha_to_one)
+    ours, exact = DDIMScheduler(**kw), as_float64(diffusers.DDIMScheduler(**kw))
+    pairs = [(999, 979), (500, 480), (21, 1), (20, 0), (20, -1), (0, -1), (7, 3)]
+    for t, prev in pairs:
+        a, b = ours._get_variance(t, prev), exact._get_variance(t, prev)
+        assert a.dtype == torch.float32 and a.shape == ()
+        assert abs(float(a) - float(b)) <= 1e-6 * abs(float(b)) + 1e-30, (t, prev, float(a), float(b))
+    t, prev = (torch.tensor(p) for p in zip(*pairs))
+    assert torch.equal(ours._get_variance(t, prev), torch.stack([ours._get_variance(*p) for p in pairs]))
+    with pytest.raises(ValueError, match="timestep must lie"):
+        ours._get_variance(1000, 980)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("kw", [{}, dict(timestep_spacing="leading", beta_end=0.03), dict(steps_offset=1)])
+def test_config_records_default_values_as_diffusers(cls, kw):
+    """config["_use_default_values"] names the arguments left at their defaults, so that another class's
+    from_config takes its own defaults for them (EulerDiscreteScheduler: 'linspace' spacing, not 'leading')."""
+    ours, theirs = getattr(S, cls)(**kw), getattr(diffusers, cls)(**kw)
+    assert set(ours.config["_use_default_values"]) == set(theirs.config["_use_default_values"])
+    euler_ours = diffusers.EulerDiscreteScheduler.from_config(ours.config)
+    euler_theirs = diffusers.EulerDiscreteScheduler.from_config(theirs.config)
+    assert euler_ours.config.timestep_spacing == euler_theirs.config.timestep_spacing
+    assert euler_ours.config.timestep_spacing == kw.get("timestep_spacing", "linspace")
+    assert arguments(euler_ours.config) == arguments(euler_theirs.config)
+    ours_again = getattr(S, cls).from_config(ours.config)  # → our class: the recorded defaults stay defaults
+    assert set(ours_again.config["_use_default_values"]) == set(ours.config["_use_default_values"])
+    assert dict(ours_again.config) == dict(ours.config)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
+def test_step_output_is_an_ordered_dict_as_diffusers(cls):
+    x, m = inputs()
+    outs = []
+    for module in (diffusers, S):
+        sched = getattr(module, cls)()
+        sched.set_timesteps(10)
+        outs.append(sched.step(m, int(sched.timesteps[3]), x, generator=gen()))
+    theirs, ours = outs
+    assert isinstance(ours, dict) and isinstance(theirs, dict)
+    assert list(ours.keys()) == list(theirs.keys()) == ["prev_sample", "pred_original_sample"]
+    assert len(ours) == len(theirs) == 2
+    assert [k for k, _ in ours.items()] == list(ours) and len(list(ours.values())) == 2
+    assert ours[0] is ours["prev_sample"] is ours.prev_sample and ours[1] is ours.pred_original_sample
+    assert ours[-1:] == ours.to_tuple()[-1:] and len(ours.to_tuple()) == 2
+    assert rel_err(ours.prev_sample, theirs.prev_sample) < TOL
+    for method in ("pop", "setdefault", "update", "__delitem__"):
+        with pytest.raises(Exception):
+            getattr(theirs, method)("prev_sample")
+        with pytest.raises(TypeError):
+            getattr(ours, method)("prev_sample")
+    replaced = copy.copy(ours)
+    replaced.prev_sample = x  # an attribute set keeps the dict in step, as diffusers'
+    assert replaced["prev_sample"] is x and replaced[0] is x
+    for again in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert type(again) is type(ours) and list(again) == list(ours)
+        assert torch.equal(again.prev_sample, ours.prev_sample) and torch.equal(again[1], ours[1])
+    only = S.DDPMSchedulerOutput(prev_sample=x)  # None fields are left out, as diffusers'
+    assert list(only) == ["prev_sample"] and only.to_tuple() == (x,)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
+def test_config_attribute_access_warns_as_diffusers(cls):
+    ours, theirs = getattr(S, cls)(), getattr(diffusers, cls)()
+    messages = []
+    for sched in (theirs, ours):
+        with pytest.warns(FutureWarning, match=r"e\.g\. 'scheduler\.config\.num_train_timesteps'") as record:
+            assert sched.num_train_timesteps == 1000
+        assert len(record) == 1
+        messages.append(str(record[0].message))
+    assert messages[0] == messages[1]
+    assert record[0].filename == __file__  # it points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.betas, ours.config.num_train_timesteps, len(ours)  # attributes and config reads stay silent
+    assert ours._deprecated_kwargs == theirs._deprecated_kwargs == []
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ours.nope
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
+def test_compatibles_list_what_diffusers_lists(cls):
+    ours, theirs = getattr(S, cls)(), getattr(diffusers, cls)()
+    assert set(theirs.compatibles) <= set(ours.compatibles)
+    assert set(ours.compatibles) - set(theirs.compatibles) == {DDPMScheduler, DDIMScheduler}
+    assert diffusers.EulerDiscreteScheduler in ours.compatibles
+
+
+def test_compatibles_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "from fastddpm import DDPMScheduler, DDIMScheduler\n"
+            "assert DDPMScheduler().compatibles == [DDPMScheduler, DDIMScheduler]\n"
+            "assert DDIMScheduler().compatibles == [DDPMScheduler, DDIMScheduler]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -229,6 +229,28 @@ class UNet(nn.Module):
         )  # fmt: skip
         return cls(**{**kwargs, **overrides})
 
+    @classmethod
+    def from_diffusers(cls, model_or_folder) -> "UNet":
+        """A diffusers ``UNet2DModel`` of the DDPM family (the object, or a folder written by its
+        ``save_pretrained``) as a UNet with the same weights, dtype and outputs. A config field the DDPM network
+        cannot represent raises ``ValueError`` naming it. Reading a folder does not need diffusers."""
+        from fastddpm.nn.diffusers_unet import from_diffusers
+
+        return from_diffusers(model_or_folder)
+
+    def to_diffusers(self):
+        """This UNet as a diffusers ``UNet2DModel`` with the same weights (needs diffusers)."""
+        from fastddpm.nn.diffusers_unet import to_diffusers
+
+        return to_diffusers(self)
+
+    def for_diffusers_pipeline(self):
+        """This UNet (the same module, not a copy) behind diffusers' ``UNet2DModel`` interface, for diffusers'
+        pipelines: ``DDPMPipeline(unet=unet.for_diffusers_pipeline(), scheduler=...)``."""
+        from fastddpm.nn.diffusers_unet import PipelineUNet
+
+        return PipelineUNet(self)
+
     def _check_inputs(self, x: torch.Tensor, t) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
