@@ -107,6 +107,24 @@ def test_noise_q_sample_and_loss_forward_backward(benchmark, device_shape, provi
     assert torch.isfinite(x_t).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("provider", ["fastddpm"])
+def test_noise_q_sample_and_loss_forward_backward_eps_stored(benchmark, device_shape, provider):
+    """The same with ε written by q_sample and read by the loss forward and backward: the other choice of
+    fastddpm.ops.diffusion_loss.noised (one draw and three more passes over ε, against three draws). Beside the
+    row above it says which one a device should take; GB/s counts the same fused minimum."""
+    device = device_shape[0]
+    sched, x0, t = setup(device_shape)
+    pred = torch.randn_like(x0).requires_grad_(True)
+
+    def fused(pred, x0, t):
+        x_t, eps = q_sample(sched, x0, t, seed=new_seed(device), write_noise=True, check=False)
+        loss = diffusion_loss(sched, pred, x0, t, eps, check=False)
+        return x_t, torch.autograd.grad(loss, pred)[0]
+
+    x_t, grad = run(benchmark, lambda: fused(pred, x0, t), device, bytes_moved=5 * x0.numel() * 4)
+    assert torch.isfinite(x_t).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_reverse_step(benchmark, device_shape, provider):
     device = device_shape[0]
