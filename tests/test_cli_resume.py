@@ -108,7 +108,9 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not (out / "run.json").is_file():  # written once the run holds the folder
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr and first.stderr.read()
+            if first.poll() is not None or time.monotonic() > deadline:
+                first.kill()
+                pytest.fail(f"the first trainer did not start: {first.communicate()[1][-2000:]}")
             time.sleep(0.1)
         second = subprocess.run(cmd + ["--steps", "2"], env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
