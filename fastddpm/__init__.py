@@ -4,13 +4,35 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastddpm import functional, nn, reference, schedules  # noqa: E402
-from fastddpm.diffusion import Diffusion  # noqa: E402
-from fastddpm.nn import GroupNormSiLU, UNet  # noqa: E402
-from fastddpm.nn.patch import patch  # noqa: E402
-from fastddpm.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
-from fastddpm.schedules import NoiseSchedule, get_beta_schedule  # noqa: E402
-from fastddpm.train import Trainer  # noqa: E402
+import importlib
+
+# The public names load on first use (PEP 562), so that `import fastddpm` and `fastddpm --help` do not import
+# torch; `from fastddpm import Diffusion` and `fastddpm.Diffusion` work as ever.
+_PUBLIC = {"Diffusion": "fastddpm.diffusion", "Trainer": "fastddpm.train", "UNet": "fastddpm.nn",
+           "GroupNormSiLU": "fastddpm.nn", "patch": "fastddpm.nn.patch",
+           "DDIMScheduler": "fastddpm.schedulers", "DDPMScheduler": "fastddpm.schedulers",
+           "NoiseSchedule": "fastddpm.schedules", "get_beta_schedule": "fastddpm.schedules"}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif not name.startswith("__"):
+        try:  # a submodule: fastddpm.nn, fastddpm.reference, ...
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = ["Diffusion", "Trainer", "UNet", "GroupNormSiLU", "NoiseSchedule", "get_beta_schedule", "build_info",
            "DDPMScheduler", "DDIMScheduler", "patch", "functional", "nn", "reference", "schedules", "__version__"]

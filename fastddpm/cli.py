@@ -1,4 +1,7 @@
-"""The ``fastddpm`` command: train, sample, demo, info."""
+"""The ``fastddpm`` command: train, sample, demo, info.
+
+torch is imported only by the commands that run (``fastddpm --help`` and ``--version`` answer without it).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from fastddpm.schedules import BETA_SCHEDULES
+class CommandError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
-def _device(name: str) -> torch.device:
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(name: str | None):
+    import torch
+
+    name = name or _default_device()
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda, but no CUDA GPU is available (torch {torch.__version__}); use --device cpu")
+        raise ValueError(f"--device cuda, but no CUDA GPU is available (torch {torch.__version__}); "
+                         f"use --device cpu")
     return torch.device(name)
 
 
@@ -44,58 +57,105 @@ def _positive(value: str) -> int:
     return n
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastddpm")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
+# The settings of a training run. `fastddpm train` resolves each one (the flag if given, else the default,
+# some of which depend on --data), stores them in OUT/run.json, and `--resume` takes them from there.
+# FIXED ones shape the model or the optimisation: a flag that changes one on resume is refused.
+FIXED_SETTINGS = ("data", "image_size", "channels", "batch_size", "lr", "warmup", "grad_clip", "ema_decay",
+                  "grad_accum", "seed", "amp", "flip", "model_channels", "channel_mult", "num_res_blocks",
+                  "attn_resolutions", "dropout", "num_groups", "timesteps", "beta_schedule", "objective")
+# CHANGEABLE ones may change on resume (with a notice); the new value is stored.
+CHANGEABLE_SETTINGS = ("steps", "save_every", "sample_every", "log_every", "num_samples")
+# Per invocation, never stored: --device, --compile, --num-workers.
+RUN_FILE = "run.json"
+MODEL_SETTINGS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
+                  "num_groups")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020) with fused kernels.")
+    parser.add_argument("--version", action="version", version=f"fastddpm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Training flags default to None, so that a flag the user gave (on the command line or in --config) is
+    # told apart from a default: on --resume the stored settings take the place of the defaults. Each help
+    # text names the default.
     train = sub.add_parser("train", help="train a U-Net DDPM on the bundled digits or a folder of images",
                            description="Train a DDPM. Defaults are the paper's CIFAR-10 recipe; with --data digits "
                            "a small U-Net and faster settings. Under `torchrun --nproc_per_node N -m fastddpm "
-                           "train ...` it trains with DDP (NCCL on GPUs, gloo on CPU).")
+                           "train ...` it trains with DDP (NCCL on GPUs, gloo on CPU). `--out DIR "
+                           "--resume` continues a run with the settings stored in DIR/run.json (a larger "
+                           "--steps trains further); a flag that would change a stored setting is refused.")
     train.add_argument("--config", help="a TOML (or YAML, with PyYAML) file whose keys are these flags' names; "
                        "flags on the command line win")
-    train.add_argument("--data", default="digits", help="'digits' (8×8 digits bundled with scikit-learn) or a "
+    train.add_argument("--data", help="'digits' (8×8 digits bundled with scikit-learn) or a "
                        "folder of images (default: digits)")
     train.add_argument("--out", help="output folder (required); it loads with Diffusion.from_pretrained(DIR)")
-    train.add_argument("--image-size", type=_positive, default=None,
+    train.add_argument("--image-size", type=_positive,
                        help="image side in pixels (default: 8 for digits, 32 for folders)")
-    train.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image channels of a folder (default 3)")
-    train.add_argument("--steps", type=_positive, default=800_000, help="optimisation steps (default: 800000)")
-    train.add_argument("--batch-size", type=_positive, default=128, help="batch size per process (default: 128)")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4; 1e-3 for digits)")
-    train.add_argument("--warmup", type=_non_negative, default=None, help="learning-rate warm-up steps (default: "
-                       "5000, or a tenth of --steps if less)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default: 1)")
-    train.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: 0.9999; 0.999 for digits)")
-    train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step (default: 1)")
-    train.add_argument("--save-every", type=_non_negative, default=1000,
+    train.add_argument("--channels", type=int, choices=[1, 3],
+                       help="image channels of a folder (default: 3; the digits have 1)")
+    train.add_argument("--steps", type=_positive, help="train until this step (default: 800000)")
+    train.add_argument("--batch-size", type=_positive, help="batch size per process (default: 128)")
+    train.add_argument("--lr", type=float, help="Adam learning rate (default: 2e-4; 1e-3 for digits)")
+    train.add_argument("--warmup", type=_non_negative, help="linear learning-rate warm-up steps (default: "
+                       "5000, the paper's; 250 for digits)")
+    train.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 for none (default: 1)")
+    train.add_argument("--ema-decay", type=float, help="EMA decay (default: 0.9999; 0.999 for digits)")
+    train.add_argument("--grad-accum", type=_positive, help="micro-batches per step (default: 1)")
+    train.add_argument("--save-every", type=_non_negative,
                        help="write OUT/checkpoint/ every N steps and at the end (default: 1000; 0: never)")
-    train.add_argument("--sample-every", type=_non_negative, default=0,
+    train.add_argument("--sample-every", type=_non_negative,
                        help="write OUT/samples/step_N.png and OUT/loss.png every N steps (default: 0, never)")
-    train.add_argument("--log-every", type=_positive, default=50, help="append to OUT/metrics.jsonl every N steps")
-    train.add_argument("--num-samples", type=_non_negative, default=64,
+    train.add_argument("--log-every", type=_positive,
+                       help="append to OUT/metrics.jsonl every N steps (default: 50)")
+    train.add_argument("--num-samples", type=_non_negative,
                        help="samples in each grid and OUT/samples.png at the end (default: 64; 0 for none)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+    train.add_argument("--seed", type=int,
+                       help="seed of the weights, the data order and the noise (default: 0)")
+    train.add_argument("--device", choices=["cpu", "cuda"],
+                       help="default: cuda when a GPU is available, else cpu")
+    train.add_argument("--amp", choices=["off", "bf16", "fp16"],
                        help="autocast dtype (fp16 with a GradScaler; default: off)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
-    train.add_argument("--num-workers", type=_non_negative, default=0, help="DataLoader workers for folders")
-    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the network (default: off)")
+    train.add_argument("--num-workers", type=_non_negative,
+                       help="DataLoader workers for folders (default: 0)")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction,
                        help="random horizontal flips (default: on for folders, off for digits)")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint/")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from OUT/checkpoint/, with its stored settings")
     model = train.add_argument_group("model and diffusion (defaults: the paper's CIFAR-10 U-Net; small for digits)")
-    model.add_argument("--model-channels", type=_positive, default=None)
-    model.add_argument("--channel-mult", type=_int_list, default=None, help="e.g. 1,2,2,2")
-    model.add_argument("--num-res-blocks", type=_positive, default=None)
-    model.add_argument("--attn-resolutions", type=_int_list, default=None, help="e.g. 16 (empty for none)")
-    model.add_argument("--dropout", type=float, default=None)
-    model.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
-    model.add_argument("--beta-schedule", default="linear", choices=sorted(BETA_SCHEDULES),
-                       help="β schedule (default: linear, the paper's; scaled by 1000/T when T != 1000)")
-    model.add_argument("--objective", default="pred_noise", choices=["pred_noise", "pred_x0", "pred_v"])
+    model.add_argument("--model-channels", type=_positive,
+                       help="base channel count (default: 128; 16 for digits)")
+    model.add_argument("--channel-mult", type=_int_list,
+                       help="channel multiplier per resolution (default: 1,2,2,2; 1,1,2 for digits)")
+    model.add_argument("--num-res-blocks", type=_positive,
+                       help="residual blocks per resolution (default: 2; 1 for digits)")
+    model.add_argument("--attn-resolutions", type=_int_list,
+                       help="resolutions with self-attention, e.g. 16, empty for none (default: 16 for "
+                       "images of 16 pixels or more, else none; 4 for digits)")
+    model.add_argument("--dropout", type=float,
+                       help="dropout in the residual blocks (default: 0.1; 0 for digits)")
+    model.add_argument("--num-groups", type=_positive,
+                       help="GroupNorm groups; must divide --model-channels (default: 32; 4 for digits)")
+    model.add_argument("--timesteps", type=_positive, help="diffusion steps T (default: 1000)")
+    model.add_argument("--beta-schedule",
+                       help="β schedule: linear, cosine, quad, sigmoid, ... (default: linear, the paper's; "
+                       "scaled by 1000/T when T != 1000)")
+    model.add_argument("--objective", choices=["pred_noise", "pred_x0", "pred_v"],
+                       help="what the network predicts (default: pred_noise)")
 
+    device_help = "default: cuda when a GPU is available, else cpu"
     sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid or a folder")
     sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
     sample.add_argument("--num", type=_positive, default=64, help="number of images (default: 64)")
@@ -103,33 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     steps = sample.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_positive, default=None,
                        help="K respaced ancestral steps (DDIM with η = 1; default: all T steps)")
-    steps.add_argument("--ddim", type=_positive, default=None, help="K deterministic DDIM steps (η = 0)")
+    steps.add_argument("--ddim", type=_positive, default=None,
+                       help="K deterministic DDIM steps (η = 0; default: ancestral sampling)")
     sample.add_argument("--batch-size", type=_positive, default=256, help="images per sampling batch (default: 256)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    sample.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
 
     evaluate = sub.add_parser("eval", help="FID of a trained model's samples against a folder of images")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train`")
     evaluate.add_argument("--fid", required=True, metavar="REF_DIR", help="folder of reference images")
     evaluate.add_argument("--num", type=_positive, default=10_000, help="samples to draw (default: 10000)")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
-    evaluate.add_argument("--ddim", type=_positive, default=None, help="sample with K DDIM steps")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluate.add_argument("--batch-size", type=_positive, default=256,
+                          help="images per sampling batch (default: 256)")
+    evaluate.add_argument("--ddim", type=_positive, default=None,
+                          help="sample with K DDIM steps (default: ancestral sampling)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
 
     demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=_positive, default=2500, help="training steps (default: 2500)")
     demo.add_argument("--num-samples", type=_positive, default=64, help="samples in the grid (default: 64)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the whole run (default: 0)")
+    demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
 
     sub.add_parser("info", help="print what this installation runs (versions, extensions, backends) as JSON")
     return parser
 
 
-def _init_distributed(device: torch.device) -> torch.device:
+def _init_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group; each process gets its own GPU."""
+    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -142,57 +206,165 @@ def _init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _json_like(value):
+    return [_json_like(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _given(args) -> dict:
+    """The settings the user gave, on the command line or in --config (argparse leaves the others None)."""
+    return {k: _json_like(getattr(args, k)) for k in (*FIXED_SETTINGS, *CHANGEABLE_SETTINGS)
+            if getattr(args, k) is not None}
+
+
+def _defaults(data: str) -> dict:
+    """Each setting's default for a new run on ``data``; the model's come from UNet (see _train). None depends
+    on --steps, so that a run trained to N steps and resumed to M is the run trained to M steps at once."""
+    digits = data == "digits"
+    return {"data": "digits", "image_size": 8 if digits else 32, "channels": 1 if digits else 3,
+            "steps": 800_000, "batch_size": 128, "lr": 1e-3 if digits else 2e-4,
+            "warmup": 250 if digits else 5000, "grad_clip": 1.0, "ema_decay": 0.999 if digits else 0.9999,
+            "grad_accum": 1, "seed": 0, "amp": "off", "flip": not digits, "save_every": 1000,
+            "sample_every": 0, "log_every": 50, "num_samples": 64, "timesteps": 1000,
+            "beta_schedule": "linear", "objective": "pred_noise"}
+
+
+def _read_run(out: Path) -> dict | None:
+    """The settings stored in OUT/run.json, or None for a run that has none (an older fastddpm's)."""
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        missing = [k for k in (*FIXED_SETTINGS, *CHANGEABLE_SETTINGS) if k not in settings]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); it holds the run's settings") from None
+    if missing:
+        raise ValueError(f"{path} lacks the settings {', '.join(missing)}")
+    return settings
+
+
+def _write_run(out: Path, settings: dict) -> None:
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fastddpm": _version(), "settings": settings}, indent=2) + "\n")
+    os.replace(tmp, out / RUN_FILE)  # atomic: a kill leaves the old file or the new one
+
+
+def _resolve(args, stored: dict | None) -> tuple[dict, list[str]]:
+    """The run's settings and the notices to print: a new run takes the flags given and the defaults; a
+    resumed one its stored settings, where only CHANGEABLE_SETTINGS may be changed by flags."""
+    given = _given(args)
+    if stored is None:
+        data = given.get("data", "digits")
+        if data == "digits" and given.get("channels", 1) != 1:
+            raise CommandError(f"--channels {given['channels']}: the digits have 1 channel")
+        return {**_defaults(data), **given}, []
+    refused = [f"{_flag(k)} {stored[k]!r} (stored) vs {v!r} (given)" for k, v in given.items()
+               if k in FIXED_SETTINGS and v != stored[k]]
+    if refused:
+        raise CommandError(f"--resume continues {args.out} with its stored settings ({RUN_FILE}), which "
+                           f"these flags would change: {'; '.join(refused)}; leave them out, or train into "
+                           f"another --out")
+    notices = [f"{_flag(k)}: {v} (was {stored[k]})" for k, v in given.items()
+               if k in CHANGEABLE_SETTINGS and v != stored[k]]
+    return {**stored, **given}, notices
+
+
 def cmd_train(args) -> Path:
+    from fastddpm.train import lock_output_dir
+
+    out = Path(args.out)
+    # One training per folder: rank 0 holds OUT/train.lock for the whole run (torchrun's other ranks share
+    # it).
+    if int(os.environ.get("RANK", "0")) == 0:
+        with lock_output_dir(out):
+            return _train(args, out)
+    return _train(args, out)
+
+
+def _train(args, out: Path) -> Path:
+    import torch
+
     from fastddpm import Diffusion, UNet
     from fastddpm.data import get_dataset
+    from fastddpm.schedules import BETA_SCHEDULES
     from fastddpm.train import SEED_NOISE, Trainer, derive_seed
 
-    if (Path(args.out) / "checkpoint").exists() and not args.resume:
-        raise ValueError(f"{args.out} already holds a training run (checkpoint/): continue it with --resume, "
-                         f"or give another --out")
-    device = _init_distributed(_device(args.device))
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    digits = args.data == "digits"
-    if not digits and not Path(args.data).is_dir():
-        raise FileNotFoundError(f"--data {args.data!r}: no such folder (give 'digits' or a folder of images)")
-    data = get_dataset(args.data, args.image_size, channels=args.channels)
-    size = args.image_size or (8 if digits else 32)
-    model_kwargs = {k: v for k, v in dict(model_channels=args.model_channels, channel_mult=args.channel_mult,
-                                          num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn_resolutions,
-                                          dropout=args.dropout).items() if v is not None}
-    if digits:
-        model = UNet.small(in_channels=1, image_size=size, **model_kwargs)
-    else:
-        model_kwargs.setdefault("attn_resolutions", (16,) if size >= 16 else ())
-        model = UNet(in_channels=args.channels, image_size=size, **model_kwargs)
-    schedule_kwargs = {"scale_with_timesteps": True} if args.beta_schedule == "linear" else {}
-    diffusion = Diffusion(model, image_size=size, timesteps=args.timesteps, beta_schedule=args.beta_schedule,
-                          schedule_fn_kwargs=schedule_kwargs, objective=args.objective)
+    stored = None
+    if not args.resume and (out / "checkpoint").exists():
+        raise ValueError(f"{out} already holds a training run (checkpoint/): continue it with --resume, "
+                         f"or give another --out")
+    if args.resume:
+        if not (out / "checkpoint").is_dir() and not (out / "checkpoint.old").is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from ({out / 'checkpoint'} does not "
+                                    f"exist)")
+        stored = _read_run(out)
+        if stored is None and rank == 0:
+            print(f"note: {out / RUN_FILE} is missing (a run of an older fastddpm): its settings come from "
+                  f"the flags and their defaults")
+    s, notices = _resolve(args, stored)
+    if s["beta_schedule"] not in BETA_SCHEDULES:
+        raise ValueError(f"--beta-schedule {s['beta_schedule']!r}: unknown; choose one of "
+                         f"{', '.join(BETA_SCHEDULES)}")
+    device = _init_distributed(_device(args.device))
+    torch.manual_seed(s["seed"])  # the same initial weights on every process
+    digits = s["data"] == "digits"
+    if not digits and not Path(s["data"]).is_dir():
+        raise FileNotFoundError(f"--data {s['data']!r}: no such folder (give 'digits' or a folder of images)")
+    data = get_dataset(s["data"], s["image_size"], channels=s["channels"])
+    size = s["image_size"]
+    model_kwargs = {k: tuple(s[k]) if isinstance(s[k], list) else s[k]
+                    for k in MODEL_SETTINGS if s.get(k) is not None}
+    try:
+        if digits:
+            model = UNet.small(in_channels=1, image_size=size, **model_kwargs)
+        else:
+            model_kwargs.setdefault("attn_resolutions", (16,) if size >= 16 else ())
+            model = UNet(in_channels=s["channels"], image_size=size, **model_kwargs)
+    except ValueError as e:
+        raise ValueError(f"cannot build the U-Net: {e} (see --model-channels, --num-groups, --channel-mult, "
+                         f"--image-size)") from None
+    s.update({k: model.config[k] for k in MODEL_SETTINGS})  # stored, so that resume rebuilds this model
+    schedule_kwargs = {"scale_with_timesteps": True} if s["beta_schedule"] == "linear" else {}
+    diffusion = Diffusion(model, image_size=size, timesteps=s["timesteps"], beta_schedule=s["beta_schedule"],
+                          schedule_fn_kwargs=schedule_kwargs, objective=s["objective"])
     trainer = Trainer(
-        diffusion, data, out=args.out, batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else (1e-3 if digits else 2e-4),
-        warmup=args.warmup if args.warmup is not None else min(5000, args.steps // 10),
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay if args.ema_decay is not None else (
-            0.999 if digits else 0.9999),
-        seed=args.seed, device=device, save_every=args.save_every, grad_accum=args.grad_accum, amp=args.amp,
-        log_every=args.log_every, sample_every=args.sample_every, num_samples=args.num_samples,
-        compile=args.compile, num_workers=args.num_workers,
-        hflip=args.flip if args.flip is not None else not digits)
-    torch.manual_seed(derive_seed(args.seed, SEED_NOISE, rank))  # each process draws its own t and ε
+        diffusion, data, out=out, batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"],
+        grad_clip=s["grad_clip"], ema_decay=s["ema_decay"], seed=s["seed"], device=device,
+        save_every=s["save_every"], grad_accum=s["grad_accum"], amp=s["amp"], log_every=s["log_every"],
+        sample_every=s["sample_every"], num_samples=s["num_samples"], compile=bool(args.compile),
+        num_workers=args.num_workers or 0, hflip=s["flip"])
+    torch.manual_seed(derive_seed(s["seed"], SEED_NOISE, rank))  # each process draws its own t and ε
     if args.resume:
         step = trainer.resume()
+        if s["steps"] < step:
+            raise CommandError(f"{out} is at step {step} already, past --steps {s['steps']}: give a --steps "
+                               f"larger than {step} to train further")
+        if s["steps"] == step:
+            if rank == 0:
+                print(f"{out} is at step {step} already, which is --steps: nothing to train (give a larger "
+                      f"--steps to train further)")
+            return out
         if rank == 0:
             print(f"resuming from {trainer.checkpoint_dir} at step {step}")
+    if rank == 0:
+        for notice in notices:
+            print(f"note: {notice}")
+        _write_run(out, s)
     start, first = time.perf_counter(), trainer.step
-    losses = trainer.train(args.steps)
+    losses = trainer.train(s["steps"])
     grid = trainer.save()
     if rank == 0:
         if losses:
+            last = losses[-100:]
             print(f"trained steps {first + 1}–{trainer.step} in {time.perf_counter() - start:.0f} s; "
-                  f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
-        print(f"model saved to {Path(args.out) / 'model'}" + (f"; samples in {grid}" if grid else ""))
-    return Path(args.out)
+                  f"final loss (mean of last {len(last)}) {sum(last) / len(last):.4f}")
+        print(f"model saved to {out / 'model'}" + (f"; samples in {grid}" if grid else ""))
+    return out
 
 
 def _load_for_sampling(args):
@@ -206,8 +378,10 @@ def _load_for_sampling(args):
     return diffusion, bool(k)  # with K steps asked for, the DDIM loop runs even for K = T
 
 
-def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int) -> torch.Tensor:
+def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int):
     """``num`` images in [0, 1], drawn ``batch_size`` at a time from one seeded generator."""
+    import torch
+
     gen = torch.Generator(diffusion.device).manual_seed(seed)
     loop = diffusion.ddim_sample if use_ddim else diffusion.p_sample_loop
     out = []
@@ -236,6 +410,8 @@ def cmd_sample(args) -> Path:
 
 
 def cmd_eval(args) -> float:
+    import torch
+
     from fastddpm.data import ImageFolder
 
     try:
@@ -269,8 +445,9 @@ def cmd_demo(args) -> Path:
     # A demo run starts afresh each time: no checkpoints to continue, and the old metrics go.
     (out / "metrics.jsonl").unlink(missing_ok=True)
     train_args = parse_args(["train", "--data", "digits", "--out", str(out), "--steps", str(args.steps),
-                             "--seed", str(args.seed), "--device", args.device, "--save-every", "0",
-                             "--num-samples", str(args.num_samples)])
+                             "--seed", str(args.seed), "--save-every", "0",
+                             "--num-samples", str(args.num_samples),
+                             *(["--device", args.device] if args.device else [])])
     print("fastddpm demo: training a small U-Net DDPM on the 8×8 digits bundled with scikit-learn")
     cmd_train(train_args)
     print(f"open {out / 'samples.png'}: {args.num_samples} digits sampled with 1000 ancestral steps from the "
@@ -288,13 +465,16 @@ def _load_config(path: str) -> dict:
             import yaml
         except ImportError:
             raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
     else:
         import tomllib
         try:
-            values = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"--config {path}: not valid TOML: {e}") from e
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"--config {path}: not valid TOML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a table of flag = value")
     return {k.replace("-", "_"): v for k, v in values.items()}
@@ -331,8 +511,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             else:
                 words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
         args = parser.parse_args([argv[0], *words, *argv[1:]])
-    if args.command == "train" and not args.out:
-        parser.error("train: --out is required (on the command line or in --config)")
+    if args.command == "train" and not args.out:  # train's own usage, not the top-level one
+        parser._subparsers._group_actions[0].choices["train"].error(
+            "--out is required (on the command line or in --config)")
     return args
 
 
@@ -344,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval}[args.command](args)
-    except (FileNotFoundError, ValueError, OSError) as e:  # bad paths and files: a message, not a traceback
+    except (CommandError, ValueError, OSError) as e:  # bad requests, paths, files, a full disk: one line
         print(f"fastddpm: error: {e}", file=sys.stderr)
         return 2
     return 0

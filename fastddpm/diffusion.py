@@ -10,6 +10,10 @@ import json
 import math
 import operator
 import os
+import shutil
+import stat
+import tempfile
+import uuid
 import warnings
 from collections import namedtuple
 from pathlib import Path
@@ -52,6 +56,29 @@ def _drop_schedule_keys(state_dict, prefix, *args):
     for name in (*NoiseSchedule.TABLES, "loss_weight"):
         for key in (prefix + name, prefix + "schedule." + name):
             state_dict.pop(key, None)
+
+
+def state_dict_mismatch(module: nn.Module, state: dict) -> str:
+    """"" when ``state`` loads into ``module`` strictly; otherwise a short account of the difference: how many
+    weights are missing, unexpected or of another shape, with the first two of each."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(items)} {what} (e.g. {'; '.join(items[:2])}{'; …' if len(items) > 2 else ''})"
+             for what, items in [("weights missing", missing), ("unexpected weights", unexpected),
+                                 ("weights of another shape (saved vs this network)", shapes)] if items]
+    return ", ".join(parts)
+
+
+def changed_settings(saved: dict, now: dict) -> str:
+    """The saved settings that ``now`` gives other values, as 'name: saved vs now, …' ("" when none);
+    tuples and lists compare equal, as JSON stores both as lists."""
+    def norm(v):
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return ", ".join(f"{k}: {v!r} vs {now.get(k)!r}" for k, v in saved.items() if norm(v) != norm(now.get(k)))
 
 
 def normalize_to_neg_one_to_one(img):
@@ -272,6 +299,7 @@ class Diffusion(nn.Module):
         """Training loss for a batch of images ([0, 1] with auto_normalize): t ~ U{0..T−1}, ε ~ N(0, I)."""
         self._check_images(img)
         self._check_finite_range(img)
+        img = img.to(sampling.model_dtype(self.model, img.dtype))  # the network's dtype, as sampling does
         t = torch.randint(0, self.num_timesteps, (img.shape[0],), device=img.device)
         return self._p_losses(self.normalize(img), t, *args, **kwargs)
 
@@ -360,7 +388,13 @@ class Diffusion(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (the network's weights) to ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` (the network's weights) to ``directory``.
+
+        Both are written into a temporary folder inside ``directory`` (so on the same file system) and then
+        renamed into place, the weights first: each file is replaced atomically, never half-written. Both
+        carry one save id, by which ``from_pretrained`` recognises a pair from two different saves (a kill
+        between the two renames). The weights get config.json's permissions (which follow the umask).
+        """
         from safetensors.torch import save_file
 
         config = getattr(self.model, "config", None)
@@ -370,9 +404,32 @@ class Diffusion(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        meta = {"diffusion": self.config, "model": {"class": type(self.model).__name__, "config": config}}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_id = uuid.uuid4().hex
+        meta = {"diffusion": self.config, "model": {"class": type(self.model).__name__, "config": config},
+                "save_id": save_id}
+        tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=directory))
+        try:
+            with open(tmp / CONFIG_NAME, "w") as f:
+                f.write(json.dumps(meta, indent=2) + "\n")
+            try:
+                save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "save_id": save_id})
+            except Exception as e:  # safetensors reports a full disk as its own error type
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(f"cannot write {directory / WEIGHTS_NAME}: {e}") from e
+            os.chmod(tmp / WEIGHTS_NAME, stat.S_IMODE(os.stat(tmp / CONFIG_NAME).st_mode))
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(tmp / name, directory / name)
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
@@ -383,7 +440,7 @@ class Diffusion(nn.Module):
         ``model`` is needed only for networks other than :class:`fastddpm.UNet`; ``overrides`` replace
         constructor arguments (e.g. ``sampling_timesteps=50``).
         """
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         from fastddpm import diffusers_folders
@@ -400,8 +457,10 @@ class Diffusion(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"no saved fastddpm model at {directory}: {path.name} is missing")
         try:
-            meta = json.loads(config_path.read_text())
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
             diffusion_config, model_meta = meta["diffusion"], meta["model"]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{config_path} is not UTF-8 text, so not a fastddpm config: {e}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{config_path} is not a fastddpm config: {e}") from e
         own_model = model is not None
@@ -413,10 +472,23 @@ class Diffusion(nn.Module):
                 model = UNet(**model_meta["config"])
             except (TypeError, ValueError, KeyError) as e:
                 raise ValueError(f"{config_path}: cannot build the UNet it describes: {e}") from e
+        elif isinstance(getattr(model, "config", None), dict) and isinstance(model_meta.get("config"), dict):
+            changed = changed_settings(model_meta["config"], model.config)
+            if changed:
+                raise ValueError(f"{config_path} describes a network with other settings than the model "
+                                 f"given (saved vs given): {changed}")
         try:
+            with safe_open(str(weights_path), "pt") as f:
+                weights_id = (f.metadata() or {}).get("save_id")
             state = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{weights_path} is corrupted or not a safetensors file: {e}") from e
+        if meta.get("save_id") and weights_id and meta["save_id"] != weights_id:
+            raise ValueError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from two different saves "
+                             f"(one was interrupted between them); save the model again")
+        mismatch = state_dict_mismatch(model, state)
+        if mismatch:
+            raise ValueError(f"{weights_path} does not fit the network: {mismatch}")
         try:
             model.load_state_dict(state)
         except RuntimeError as e:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from fastddpm.data import save_image_grid
-from fastddpm.diffusion import Diffusion
+from fastddpm.diffusion import Diffusion, changed_settings, state_dict_mismatch
 
 
 def ema_with_warmup(decay: float):
@@ -77,7 +79,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def lock_output_dir(out: str | os.PathLike):
+    """Hold an exclusive lock on ``out`` (creating it) for the duration of the block: ``out/train.lock``,
+    flock'ed and holding this process's id. The kernel drops the lock when the process ends, however it ends,
+    so a killed run never leaves ``out`` locked. A second holder gets an OSError naming the first's id."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / "train.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OSError(f"{out} is in use by process {holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)  # releases the lock
+
+
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+# The Trainer's settings that shape the optimisation: a checkpoint stores them, and resume() refuses others.
+TRAINER_SETTINGS = ("batch_size", "lr", "warmup", "grad_clip", "ema_decay", "seed", "grad_accum", "amp",
+                    "hflip")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -130,6 +156,7 @@ class Trainer:
             self.loss_fn = torch.nn.parallel.DistributedDataParallel(
                 self.diffusion, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+        self.lr, self.ema_decay = lr, ema_decay
         self.step = 0
         self.last_lr = lr
         self.skipped = 0  # steps whose loss or gradient was not finite (never applied to the weights)
@@ -156,11 +183,36 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write model, EMA (safetensors) and optimizer/scheduler/step/RNG state (state.pt) to
-        ``out/checkpoint/`` atomically: into a temporary folder, fsynced, then swapped in by rename."""
-        from safetensors.torch import save_file
-
+        ``out/checkpoint/`` atomically: into a temporary folder, fsynced, then swapped in by rename. A failed
+        write (a full disk) removes the temporary folder and raises OSError naming it."""
         final, tmp, old = self.checkpoint_dir, self.out / "checkpoint.tmp", self.out / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write_checkpoint(tmp)
+        except BaseException as e:  # a full disk, Ctrl-C, ...: no partial folder stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and not isinstance(e, OSError):  # safetensors', torch.save's errors
+                raise OSError(f"cannot write the checkpoint to {tmp}: {e}") from e
+            raise
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        # The EMA model too, so that `fastddpm sample --checkpoint OUT` works during training and after a
+        # kill.
+        self.ema_diffusion().save_pretrained(self.out / "model")
+        return final
+
+    @property
+    def settings(self) -> dict:
+        """The settings that shape the optimisation (TRAINER_SETTINGS), as a checkpoint stores them."""
+        return {name: getattr(self, name) for name in TRAINER_SETTINGS}
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        from safetensors.torch import save_file
+
         tmp.mkdir(parents=True)
 
         def tensors(module):
@@ -178,27 +230,23 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "diffusion_config": self.diffusion.config,
+            "model_config": getattr(self.diffusion.model, "config", None),
+            "trainer": self.settings,
         }
         torch.save(state, tmp / "state.pt")
+        for name in ("model.safetensors", "ema.safetensors"):  # safetensors writes 0600: take state.pt's mode
+            os.chmod(tmp / name, stat.S_IMODE(os.stat(tmp / "state.pt").st_mode))
         for name in CHECKPOINT_FILES:
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(self.out)
-        shutil.rmtree(old, ignore_errors=True)
-        # The EMA model too, so that `fastddpm sample --checkpoint OUT` works during training and after a kill.
-        self.ema_diffusion().save_pretrained(self.out / "model")
-        return final
 
     def resume(self, directory: str | os.PathLike | None = None) -> int:
         """Load ``out/checkpoint/`` (or ``directory``) and continue from its step; returns that step.
 
         Weights come from safetensors and the rest through ``torch.load(weights_only=True)``, so nothing
-        is unpickled. A missing, truncated or corrupted file raises ValueError naming it.
+        is unpickled. A missing, truncated or corrupted file raises ValueError naming it, and so does a
+        checkpoint written with other diffusion, network or TRAINER_SETTINGS, naming each differing setting.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -223,11 +271,22 @@ class Trainer:
             state = torch.load(state_path, weights_only=True, map_location="cpu")
         except Exception as e:  # torch.load raises a variety of errors on damaged files
             raise ValueError(f"{state_path} is corrupted or not a fastddpm checkpoint: {e}") from e
-        saved = state.get("diffusion_config", {}) if isinstance(state, dict) else {}
-        changed = {k: (v, self.diffusion.config.get(k)) for k, v in saved.items() if self.diffusion.config.get(k) != v}
-        if changed:
-            raise ValueError(f"checkpoint {ckpt} was trained with other diffusion settings (saved vs now): "
-                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in changed.items()))
+        state = state if isinstance(state, dict) else {}
+        model_config = getattr(self.diffusion.model, "config", None)
+        for what, saved, now in [("diffusion", state.get("diffusion_config"), self.diffusion.config),
+                                 ("model", state.get("model_config"), model_config),
+                                 ("trainer", state.get("trainer"), self.settings)]:
+            if not isinstance(saved, dict) or not isinstance(now, dict):  # an older checkpoint; no config
+                continue
+            changed = changed_settings(saved, now)
+            if changed:
+                raise ValueError(f"checkpoint {ckpt} was trained with other {what} settings (saved vs now): "
+                                 f"{changed}")
+        for name, module, weights_state in [("model.safetensors", self.diffusion.model, model_state),
+                                            ("ema.safetensors", self.ema.module, ema_state)]:
+            mismatch = state_dict_mismatch(module, weights_state)
+            if mismatch:
+                raise ValueError(f"{ckpt / name} does not fit this network: {mismatch}")
         try:
             self.diffusion.model.load_state_dict(model_state)
             self.ema.module.load_state_dict(ema_state)
@@ -242,8 +301,8 @@ class Trainer:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
             self.step = int(state["step"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"checkpoint {ckpt} does not fit this model or trainer, or {state_path.name} is "
-                             f"damaged: {e!r}") from e
+            raise ValueError(f"checkpoint {ckpt} does not fit this trainer, or {state_path.name} is damaged: "
+                             f"{str(e)[:300]}") from e
         if self.world_size > 1:  # the saved RNG state is rank 0's: every rank needs its own stream
             torch.manual_seed(derive_seed(self.seed, SEED_RESUME, self.step, self.rank))
         metrics = self.out / "metrics.jsonl"
@@ -331,8 +390,12 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # the message names the file whichever call failed (a full disk fails the flush)
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
     def write_samples(self, path: Path, seed: int = 0, progress: bool = True) -> Path | None:
         """A grid of ``num_samples`` EMA samples at ``path``, and the loss curve beside the outputs."""

@@ -146,11 +146,17 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    r = subprocess.run(cmd[:-8] + ["--steps", "1", "--save-every", "1", "--batch-size", "8", "--timesteps", "50",
-                                   "--beta-schedule", "cosine", "--num-samples", "0", "--resume"],
-                       capture_output=True, text=True, env={**os.environ, "FASTDDPM_NO_PROGRESS": "1"})
+    # The run's settings come from OUT/run.json: --out and --resume suffice. --steps 1 is behind the
+    # checkpoint, which says at which step it is once it has loaded; one step more then trains.
+    resume = [sys.executable, "-m", "fastddpm", "train", "--out", str(out), "--resume"]
+    env = {**os.environ, "FASTDDPM_NO_PROGRESS": "1"}
+    r = subprocess.run(resume + ["--steps", "1"], capture_output=True, text=True, env=env)
+    said = r.stdout + r.stderr  # at step 1: nothing to train (exit 0); further: behind it (exit 2)
+    assert r.returncode in (0, 2) and "is at step" in said and "Traceback" not in said, said
+    step = int(said.split("is at step ")[1].split()[0])
+    r = subprocess.run(resume + ["--steps", str(step + 1)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout
+    assert f"resuming from {out / 'checkpoint'} at step {step}" in r.stdout
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

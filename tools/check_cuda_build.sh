@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build checks of the CUDA sources on a machine without a GPU (`make cuda-check`; `make test` runs it):
+# CUDA build checks on a machine without a GPU (`make cuda-check`; CI runs it after `make test`):
 #  1. nvcc compiles every csrc/cuda/*.cu for sm_80 and sm_90 (-c), with the defines torch's builds use, and
 #     fails on any warning: host -Wall -Wextra, and ptxas register spills or local memory. It also checks that
 #     group_norm_silu.cu's streaming kernels got their 16-byte loads and stores in the PTX.
