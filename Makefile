@@ -1,9 +1,10 @@
-# make build | make test | make demo | make bench | make cuda-check | make clean
+# make build | make test | make demo | make bench | make cuda-check | make test-oldest-torch | make clean
 #
 # Each target creates .venv when it is absent, installs the tools, torch and triton into it once, and
 # (re)builds fastddpm into it, in place, whenever setup.py, pyproject.toml or a file under csrc/ changes.
 # torch: with no NVIDIA GPU, the CPU build torch==2.13.0 (an unpinned torch pulls a multi-GB CUDA build);
-# with one, whatever CUDA torch the venv already has (plain `torch` if none). `make TORCH=torch==X.Y.Z`
+# with one, the venv sees the system's packages and reuses the CUDA torch and triton installed there (a GPU
+# machine may have no network), installing plain `torch`/`triton` only where none is. `make TORCH=torch==X.Y.Z`
 # overrides either.
 
 PYTHON ?= python3
@@ -15,8 +16,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAVE_NVIDIA_GPU := $(shell nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAVE_NVIDIA_GPU),,torch==2.13.0)
-# Triton runs the kernels on the CPU through its interpreter in the tests (seen working: 3.9.0 with torch 2.13.0).
-TRITON ?= triton==3.9.0
+# Without a GPU, Triton runs the kernels on the CPU through its interpreter in the tests (seen working: 3.9.0
+# with torch 2.13.0 and 2.11.0; 3.6.0's interpreter fails with numpy 2).
+TRITON ?= $(if $(HAVE_NVIDIA_GPU),,triton==3.9.0)
+VENV_FLAGS := $(if $(HAVE_NVIDIA_GPU),--system-site-packages,)
+UPGRADE := $(if $(HAVE_NVIDIA_GPU),,-U)
+# The oldest torch the project supports (README), tested on the CPU by `make test-oldest-torch` (CI runs it;
+# tools/test_oldest_torch.sh): PyPI's torch 2.11.0 is a CUDA build, about 4 GB once into .venv-oldest.
+OLDEST_TORCH ?= torch==2.11.0
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
 
 DEPS := $(VENV)/.deps
@@ -27,7 +34,7 @@ INSTALLED := $(VENV)/.installed
 CUDA_VENV ?= .venv-cuda
 CUDA_CHECKED := $(CUDA_VENV)/.checked
 
-.PHONY: build test demo bench cuda-check clean distclean
+.PHONY: build test test-oldest-torch demo bench cuda-check clean distclean
 
 build: $(INSTALLED)
 
@@ -35,6 +42,9 @@ build: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest benchmarks/ -q --benchmark-disable
 	$(PY) -m pytest -q
+
+test-oldest-torch:
+	OLDEST_TORCH=$(OLDEST_TORCH) bash tools/test_oldest_torch.sh
 
 demo: $(INSTALLED)
 	$(VENV)/bin/fastddpm demo
@@ -51,26 +61,30 @@ $(CUDA_CHECKED): tools/check_cuda_build.sh $(wildcard tools/cuda_emulator/*) set
 	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 
 # The stamp holds the torch and triton requirements it installed: asking for others reinstalls.
 ifneq ($(shell cat $(DEPS) 2>/dev/null),$(TORCH) $(TRITON))
 .PHONY: $(DEPS)
 endif
 $(DEPS): | $(PY)
-	$(PIP) install -U pip setuptools wheel ninja
+	$(PIP) install $(UPGRADE) pip setuptools wheel ninja
 	if [ -n '$(TORCH)' ]; then $(PIP) install '$(TORCH)'; \
 	elif ! $(PY) -c 'import torch' 2>/dev/null; then $(PIP) install torch; fi
-	$(PIP) install '$(TRITON)'
+	if [ -n '$(TRITON)' ]; then $(PIP) install '$(TRITON)'; \
+	elif ! $(PY) -c 'import triton' 2>/dev/null; then $(PIP) install triton; fi
 	echo '$(TORCH) $(TRITON)' > $@
 
+# Offline (a GPU machine), the test extras may not install: then fastddpm alone, and the tests that need a
+# missing package (diffusers) skip.
 $(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
-	$(PIP) install -e '.[test]' --no-build-isolation
+	$(PIP) install -e '.[test]' --no-build-isolation || { echo "make: the test extras did not install" \
+	  "(offline?): installing fastddpm without them"; $(PIP) install -e . --no-build-isolation --no-deps; }
 	touch $@
 
 clean:
 	rm -rf build *.egg-info fastddpm/_C*.so $(INSTALLED)
-	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) -o -path ./.venv-device \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(CUDA_VENV) -o -path ./.venv-device -o -path ./.venv-oldest \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(CUDA_VENV) .venv-device
+	rm -rf $(VENV) $(CUDA_VENV) .venv-device .venv-oldest
