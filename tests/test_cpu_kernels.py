@@ -19,7 +19,7 @@ from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from . import kernel_grid as grid
-from .conftest import rel_err
+from .conftest import needs_triton_interpreter, rel_err
 from .kernel_grid import OBJECTIVES, T, close_to_stream, data, timesteps
 
 if not _extension.cpu_built() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU"):
@@ -62,6 +62,7 @@ def test_noise_is_the_reference_stream_for_any_key_and_counter(sched):
     assert abs(eps.mean().item()) < 4 / n**0.5 and abs(eps.var().item() - 1) < 4 * (2 / n) ** 0.5
 
 
+@needs_triton_interpreter
 def test_noise_matches_the_triton_kernel(sched):
     """The same (seed, offset) gives the same ε in the C++ kernel and in the Triton kernel (interpreter)."""
     x, t = data((3, 2, 9, 5)), timesteps(3)
@@ -112,6 +113,7 @@ def test_noised_stores_eps_on_cpp_and_the_loss_equals_the_regenerated_one_bit_fo
     assert not kwargs["noise"].requires_grad
 
 
+@needs_triton_interpreter
 def test_noised_regenerates_eps_for_low_precision_data_and_on_triton(sched):
     """float16/bfloat16 x_0 (a stored ε would be rounded) and the Triton kernels (GPUs) pass the key."""
     x, t = data((2, 3, 8, 8)), timesteps(2)

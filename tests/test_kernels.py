@@ -2,8 +2,8 @@
 
 Every op is called through its Triton twin op (fastddpm::<op>_triton) by forcing backend='triton'; the checks
 tests/test_cpu_kernels.py runs too are in tests/kernel_grid.py. The last test checks that each kernel was really
-launched in this module. On a GPU machine tools/device_check.sh runs this same file compiled on CUDA tensors:
-FASTDDPM_TEST_DEVICE=cuda TRITON_INTERPRET=0.
+launched in this module. On a GPU machine (no interpreter: tests/conftest.py) the same checks run compiled, on
+CUDA tensors; FASTDDPM_TEST_DEVICE=cpu|cuda chooses.
 """
 import collections
 import math
@@ -23,7 +23,8 @@ from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 from . import kernel_grid as grid
 from .kernel_grid import OBJECTIVES, T, data, timesteps
 
-DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE", "cpu")
+DEVICE = os.environ.get("FASTDDPM_TEST_DEVICE") or (
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 BACKEND = "triton"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1", allow_module_level=True)

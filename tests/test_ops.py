@@ -11,7 +11,7 @@ from fastddpm.ops import choose_backend
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
-from .conftest import TinyNet, rel_err
+from .conftest import TinyNet, needs_triton_interpreter, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def test_backend_choice(monkeypatch, sched):
         warnings.simplefilter("error")  # warned once already
         assert choose_backend("diffusion_loss", "cuda", "cpp") == "reference"
     # Triton runs CPU tensors only through its interpreter, and only when asked for: never by default.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_backend("diffusion_loss", "cpu", "triton") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.warns(RuntimeWarning, match="no triton implementation of p_sample_step"):
@@ -92,7 +93,7 @@ def test_backend_choice(monkeypatch, sched):
     assert choose_backend("q_sample", "cpu") == "cpp"
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=needs_triton_interpreter)])
 def test_diffusion_backends_agree(backend):
     torch.manual_seed(0)
     d = Diffusion(TinyNet(timesteps=50), image_size=6, timesteps=50, beta_schedule="cosine", backend=backend)
