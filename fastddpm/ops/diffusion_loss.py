@@ -252,7 +252,7 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
             noise, seed, offset, OBJECTIVES[objective], min_snr_gamma, REDUCTIONS[reduction])
     backend = choose_backend(NAME, model_output.device, backend)
     if backend == "triton":
-        if runs_eagerly(x_start, noise) and runs_eagerly(model_output.detach()):
+        if type(model_output) is torch.Tensor and runs_eagerly(x_start, noise):  # (model_output may need grad)
             if torch.is_grad_enabled() and model_output.requires_grad:
                 return _EagerTritonLoss.apply(*args)
             return _diffusion_loss_triton(*args)
