@@ -96,6 +96,13 @@ class Diffusion(nn.Module):
         if len(image_size) != 2:
             raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
         self.image_size = tuple(_positive_int(s, "image_size") for s in image_size)
+        model_size = getattr(model, "image_size", None)  # a network built for one size (fastddpm.UNet)
+        if isinstance(model_size, int) and not isinstance(model_size, bool):
+            model_size = (model_size, model_size)
+        if (isinstance(model_size, (tuple, list)) and len(model_size) == 2
+                and tuple(model_size) != self.image_size):
+            raise ValueError(f"image_size={self.image_size} does not match the image size the model was "
+                             f"built for, {type(model).__name__}.image_size={getattr(model, 'image_size')}")
         self.objective = objective
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
@@ -179,8 +186,8 @@ class Diffusion(nn.Module):
             raise ValueError(f"{what} is an empty batch")
 
     def _check_finite_range(self, img: torch.Tensor) -> None:
-        if not self.check_inputs:
-            return
+        if not self.check_inputs or torch._C._functorch.peek_interpreter_stack() is not None:
+            return  # (values cannot be read under torch.func transforms)
         lo, hi = torch.stack(torch.aminmax(img.detach())).tolist()  # one host sync for both checks
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("training batch contains NaN or Inf")
@@ -204,7 +211,8 @@ class Diffusion(nn.Module):
             raise TypeError(f"t must be an int64 tensor of shape [{batch}], got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
-        if self.check_inputs:
+        # (values cannot be read under torch.func transforms; kernels and reference clamp t into [0, T))
+        if self.check_inputs and torch._C._functorch.peek_interpreter_stack() is None:
             lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")
