@@ -240,6 +240,9 @@ struct DiffusionLossTrain : torch::autograd::Function<DiffusionLossTrain> {
     if (!grad.defined() || !ctx->needs_input_grad(0)) {
       return out;
     }
+    // g is a constant of the node: a backward that is differentiated again would get wrong second derivatives
+    TORCH_CHECK(!at::GradMode::is_enabled(), "diffusion_loss: the fused loss has no double backward (a backward "
+                "with create_graph=True); use backend='reference' for higher-order gradients");
     const Tensor g = ctx->get_saved_variables()[0];
     if (ctx->saved_data["reduction"].toInt() == 0) {  // per-sample losses [B]: row b of g times grad[b]
       std::vector<int64_t> shape(g.dim(), 1);

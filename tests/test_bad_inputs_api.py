@@ -146,6 +146,25 @@ def test_group_norm_silu_double_backward_matches_reference(dtype):
         assert rel_err(g, r) <= bound
 
 
+# x_start_grad: False runs the CPU training op (C++ autograd), True the op with register_autograd
+@pytest.mark.parametrize("x_start_grad", [False, True])
+def test_diffusion_loss_double_backward_raises(x_start_grad, sched):
+    """The fused loss's backward is a constant of the graph: differentiating it again would give wrong (zero)
+    second derivatives, so a backward with create_graph=True raises; the reference supports it."""
+    torch.manual_seed(0)
+    pred, n = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4)
+    x, t = torch.randn(2, 3, 4, requires_grad=x_start_grad), torch.tensor([3, 9])
+    loss = diffusion_loss(sched, pred, x, t, n, objective="pred_v")
+    with pytest.raises(RuntimeError, match="the fused loss has no double backward"):
+        torch.autograd.grad(loss, pred, create_graph=True)
+    (g,) = torch.autograd.grad(loss, pred)  # the first order is unaffected
+    loss = diffusion_loss(sched, pred, x, t, n, objective="pred_v", backend="reference")
+    (g_ref,) = torch.autograd.grad(loss, pred, create_graph=True)
+    assert rel_err(g, g_ref) <= 1e-5
+    (gg,) = torch.autograd.grad(g_ref.square().sum(), pred)
+    assert gg.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- 3. argument values
 def test_model_image_size_must_match():
     with pytest.raises(ValueError, match=r"image_size=\(32, 32\) does not match .*UNet.image_size=16"):
@@ -168,8 +187,8 @@ def test_seed_must_have_one_element(backend, sched):
 def test_raw_cpp_op_seed_must_have_one_element(sched):
     x, t = torch.randn(2, 3, 4), torch.tensor([1, 2])
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor with one element"):
-        torch.ops.fastddpm.q_sample_philox(x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod,
-                                           torch.tensor([1, 2, 3, 4]), 0, False)
+        tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+        torch.ops.fastddpm.q_sample_philox(x, t, *tables, torch.tensor([1, 2, 3, 4]), 0, False)
 
 
 @pytest.mark.parametrize("gamma", [0.0, -1.0])

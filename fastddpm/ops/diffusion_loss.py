@@ -157,8 +157,15 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
 
+DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward (a backward with "
+                         "create_graph=True); use backend='reference' for higher-order gradients")
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad):
+        # (grad mode is on inside a backward only with create_graph=True; the backward op is not differentiable,
+        # and its result would be a constant: silently wrong second derivatives)
+        torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
         model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
         offset, objective, min_snr_gamma, reduction = ctx.args
         grad_pred = backward_op(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
