@@ -12,7 +12,7 @@ from fastddpm import Diffusion, UNet, reference
 from fastddpm.ops import choose_backend
 from fastddpm.ops.diffusion_loss import diffusion_loss
 from fastddpm.ops.q_sample import q_sample
-from fastddpm.ops.reverse_step import ddim_step, p_sample_step
+from fastddpm.ops.reverse_step import ddim_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from .conftest import TinyNet, rel_err
