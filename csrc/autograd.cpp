@@ -6,8 +6,9 @@
 // 1M elements for group_norm_silu, ~0.17 ms for the loss (whose backward does no arithmetic at all). Here the
 // graph node is a C++ torch::autograd::Function: the same saved tensors and backward op calls, without the
 // Python frames. torch.compile traces through it as through any C++ autograd formula (the ops are dispatched
-// below autograd, to their fake kernels when tracing). Double backward is not supported (the backward ops
-// have no autograd), as before.
+// below autograd, to their fake kernels when tracing). The backward ops have no autograd of their own: a
+// backward that builds a graph (create_graph=True, for double backward) computes the gradients from x,
+// weight and bias with differentiable ATen ops instead (reference_backward), which autograd differentiates.
 //
 //   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward, or on
 //                          the CPU for float32/float64 x saves y too; backward = ..._output_backward
@@ -16,6 +17,7 @@
 // mean, rstd, silu_grad and g are not differentiable: they leave the node detached; gradients are not
 // materialised, so a graph that uses y (or the loss) alone never builds an x-sized zero gradient for them.
 // torch.func transforms refuse C++ Functions: under them, fastddpm.ops.choose_backend picks the reference.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -86,6 +88,42 @@ bool backward_from_output(const Tensor& x) {
   return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
+// The gradients of y = SiLU(GroupNorm(x)) from x, weight and bias, in ATen ops that autograd records
+// (computed in float32, float64 for float64 x): for a backward that is itself differentiated
+// (create_graph=True: grad mode on inside the backward). The statistics are recomputed from x: their own
+// gradients count then.
+//   x̂ = (x − μ) r, r = 1/√(σ² + eps) per group; z = x̂ w + b; g_z = g_y σ(z)(1 + z(1 − σ(z)));
+//   g_b = Σ g_z, g_w = Σ g_z x̂ (over all but the channel dim); g_x̂ = g_z w;
+//   g_x = r (g_x̂ − mean(g_x̂) − x̂ mean(g_x̂ x̂)) (means over each group).
+Three reference_backward(const Tensor& grad_y, const Tensor& x, const OptTensor& weight,
+                         const OptTensor& bias, int64_t num_groups, double eps) {
+  const at::ScalarType compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = x.size(0), C = x.size(1);
+  std::vector<int64_t> channel_shape(x.dim(), 1), reduce_dims{0};
+  channel_shape[1] = C;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    reduce_dims.push_back(d);
+  }
+  const Tensor xg = x.to(compute).reshape({N, num_groups, -1});
+  const Tensor centered = xg - xg.mean(-1, true);
+  const Tensor rstd = (centered.square().mean(-1, true) + eps).rsqrt();
+  const Tensor x_hat = (centered * rstd).reshape(x.sizes());
+  Tensor z = defined(weight) ? x_hat * weight->to(compute).reshape(channel_shape) : x_hat;
+  if (defined(bias)) {
+    z = z + bias->to(compute).reshape(channel_shape);
+  }
+  const Tensor sig = z.sigmoid();
+  const Tensor grad_z = grad_y.to(compute) * sig * (1 + z * (1 - sig));
+  const Tensor grad_weight =
+      defined(weight) ? (grad_z * x_hat).sum(reduce_dims).to(weight->scalar_type()) : Tensor();
+  const Tensor grad_bias = defined(bias) ? grad_z.sum(reduce_dims).to(bias->scalar_type()) : Tensor();
+  const Tensor grad_xh = (defined(weight) ? grad_z * weight->to(compute).reshape(channel_shape) : grad_z)
+                             .reshape({N, num_groups, -1});
+  const Tensor xh = x_hat.reshape({N, num_groups, -1});
+  const Tensor grad_x = rstd * (grad_xh - grad_xh.mean(-1, true) - xh * (grad_xh * xh).mean(-1, true));
+  return {grad_x.reshape(x.sizes()).to(x.scalar_type()), grad_weight, grad_bias};
+}
+
 using BackwardWithSaved = Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                 const OptTensor&, const OptTensor&, int64_t);
 
@@ -100,6 +138,7 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
     const bool from_output = !kTrain && backward_from_output(x);
     ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["eps"] = eps;
     ctx->set_materialize_grads(false);
     variable_list saved{x};
     saved.insert(saved.end(), out.begin() + 1, out.end());
@@ -120,6 +159,10 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
     const variable_list s = ctx->get_saved_variables();
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const OptTensor weight = optional(s[s.size() - 2]), bias = optional(s[s.size() - 1]);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that can be differentiated again
+      return input_grads(ctx, reference_backward(grads[0], s[0], weight, bias, num_groups,
+                                                 ctx->saved_data["eps"].toDouble()), weight, bias);
+    }
     if (kTrain || backward_from_output(s[0])) {  // s[3]: silu_grad, or y (s[0] is x: the forward's choice again)
       static const auto bwd = op<BackwardWithSaved>(kTrain ? "fastddpm::group_norm_silu_train_backward"
                                                            : "fastddpm::group_norm_silu_output_backward");
@@ -197,6 +240,9 @@ struct DiffusionLossTrain : torch::autograd::Function<DiffusionLossTrain> {
     if (!grad.defined() || !ctx->needs_input_grad(0)) {
       return out;
     }
+    // g is a constant of the node: a backward that is differentiated again would get wrong second derivatives
+    TORCH_CHECK(!at::GradMode::is_enabled(), "diffusion_loss: the fused loss has no double backward (a backward "
+                "with create_graph=True); use backend='reference' for higher-order gradients");
     const Tensor g = ctx->get_saved_variables()[0];
     if (ctx->saved_data["reduction"].toInt() == 0) {  // per-sample losses [B]: row b of g times grad[b]
       std::vector<int64_t> shape(g.dim(), 1);

@@ -50,3 +50,20 @@ def cuda_archs() -> list[str]:
     """The GPU architectures fastddpm._C was compiled for, e.g. ['8.0', '9.0']; [] without CUDA."""
     ext = load()
     return [a for a in ext.cuda_archs.split(";") if a] if ext is not None else []
+
+
+def check_device(device) -> "torch.device":
+    """torch.device(device), or a clear error where this torch cannot use it (CUDA without a CUDA build or a
+    GPU), instead of the AssertionError that moving a tensor there raises."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise RuntimeError(f"CUDA is not available: {why}; cannot use device {str(device)!r}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {str(device)!r} does not exist: this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    return device

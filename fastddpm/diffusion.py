@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastddpm import reference, sampling
+from fastddpm import _extension, reference, sampling
 from fastddpm.ops import assert_on_device, check_backend, check_timesteps, choose_backend
 from fastddpm.ops.diffusion_loss import diffusion_loss as _diffusion_loss_op
 from fastddpm.ops.diffusion_loss import noised as _noised
@@ -122,6 +122,13 @@ class Diffusion(nn.Module):
         if len(image_size) != 2:
             raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
         self.image_size = tuple(_positive_int(s, "image_size") for s in image_size)
+        model_size = getattr(model, "image_size", None)  # a network built for one size (fastddpm.UNet)
+        if isinstance(model_size, int) and not isinstance(model_size, bool):
+            model_size = (model_size, model_size)
+        if (isinstance(model_size, (tuple, list)) and len(model_size) == 2
+                and tuple(model_size) != self.image_size):
+            raise ValueError(f"image_size={self.image_size} does not match the image size the model was "
+                             f"built for, {type(model).__name__}.image_size={getattr(model, 'image_size')}")
         self.objective = objective
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
@@ -205,8 +212,8 @@ class Diffusion(nn.Module):
             raise ValueError(f"{what} is an empty batch")
 
     def _check_finite_range(self, img: torch.Tensor) -> None:
-        if not self.check_inputs:
-            return
+        if not self.check_inputs or torch._C._functorch.peek_interpreter_stack() is not None:
+            return  # (values cannot be read under torch.func transforms)
         if img.is_cuda:  # on the device, without a host sync (a bad batch fails the next sync)
             lo, hi = torch.aminmax(img.detach())
             if self.auto_normalize:  # (NaN fails both comparisons)
@@ -239,9 +246,11 @@ class Diffusion(nn.Module):
             raise TypeError(f"t must be an int64 tensor of shape [{batch}], got dtype {t.dtype}")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
-        if self.check_inputs and t.is_cuda:  # on the device, without a host sync
+        # (values cannot be read under torch.func transforms; kernels and reference clamp t into [0, T))
+        check = self.check_inputs and torch._C._functorch.peek_interpreter_stack() is None
+        if check and t.is_cuda:  # on the device, without a host sync
             check_timesteps("t", t, self.num_timesteps)
-        elif self.check_inputs:
+        elif check:
             lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync
             if lo < 0 or hi >= self.num_timesteps:
                 raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")
@@ -446,6 +455,8 @@ class Diffusion(nn.Module):
         from fastddpm import diffusers_folders
         from fastddpm.nn import UNet
 
+        if device is not None:  # a device this torch cannot use fails here, before any loading
+            device = _extension.check_device(device)
         # A diffusers pipeline or UNet2DModel folder: its U-Net converted, the settings from its scheduler config.
         if (found := diffusers_folders.find(directory)) is not None:
             return diffusers_folders.load(cls, found, model=model, device=device, **overrides)

@@ -19,9 +19,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def at_timesteps(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """table[t] with t clamped into [0, T), as the Triton kernels read their tables: a t outside the schedule
+    (which callers check, unless told not to) reads its nearest end and never wraps: t = −1 is not T − 1."""
+    return table[t.clamp(0, table.shape[0] - 1)]
+
+
 def extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """table[t] shaped [B, 1, ..., 1] to broadcast against x, in x's compute dtype."""
-    return table[t].to(_compute_dtype(x.dtype)).reshape(t.shape[0], *((1,) * (x.dim() - 1)))
+    """table[t] (t clamped, see :func:`at_timesteps`) shaped [B, 1, ..., 1] to broadcast against x, in x's
+    compute dtype."""
+    return at_timesteps(table, t).to(_compute_dtype(x.dtype)).reshape(t.shape[0], *((1,) * (x.dim() - 1)))
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -181,9 +188,11 @@ def loss_weight(schedule, objective, t, min_snr_gamma=None):
     min-SNR-γ weights the ε-loss by min(SNR, γ)/SNR; expressed on the x_0 target that is min(SNR, γ), and
     on the v target min(SNR, γ)/(SNR + 1), so that all three objectives get the same effective weight.
     """
-    snr = schedule.snr[t].to(torch.promote_types(schedule.snr.dtype, torch.float32))
+    snr = at_timesteps(schedule.snr, t).to(torch.promote_types(schedule.snr.dtype, torch.float32))
     if min_snr_gamma is None:
         return torch.ones_like(snr)
+    if not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     clipped = snr.clamp(max=float(min_snr_gamma))
     if objective == "pred_noise":
         return clipped / snr
@@ -266,7 +275,10 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise, objective="pred_noi
         eps = predict_noise_from_start(schedule, x, t, limited)
     x0 = limited
     ac = extract(schedule.alphas_cumprod, t, x)
-    ac_prev = torch.where(t_prev >= 0, schedule.alphas_cumprod[t_prev.clamp(min=0)].to(cd),
+    if not 0 <= final_alpha_cumprod <= 1:
+        raise ValueError(f"final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], "
+                         f"got {final_alpha_cumprod}")
+    ac_prev = torch.where(t_prev >= 0, at_timesteps(schedule.alphas_cumprod, t_prev).to(cd),
                           torch.tensor(final_alpha_cumprod, dtype=cd, device=x.device))
     ac_prev = ac_prev.reshape(ac.shape)
     sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).clamp(min=0).sqrt()

@@ -53,6 +53,10 @@ def _cosine(timesteps, beta_start, beta_end, s=0.008):
 
 def _sigmoid_alpha_bar(timesteps, beta_start, beta_end, start=-3.0, end=3.0, tau=1.0):
     # Chen 2023 (arXiv 2212.11972), ᾱ-space sigmoid; denoising-diffusion-pytorch calls this 'sigmoid'.
+    if not tau > 0:
+        raise ValueError(f"sigmoid_alpha_bar: tau (the sigmoid's temperature) must be > 0, got {tau!r}")
+    if not start < end:
+        raise ValueError(f"sigmoid_alpha_bar: need start < end, got start={start!r}, end={end!r}")
     steps = torch.linspace(0, 1, timesteps + 1, dtype=torch.float64)
     v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
     v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))

@@ -63,9 +63,9 @@ inline void check_table(const char* op, const at::Tensor& table, const char* nam
 
 inline uint64_t check_seed(const char* op, const at::Tensor& seed) {
   check_cpu(op, seed, "seed");
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() >= 1, op,
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
               ": seed must be an int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes());
-  return static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);  // element 0, whatever the strides
+  return static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);
 }
 
 // t as a vector, every value checked to lie in [low, T) (low = -1 allows DDIM's end marker).

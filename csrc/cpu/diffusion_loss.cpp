@@ -80,6 +80,7 @@ std::vector<double> weights(const cpu::LossArgs& args, std::optional<double> gam
   if (!gamma.has_value()) {
     return w;
   }
+  TORCH_CHECK(*gamma > 0, kOp, ": min_snr_gamma must be > 0 (or None), got ", *gamma);
   for (size_t b = 0; b < w.size(); ++b) {
     const double snr = (args.a[b] * args.a[b]) / (args.s[b] * args.s[b]);
     const double clipped = std::min(snr, *gamma);

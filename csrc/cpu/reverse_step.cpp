@@ -66,7 +66,9 @@ std::vector<int64_t> prepare(const char* op, cpu::StepArgs& args, const at::Tens
   if (threshold_scale.has_value()) {
     const at::Tensor s = threshold_scale->to(at::kDouble).contiguous();
     for (int64_t b = 0; b < B; ++b) {
-      args.limit[b] = args.divisor[b] = s.const_data_ptr<double>()[b];
+      const double s_b = s.const_data_ptr<double>()[b];
+      TORCH_CHECK(s_b > 0, op, ": threshold_scale must be > 0, got ", s_b, " at sample ", b);  // x̂_0 / s_b
+      args.limit[b] = args.divisor[b] = s_b;
     }
   } else if (clip.has_value()) {
     args.limit.assign(B, *clip);
@@ -140,6 +142,8 @@ Outputs ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& x_t, con
                       bool write_noise) {
   constexpr const char* op = "ddim_step";
   TORCH_CHECK(eta >= 0, op, ": eta must be >= 0, got ", eta);
+  TORCH_CHECK(0 <= final_alpha_cumprod && final_alpha_cumprod <= 1, op,
+              ": final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], got ", final_alpha_cumprod);
   const bool stochastic = eta != 0;
   cpu::StepArgs args;
   const std::vector<int64_t> ts = prepare(op, args, model_output, x_t, t, table, 4, noise, seed, offset, objective,

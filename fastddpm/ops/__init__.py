@@ -57,9 +57,10 @@ def _available(op: str, backend: str, device_type: str) -> bool:
     return _triton_available(device_type)
 
 
-# Ops whose autograd is a C++ torch::autograd::Function (csrc/autograd.cpp), which torch.func transforms
-# (grad, vjp, vmap of a gradient) refuse: under a transform they run the reference.
-_CPP_AUTOGRAD = ("group_norm_silu", "diffusion_loss")
+# Ops whose autograd torch.func transforms (grad, vjp, vmap of a gradient) refuse: a C++
+# torch::autograd::Function (csrc/autograd.cpp), or torch.library.register_autograd's (for which functorch
+# asks a setup_context it does not have). Under a transform they run the reference.
+_CPP_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
 
 # choose_backend's answers, by everything they depend on: it runs on every op call (23 times in one forward of
 # the small U-Net), where its ~5 µs of Python were a third of a small fused op's whole call.
@@ -256,9 +257,68 @@ def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, rows: 
 
 
 def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
-    require(seed.dtype == torch.int64 and seed.numel() >= 1,
+    require(seed.dtype == torch.int64 and seed.numel() == 1,
             lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
     require(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
+
+
+def check_positive_values(op: str, name: str, tensor: torch.Tensor) -> None:
+    """Every element of tensor > 0 (NaN fails): read on a CPU, asserted on the device on a GPU (no host sync).
+    Skipped where values cannot be read: fake tensors (torch.compile, opcheck) and torch.func transforms."""
+    if (torch.compiler.is_compiling() or _peek_interpreter_stack() is not None
+            or torch._subclasses.fake_tensor.is_fake(tensor)):
+        return
+    if tensor.device.type == "cpu":
+        if not bool((tensor > 0).all()):
+            raise RuntimeError(f"{op}: {name} must be > 0, got {tensor[~(tensor > 0)][0].item()}")
+    elif tensor.is_cuda:
+        torch._assert_async((tensor > 0).all(), f"{op}: {name} must be > 0")
+
+
+def check_triton_device(op: str, x: torch.Tensor) -> None:
+    """The Triton kernels take CUDA tensors, and CPU tensors only when they run in the Triton interpreter."""
+    if x.device.type == "cuda":
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastddpm.kernels import common
+
+    # (triton.jit makes an InterpretedFunction when TRITON_INTERPRET=1 at the time kernels/ was imported)
+    if x.device.type != "cpu" or not isinstance(common.load_t, InterpretedFunction):
+        raise RuntimeError(f"{op}: the Triton kernels need CUDA tensors, got one on {x.device}; for CPU "
+                           f"tensors set TRITON_INTERPRET=1 before triton is imported (or use backend='cpp' "
+                           f"or 'reference')")
+
+
+def one_device_fake(name: str, fake):
+    """``fake`` for op ``name`` ("fastddpm::<op>"), after a check that its tensor arguments share one device.
+
+    The dispatcher runs an op's fake kernel (the Meta key) whenever any argument is on the meta device: with
+    the data on a CPU and, say, a meta weight, it would return uninitialised memory. The real kernels refuse
+    mixed devices; so does this, naming the argument. All-meta and fake-tensor calls (torch.compile, opcheck)
+    pass.
+    """
+    namespace, op = name.split("::")
+    names = [a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
+
+    def checked(*args, **kwargs):
+        out = fake(*args, **kwargs)  # its own checks first, for their messages (it only allocates)
+        first = None
+        for arg_name, arg in (*zip(names, args), *kwargs.items()):
+            if isinstance(arg, torch.Tensor):
+                if first is None:
+                    first = (arg_name, arg.device)
+                elif arg.device != first[1]:
+                    raise RuntimeError(f"{op}: {arg_name} is on {arg.device}, {first[0]} on {first[1]}; all "
+                                       f"tensor arguments must be on one device")
+        return out
+
+    return checked
+
+
+def register_fake(name: str, fake) -> None:
+    """torch.library.register_fake of :func:`one_device_fake`: each op of fastddpm registers its fake so."""
+    torch.library.register_fake(name)(one_device_fake(name, fake))
 
 
 def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:

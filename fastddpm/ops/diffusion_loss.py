@@ -16,7 +16,8 @@ from torch.library import triton_op
 
 from fastddpm import _extension, reference
 from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, launcher, new_seed, require, runs_eagerly)
+                          check_triton_device, choose_backend, dense, launcher, new_seed, register_fake, require,
+                          runs_eagerly)
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
@@ -24,7 +25,7 @@ OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
 REDUCTIONS = {"none": 0, "mean": 1}
 
 
-def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction):
+def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction, min_snr_gamma):
     """Checks (no host sync) and the tensors in one batch-outer dense layout: (pred, x_start, noise)."""
     check_data(NAME, "model_output", model_output)
     check_index(NAME, "t", t, model_output)
@@ -33,6 +34,8 @@ def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objecti
     require(objective in (0, 1, 2), lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
     require(reduction in (0, 1), lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
     require(model_output.shape[0] > 0, lambda: f"{NAME}: empty batch")
+    require(min_snr_gamma is None or min_snr_gamma > 0,
+            lambda: f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     if objective != 0:
         require(x_start is not None, lambda: f"{NAME}: the x_0 and v objectives need x_start")
     if x_start is not None:
@@ -59,7 +62,8 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     from fastddpm.kernels.loss import chunks, launch_loss
 
     pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                             noise, seed, objective, reduction)
+                             noise, seed, objective, reduction, min_snr_gamma)
+    check_triton_device(NAME, pred)
     dtype = _loss_dtype(pred)
     partial = torch.empty(pred.shape[0], chunks(pred), dtype=dtype, device=pred.device)
     per_sample = torch.empty(pred.shape[0], dtype=dtype, device=pred.device)
@@ -78,7 +82,8 @@ def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tens
     from fastddpm.kernels.loss import launch_loss_backward
 
     pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                             noise, seed, objective, reduction)
+                             noise, seed, objective, reduction, min_snr_gamma)
+    check_triton_device(NAME, pred)
     grad_pred = torch.empty_like(pred)
     launch_loss_backward(grad.contiguous(), pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
                          grad_pred, objective=objective, reduction=reduction, noise=eps, seed=seed, offset=offset,
@@ -106,6 +111,7 @@ class _EagerTritonLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        torch._check(not torch.is_grad_enabled(), lambda: DOUBLE_BACKWARD_ERROR)  # (as _make_backward)
         grad_pred = _diffusion_loss_backward_triton(grad, *ctx.saved_tensors, *ctx.args)
         return (grad_pred.to(ctx.saved_tensors[0].dtype),) + (None,) * 10
 
@@ -122,7 +128,8 @@ def _reference_noise(pred, noise, seed, offset):
 
 def _diffusion_loss_cpu(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
                         min_snr_gamma, reduction):
-    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
+                             min_snr_gamma)
     eps = _reference_noise(pred, eps, seed, offset)
     return _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction)
 
@@ -139,7 +146,8 @@ def _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_ga
 
 def _diffusion_loss_backward_cpu(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
                                  objective, min_snr_gamma, reduction):
-    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
+                             min_snr_gamma)
     eps = _reference_noise(pred, eps, seed, offset)
     with torch.enable_grad():
         p = pred.detach().requires_grad_(True)
@@ -151,14 +159,16 @@ def _diffusion_loss_backward_cpu(grad, model_output, x_start, t, sqrt_ac, sqrt_1
 # ----------------------------------------------------------------------------- fake impls and autograd
 def _fake_loss(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma,
                reduction):
-    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
+                          min_snr_gamma)
     shape = () if reduction == 1 else (pred.shape[0],)
     return pred.new_empty(shape, dtype=_loss_dtype(pred))
 
 
 def _fake_backward(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
                    min_snr_gamma, reduction):
-    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction)
+    pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
+                          min_snr_gamma)
     return torch.empty_like(pred)
 
 
@@ -168,8 +178,15 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
 
+DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward (a backward with "
+                         "create_graph=True); use backend='reference' for higher-order gradients")
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad):
+        # (grad mode is on inside a backward only with create_graph=True; the backward op is not differentiable,
+        # and its result would be a constant: silently wrong second derivatives)
+        torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
         model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
         offset, objective, min_snr_gamma, reduction = ctx.args
         grad_pred = backward_op(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
@@ -210,7 +227,7 @@ def _use_train_op(model_output, x_start, noise) -> bool:
 
 def _register() -> None:
     ops = [("fastddpm::diffusion_loss_triton", torch.ops.fastddpm.diffusion_loss_backward_triton)]
-    torch.library.register_fake("fastddpm::diffusion_loss_backward_triton")(_fake_backward)
+    register_fake("fastddpm::diffusion_loss_backward_triton", _fake_backward)
     if _extension.load() is not None:
         ops.append(("fastddpm::diffusion_loss", torch.ops.fastddpm.diffusion_loss_backward))
         for op, triton_fn, cpu_fn in (("diffusion_loss", _diffusion_loss_triton, _diffusion_loss_cpu),
@@ -219,12 +236,12 @@ def _register() -> None:
             torch.library.register_kernel(f"fastddpm::{op}", "cuda", triton_fn)
             if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CPU"):
                 torch.library.register_kernel(f"fastddpm::{op}", "cpu", cpu_fn)
-        torch.library.register_fake("fastddpm::diffusion_loss_backward")(_fake_backward)
+        register_fake("fastddpm::diffusion_loss_backward", _fake_backward)
     for name, backward_op in ops:
-        torch.library.register_fake(name)(_fake_loss)
+        register_fake(name, _fake_loss)
         torch.library.register_autograd(name, _make_backward(backward_op), setup_context=_setup)
     if _extension.cpu_built():
-        torch.library.register_fake("fastddpm::diffusion_loss_train")(_fake_loss_train)
+        register_fake("fastddpm::diffusion_loss_train", _fake_loss_train)
 
 
 _register()
@@ -244,6 +261,8 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     if check:
         check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
     if objective == "pred_x0":
@@ -262,6 +281,7 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
             return torch.ops.fastddpm.diffusion_loss_train.default(*args)[0]
         return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)
     if seed is not None:
+        check_seed(NAME, seed, model_output)
         noise = philox_noise_like(dense(model_output), seed, offset)
     return reference.diffusion_loss(schedule, model_output, x_start if x_start is not None else model_output, t,
                                     noise if noise is not None else model_output, objective, min_snr_gamma,

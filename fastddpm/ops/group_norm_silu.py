@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, reference
-from fastddpm.ops import choose_backend
+from fastddpm.ops import choose_backend, register_fake
 
 OP = "fastddpm::group_norm_silu"
 BACKWARD_OP = "fastddpm::group_norm_silu_backward"
@@ -70,25 +70,16 @@ def _register() -> None:
     if _extension.load() is None:
         return
 
-    @torch.library.register_fake(OP)
-    def _(x, num_groups, weight, bias, eps):
-        return _fake_forward("group_norm_silu", x, num_groups, False)
-
-    @torch.library.register_fake(BACKWARD_OP)
-    def _(grad_y, x, mean, rstd, weight, bias, num_groups):
-        return _fake_backward("group_norm_silu_backward", grad_y, x, weight, bias)
-
-    @torch.library.register_fake(OUTPUT_BACKWARD_OP)
-    def _(grad_y, x, y, mean, rstd, weight, bias, num_groups):
-        return _fake_backward("group_norm_silu_output_backward", grad_y, x, weight, bias)
-
-    @torch.library.register_fake(TRAIN_OP)
-    def _(x, num_groups, weight, bias, eps):
-        return _fake_forward("group_norm_silu_train", x, num_groups, True)
-
-    @torch.library.register_fake(TRAIN_BACKWARD_OP)
-    def _(grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups):
-        return _fake_backward("group_norm_silu_train_backward", grad_y, x, weight, bias)
+    register_fake(OP, lambda x, num_groups, weight, bias, eps:
+                  _fake_forward("group_norm_silu", x, num_groups, False))
+    register_fake(BACKWARD_OP, lambda grad_y, x, mean, rstd, weight, bias, num_groups:
+                  _fake_backward("group_norm_silu_backward", grad_y, x, weight, bias))
+    register_fake(OUTPUT_BACKWARD_OP, lambda grad_y, x, y, mean, rstd, weight, bias, num_groups:
+                  _fake_backward("group_norm_silu_output_backward", grad_y, x, weight, bias))
+    register_fake(TRAIN_OP, lambda x, num_groups, weight, bias, eps:
+                  _fake_forward("group_norm_silu_train", x, num_groups, True))
+    register_fake(TRAIN_BACKWARD_OP, lambda grad_y, x, silu_grad, mean, rstd, weight, bias, num_groups:
+                  _fake_backward("group_norm_silu_train_backward", grad_y, x, weight, bias))
 
 
 _register()

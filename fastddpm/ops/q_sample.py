@@ -16,7 +16,8 @@ from torch.library import triton_op
 
 from fastddpm import _extension, reference
 from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, launcher, new_seed, runs_eagerly)
+                          check_triton_device, choose_backend, dense, launcher, new_seed, register_fake,
+                          runs_eagerly)
 
 NAME = "q_sample"
 
@@ -35,6 +36,7 @@ def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod
 
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     check_data(NAME, "noise", noise, x_start)
+    check_triton_device(NAME, x_start)
     x = dense(x_start)
     out = torch.empty_like(x)
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
@@ -49,6 +51,7 @@ def _q_sample_philox_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_
 
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     check_seed(NAME, seed, x_start)
+    check_triton_device(NAME, x_start)
     x = dense(x_start)
     out = torch.empty_like(x)
     noise = torch.empty_like(x) if write_noise else x.new_empty(0)
@@ -111,6 +114,7 @@ def _fake_q_sample_cpp(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cu
 
 def _fake_q_sample_philox(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset, write_noise):
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    check_seed(NAME, seed, x_start)
     x = dense(x_start)
     return torch.empty_like(x), (torch.empty_like(x) if write_noise else x.new_empty(0))
 
@@ -145,7 +149,7 @@ def _register() -> None:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::q_sample_philox", "CPU"):
             torch.library.register_kernel("fastddpm::q_sample_philox", "cpu", q_sample_philox_cpu)
     for name, fake, backward in ops:
-        torch.library.register_fake(name)(fake)
+        register_fake(name, fake)
         torch.library.register_autograd(name, backward, setup_context=_setup)
 
 

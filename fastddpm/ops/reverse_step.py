@@ -12,8 +12,9 @@ import torch
 from torch.library import triton_op
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_seed, check_table, check_timesteps,
-                          choose_backend, dense, launcher, new_seed, require, runs_eagerly)
+from fastddpm.ops import (as_layout_of, check_data, check_index, check_positive_values, check_seed,
+                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
+                          new_seed, register_fake, require, runs_eagerly)
 from fastddpm.ops.q_sample import philox_noise_like
 
 OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
@@ -37,6 +38,7 @@ def _prepare(name, model_output, x_t, t, table, noise, seed, objective, clip, th
                      lambda: f"{name}: threshold_scale must be a float tensor of shape [{x_t.shape[0]}]")
         require(threshold_scale.device == x_t.device,
                      lambda: f"{name}: threshold_scale is on {threshold_scale.device}, the data on {x_t.device}")
+        check_positive_values(name, "threshold_scale", threshold_scale)  # x̂_0 is divided by it
     x = dense(x_t)
     return x, as_layout_of(model_output, x), as_layout_of(noise, x)
 
@@ -57,6 +59,7 @@ def _p_sample_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torc
     x, out, eps = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
                            threshold_scale)
     require((noise is None) != (seed is None), lambda: "p_sample_step: give exactly one of noise and seed")
+    check_triton_device("p_sample_step", x)
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None)
     launch_p_sample(out, x, t.contiguous(), table, x_prev, objective=objective, noise=eps, seed=seed, offset=offset, clip=clip,
                     threshold_scale=None if threshold_scale is None else threshold_scale.contiguous(),
@@ -73,7 +76,8 @@ def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Te
     from fastddpm.kernels.reverse_step import launch_ddim
 
     x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
-    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta)
+    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
+    check_triton_device("ddim_step", x)
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None and eta != 0)
     launch_ddim(out, x, t.contiguous(), t_prev.contiguous(), table, alphas_cumprod, x_prev, objective=objective, eta=eta,
                 final_alpha_cumprod=final_alpha_cumprod, rederive_noise=rederive_noise and (
@@ -85,12 +89,15 @@ def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Te
     return x_prev, x0, noise_out
 
 
-def _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta):
+def _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod):
     check_index("ddim_step", "t_prev", t_prev, x)
     check_table("ddim_step", "alphas_cumprod", alphas_cumprod, x)
     require(alphas_cumprod.shape[0] == table.shape[1],
                  lambda: "ddim_step: alphas_cumprod and table must cover the same timesteps")
     require(eta >= 0, lambda: f"ddim_step: eta must be >= 0, got {eta}")
+    require(0 <= final_alpha_cumprod <= 1,
+            lambda: f"ddim_step: final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], got "
+                    f"{final_alpha_cumprod}")
     require(eta == 0 or (noise is None) != (seed is None),
                  lambda: "ddim_step: with eta > 0 give exactly one of noise and seed")
 
@@ -141,7 +148,7 @@ def _p_sample_step_cpu(model_output, x_t, t, table, noise, seed, offset, objecti
 def _ddim_step_cpu(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective, eta,
                    final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0, write_noise):
     x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
-    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta)
+    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
     stochastic = eta != 0
     z = _step_noise(x, eps, seed, offset) if stochastic else torch.zeros_like(x, dtype=torch.float32)
     x_prev, x0 = reference.ddim_step(_Schedule(table, alphas_cumprod), out, x, t, t_prev, z,
@@ -160,6 +167,7 @@ def _fake_p_sample_step(model_output, x_t, t, table, noise, seed, offset, object
 def _fake_ddim_step(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective, eta,
                     final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0, write_noise):
     x, _, _ = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
     return _outputs(x, write_x0, write_noise and noise is None and eta != 0)
 
 
@@ -167,10 +175,10 @@ def _register() -> None:
     pairs = [("p_sample_step", _p_sample_step_triton, _p_sample_step_cpu, _fake_p_sample_step),
              ("ddim_step", _ddim_step_triton, _ddim_step_cpu, _fake_ddim_step)]
     for op, triton_fn, cpu_fn, fake in pairs:
-        torch.library.register_fake(f"fastddpm::{op}_triton")(fake)
+        register_fake(f"fastddpm::{op}_triton", fake)
         if _extension.load() is None:
             continue
-        torch.library.register_fake(f"fastddpm::{op}")(fake)
+        register_fake(f"fastddpm::{op}", fake)
         torch.library.register_kernel(f"fastddpm::{op}", "cuda", triton_fn)
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CPU"):
             torch.library.register_kernel(f"fastddpm::{op}", "cpu", cpu_fn)
@@ -237,6 +245,9 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="
     ``table`` ([≥4, T], rows √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)) and ``alphas_cumprod`` replace the schedule's."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not 0 <= final_alpha_cumprod <= 1:
+        raise ValueError(f"final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], "
+                         f"got {final_alpha_cumprod}")
     if table is None:
         table, alphas_cumprod = schedule.reverse_table("fixed_small"), schedule.alphas_cumprod
     else:
