@@ -273,7 +273,8 @@ def _resolve(args, stored: dict | None) -> tuple[dict, list[str]]:
     return {**stored, **given}, notices
 
 
-def cmd_train(args) -> Path:
+def cmd_train(args, fresh: bool = False) -> Path:
+    """Train as ``args`` say; ``fresh`` (the demo) first removes the metrics of an earlier run in OUT."""
     from fastddpm.train import lock_output_dir
 
     out = Path(args.out)
@@ -281,6 +282,8 @@ def cmd_train(args) -> Path:
     # it).
     if int(os.environ.get("RANK", "0")) == 0:
         with lock_output_dir(out):
+            if fresh:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
             return _train(args, out)
     return _train(args, out)
 
@@ -442,14 +445,12 @@ def cmd_eval(args) -> float:
 
 def cmd_demo(args) -> Path:
     out = Path(args.out)
-    # A demo run starts afresh each time: no checkpoints to continue, and the old metrics go.
-    (out / "metrics.jsonl").unlink(missing_ok=True)
     train_args = parse_args(["train", "--data", "digits", "--out", str(out), "--steps", str(args.steps),
                              "--seed", str(args.seed), "--save-every", "0",
                              "--num-samples", str(args.num_samples),
                              *(["--device", args.device] if args.device else [])])
     print("fastddpm demo: training a small U-Net DDPM on the 8×8 digits bundled with scikit-learn")
-    cmd_train(train_args)
+    cmd_train(train_args, fresh=True)  # a demo starts afresh each time: no checkpoint, the old metrics go
     print(f"open {out / 'samples.png'}: {args.num_samples} digits sampled with 1000 ancestral steps from the "
           f"EMA weights")
     return out / "samples.png"
