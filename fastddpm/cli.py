@@ -249,8 +249,14 @@ def _read_run(out: Path) -> dict | None:
 
 def _write_run(out: Path, settings: dict) -> None:
     tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fastddpm": _version(), "settings": settings}, indent=2) + "\n")
-    os.replace(tmp, out / RUN_FILE)  # atomic: a kill leaves the old file or the new one
+    try:
+        tmp.write_text(json.dumps({"fastddpm": _version(), "settings": settings}, indent=2) + "\n")
+        os.replace(tmp, out / RUN_FILE)  # atomic: a kill leaves the old file or the new one
+    except BaseException as e:  # a full disk: no partial file stays, and the message names the file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {out / RUN_FILE}: {e.strerror or e}") from e
+        raise
 
 
 def _resolve(args, stored: dict | None) -> tuple[dict, list[str]]:
