@@ -249,8 +249,14 @@ def _read_run(out: Path) -> dict | None:
 
 def _write_run(out: Path, settings: dict) -> None:
     tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fastddpm": _version(), "settings": settings}, indent=2) + "\n")
-    os.replace(tmp, out / RUN_FILE)  # atomic: a kill leaves the old file or the new one
+    try:
+        tmp.write_text(json.dumps({"fastddpm": _version(), "settings": settings}, indent=2) + "\n")
+        os.replace(tmp, out / RUN_FILE)  # atomic: a kill leaves the old file or the new one
+    except BaseException as e:  # a full disk: no partial file stays, and the message names the file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {out / RUN_FILE}: {e.strerror or e}") from e
+        raise
 
 
 def _resolve(args, stored: dict | None) -> tuple[dict, list[str]]:
@@ -273,7 +279,8 @@ def _resolve(args, stored: dict | None) -> tuple[dict, list[str]]:
     return {**stored, **given}, notices
 
 
-def cmd_train(args) -> Path:
+def cmd_train(args, fresh: bool = False) -> Path:
+    """Train as ``args`` say; ``fresh`` (the demo) first removes the metrics of an earlier run in OUT."""
     from fastddpm.train import lock_output_dir
 
     out = Path(args.out)
@@ -281,6 +288,8 @@ def cmd_train(args) -> Path:
     # it).
     if int(os.environ.get("RANK", "0")) == 0:
         with lock_output_dir(out):
+            if fresh:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
             return _train(args, out)
     return _train(args, out)
 
@@ -442,14 +451,12 @@ def cmd_eval(args) -> float:
 
 def cmd_demo(args) -> Path:
     out = Path(args.out)
-    # A demo run starts afresh each time: no checkpoints to continue, and the old metrics go.
-    (out / "metrics.jsonl").unlink(missing_ok=True)
     train_args = parse_args(["train", "--data", "digits", "--out", str(out), "--steps", str(args.steps),
                              "--seed", str(args.seed), "--save-every", "0",
                              "--num-samples", str(args.num_samples),
                              *(["--device", args.device] if args.device else [])])
     print("fastddpm demo: training a small U-Net DDPM on the 8×8 digits bundled with scikit-learn")
-    cmd_train(train_args)
+    cmd_train(train_args, fresh=True)  # a demo starts afresh each time: no checkpoint, the old metrics go
     print(f"open {out / 'samples.png'}: {args.num_samples} digits sampled with 1000 ancestral steps from the "
           f"EMA weights")
     return out / "samples.png"

@@ -160,3 +160,25 @@ def test_disk_full_while_writing_metrics(tmp_path, capsys):
     assert main(["train", *SMALL, "--out", str(out), "--steps", "2", "--save-every", "0"]) == 2
     err = capsys.readouterr().err
     assert err == f"fastddpm: error: cannot write {out / 'metrics.jsonl'}: No space left on device\n"
+
+
+def test_the_demo_leaves_a_folder_in_use_alone(tmp_path, capsys):
+    from fastddpm.train import lock_output_dir
+
+    out = tmp_path / "demo"
+    with lock_output_dir(out):  # flock: a second open of the lock file conflicts even in this process
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        assert main(["demo", "--out", str(out), "--steps", "1", "--num-samples", "1"]) == 2
+        assert f"{out} is in use by process {os.getpid()}" in capsys.readouterr().err
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # the running run's metrics stay
+    assert main(["demo", "--out", str(out), "--steps", "1", "--num-samples", "1"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_disk_full_while_writing_the_run_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json.tmp").symlink_to("/dev/full")
+    assert main(["train", *SMALL, "--out", str(out), "--steps", "2", "--save-every", "0"]) == 2
+    assert capsys.readouterr().err == f"fastddpm: error: cannot write {out / 'run.json'}: No space left on device\n"
+    assert not (out / "run.json.tmp").is_symlink() and not (out / "run.json").exists()
