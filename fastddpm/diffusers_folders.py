@@ -26,8 +26,8 @@ _NAMED_SCHEDULES = {"linear": "linear", "scaled_linear": "quad"}  # the same for
 
 def _class_name(config_path: Path):
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (JSONDecodeError and UnicodeDecodeError: not a diffusers config)
         return None
     return config.get("_class_name") if isinstance(config, dict) else None
 
@@ -87,9 +87,9 @@ def load(cls, found: tuple[Path, Path | None], model=None, device=None, **overri
     scheduler_config = None
     if scheduler_path is not None:
         try:
-            scheduler_config = json.loads(scheduler_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{scheduler_path} is not valid JSON: {e}") from e
+            scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+            raise ValueError(f"{scheduler_path} is not valid UTF-8 JSON: {e}") from None
         if not isinstance(scheduler_config, dict):
             raise ValueError(f"{scheduler_path} does not hold a JSON object")
     try:

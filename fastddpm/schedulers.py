@@ -517,8 +517,8 @@ class _Scheduler:
         try:
             with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+            raise ValueError(f"{config_file} is not valid UTF-8 JSON: {e}") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file} does not hold a JSON object")
         return (config, kwargs) if return_unused_kwargs else config

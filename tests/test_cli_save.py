@@ -172,3 +172,12 @@ def test_num_groups_and_the_final_loss_window(tmp_path, capsys, monkeypatch):
                  "--batch-size", "2", "--image-size", "8", "--model-channels", "16"]) == 2
     err = capsys.readouterr().err
     assert "must be divisible by num_groups (32)" in err and "--num-groups" in err
+
+
+def test_non_utf8_scheduler_config_names_the_file(tmp_path):
+    from fastddpm import DDPMScheduler
+
+    DDPMScheduler().save_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_bytes(b'{"beta_start": "\xff"}')
+    with pytest.raises(ValueError, match="scheduler_config.json is not valid UTF-8 JSON"):
+        DDPMScheduler.from_pretrained(tmp_path)
