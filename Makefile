@@ -3,8 +3,8 @@
 # Each target creates .venv when it is absent, installs the tools, torch and triton into it once, and
 # (re)builds fastddpm into it, in place, whenever setup.py, pyproject.toml or a file under csrc/ changes.
 # torch: with no NVIDIA GPU, the CPU build torch==2.13.0 (an unpinned torch pulls a multi-GB CUDA build);
-# with one, the venv sees the system's packages and reuses the CUDA torch and triton installed there (a GPU
-# machine may have no network), installing plain `torch`/`triton` only where none is. `make TORCH=torch==X.Y.Z`
+# with one, the venv sees the packages of $(PYTHON)'s environment and reuses the CUDA torch and triton installed
+# there (a GPU machine may have no network), installing plain `torch`/`triton` only where none is. `make TORCH=torch==X.Y.Z`
 # overrides either.
 
 PYTHON ?= python3
@@ -19,7 +19,6 @@ TORCH ?= $(if $(HAVE_NVIDIA_GPU),,torch==2.13.0)
 # Without a GPU, Triton runs the kernels on the CPU through its interpreter in the tests (seen working: 3.9.0
 # with torch 2.13.0 and 2.11.0; 3.6.0's interpreter fails with numpy 2).
 TRITON ?= $(if $(HAVE_NVIDIA_GPU),,triton==3.9.0)
-VENV_FLAGS := $(if $(HAVE_NVIDIA_GPU),--system-site-packages,)
 UPGRADE := $(if $(HAVE_NVIDIA_GPU),,-U)
 # The oldest torch the project supports (README), tested on the CPU by `make test-oldest-torch` (CI runs it;
 # tools/test_oldest_torch.sh): PyPI's torch 2.11.0 is a CUDA build, about 4 GB once into .venv-oldest.
@@ -60,8 +59,13 @@ cuda-check: $(CUDA_CHECKED)
 $(CUDA_CHECKED): tools/check_cuda_build.sh $(wildcard tools/cuda_emulator/*) setup.py $(CSRC)
 	CUDA_VENV=$(CUDA_VENV) bash tools/check_cuda_build.sh
 
+# With a GPU, .venv also sees the packages of $(PYTHON)'s own environment (a .pth file listing its
+# site-packages; --system-site-packages would give the base interpreter's, not a venv's): its CUDA torch and
+# triton are reused, nothing is downloaded.
 $(PY):
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(if $(HAVE_NVIDIA_GPU),$(PYTHON) -c 'import site; print("\n".join(site.getsitepackages()))' \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_fastddpm_parent_env.pth")
 
 # The stamp holds the torch and triton requirements it installed: asking for others reinstalls.
 ifneq ($(shell cat $(DEPS) 2>/dev/null),$(TORCH) $(TRITON))
