@@ -76,11 +76,11 @@ def test_all_steps(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     # The device tool returns at most eight files, named in letters, digits, '.', '_' and '-'.
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
-    assert files == ["bench_cifar_compile.json", "bench_ops.json", "bench_sampling.json", "bench_table.md",
-                     "bench_training.json", "device_check.log", "summary.txt"]
+    assert files == ["bench_cifar_compile.json", "bench_gn.json", "bench_ops.json", "bench_sampling.json",
+                     "bench_table.md", "bench_training.json", "device_check.log", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_ops",
-             "bench_cifar_compile"]
+    steps = ["build", "info", "bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training",
+             "bench_ops", "bench_gn", "bench_cifar_compile"]
     for name in steps:
         assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
     assert "Fake H200" in summary and re.search(r"^memcheck +skipped: no compute-sanitizer", summary, re.M)
@@ -92,7 +92,7 @@ def test_all_steps(tmp_path):
     # The summary and then the merged table come last on stdout.
     table = (out / "bench_table.md").read_text()
     assert proc.stdout.rstrip().endswith(table.rstrip())
-    for case in ("sampling", "training", "ops", "cifar_compile"):
+    for case in ("sampling", "training", "ops", "gn", "cifar_compile"):
         assert re.search(rf"^\| {case}\[cuda\] \| 3\.000 ms \| 2\.000 ms \| 1\.000 ms \| 3\.00 \| 2\.00 \| — \| — \| "
                          r"15, 15 \|$", table, re.M), table
     assert proc.stdout.index("== device_check") < proc.stdout.index("| case |")
