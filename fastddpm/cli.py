@@ -159,14 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid or a folder")
     sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
     sample.add_argument("--num", type=_positive, default=64, help="number of images (default: 64)")
-    sample.add_argument("--out", required=True, help="FILE.png for a grid, or a folder for one PNG per image")
+    sample.add_argument("--out", required=True,
+                        help="FILE.png for a grid, or a folder for one PNG per image (written batch by batch; "
+                             "a rerun writes only the images missing)")
     steps = sample.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_positive, default=None,
                        help="K respaced ancestral steps (DDIM with η = 1; default: all T steps)")
     steps.add_argument("--ddim", type=_positive, default=None,
                        help="K deterministic DDIM steps (η = 0; default: ancestral sampling)")
     sample.add_argument("--batch-size", type=_positive, default=256, help="images per sampling batch (default: 256)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    sample.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampling noise; batch b of a folder draws from seed + b × batch size "
+                             "(default: 0)")
     sample.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
 
     evaluate = sub.add_parser("eval", help="FID of a trained model's samples against a folder of images")
@@ -387,7 +391,7 @@ def _load_for_sampling(args):
     return diffusion, bool(k)  # with K steps asked for, the DDIM loop runs even for K = T
 
 
-def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int):
+def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int, progress: bool = True):
     """``num`` images in [0, 1], drawn ``batch_size`` at a time from one seeded generator."""
     import torch
 
@@ -396,7 +400,7 @@ def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int):
     out = []
     for start in range(0, num, batch_size):
         shape = (min(batch_size, num - start), diffusion.channels, *diffusion.image_size)
-        out.append(diffusion.unnormalize(loop(shape, generator=gen)).cpu())
+        out.append(diffusion.unnormalize(loop(shape, generator=gen, progress=progress)).cpu())
     return torch.cat(out)
 
 
@@ -407,15 +411,48 @@ def cmd_sample(args) -> Path:
     if out.suffix and out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out!r}: give FILE.png for a grid or a folder for single images")
     diffusion, use_ddim = _load_for_sampling(args)
+    if not out.suffix:
+        written = _sample_into_folder(diffusion, use_ddim, out, args.num, args.batch_size, args.seed)
+        print(f"wrote {written} samples to {out} ({args.num - written} were there already)")
+        return out
     images = _draw(diffusion, use_ddim, args.num, args.batch_size, args.seed)
-    if out.suffix:
-        save_image_grid(images, out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            save_image_grid(img[None], out / f"{i:06d}.png", padding=0)
+    save_image_grid(images, out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
     print(f"wrote {args.num} samples to {out}")
     return out
+
+
+def _sample_into_folder(diffusion, use_ddim: bool, out: Path, num: int, batch_size: int, seed: int) -> int:
+    """Images 000000.png … into ``out``, batch by batch, each batch b (images b·batch_size …) drawn from its own
+    generator seeded with seed + b·batch_size: an image depends on (checkpoint, seed, batch size, its index)
+    alone, so a run killed half-way and started again samples only the batches with a file missing and writes
+    only the missing files, identical to those of an uninterrupted run. Each file is written under a temporary
+    name and renamed, so a kill never leaves a truncated PNG. Returns how many files were written."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from fastddpm.data import save_image_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{i:06d}.png" for i in range(num)]
+    starts = range(0, num, batch_size)
+    todo = [b for b in starts if not all(p.is_file() for p in paths[b:b + batch_size])]
+    done = sum(p.is_file() for p in paths)
+    disable = os.environ.get("FASTDDPM_NO_PROGRESS", "") not in ("", "0")
+    written = 0
+    with tqdm(total=num, initial=done, desc="sampling", unit="img", disable=disable) as bar:
+        for start in todo:
+            batch = paths[start:start + batch_size]
+            images = _draw(diffusion, use_ddim, len(batch), len(batch), seed + start, progress=False)
+            for path, image in zip(batch, images):
+                if path.is_file():
+                    continue
+                tmp = path.with_name(f".{path.stem}.partial.png")
+                save_image_grid(image[None], tmp, padding=0)
+                os.replace(tmp, path)
+                written += 1
+                bar.update(1)
+    return written
 
 
 def cmd_eval(args) -> float:
