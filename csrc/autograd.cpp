@@ -1,11 +1,10 @@
 // The C++ autograd of the CPU training ops (the Autograd dispatch key): group_norm_silu (any device) and its
 // CPU training pair, and the CPU loss training op diffusion_loss_train.
 //
-// They were Python (torch.library.register_autograd) until measured: per forward + backward that layer cost
-// ~100 µs at the small U-Net's 4×4 and 8×8 maps (more than group_norm_silu's kernels there), and ~0.3 ms at
-// 1M elements for group_norm_silu, ~0.17 ms for the loss (whose backward does no arithmetic at all). Here the
-// graph node is a C++ torch::autograd::Function: the same saved tensors and backward op calls, without the
-// Python frames. torch.compile traces through it as through any C++ autograd formula (the ops are dispatched
+// C++ rather than torch.library.register_autograd: that Python layer cost more per forward + backward than
+// group_norm_silu's kernels at the small U-Net's 4×4 and 8×8 maps (benchmarks/RESULTS.md). Here the graph node
+// is a C++ torch::autograd::Function: the same saved tensors and backward op calls, without the Python
+// frames. torch.compile traces through it as through any C++ autograd formula (the ops are dispatched
 // below autograd, to their fake kernels when tracing). The backward ops have no autograd of their own: a
 // backward that builds a graph (create_graph=True, for double backward) computes the gradients from x,
 // weight and bias with differentiable ATen ops instead (reference_backward), which autograd differentiates.

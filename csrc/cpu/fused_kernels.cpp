@@ -39,9 +39,9 @@ namespace portable {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 // GCC's scheduling before register allocation (off at -O2/-O3 on x86) interleaves the independent log, sincos and
-// Philox chains of a draw: 1.55–1.64 → 1.27–1.34 ns a normal on one core (Zen 3; tools/draw_bench.sh), the
-// q_sample/reverse step 8–20 % faster, outputs bit-identical. Source-level interleaving, Estrin's log and a
-// shorter sincos reduction gained less, and nothing on top of it.
+// Philox chains of a draw, with bit-identical outputs (tools/draw_bench.sh times the draw with and without it;
+// benchmarks/RESULTS.md has the numbers). Source-level interleaving, Estrin's log and a shorter sincos
+// reduction gained less, and nothing on top of it.
 #if !defined(__clang__)
 #pragma GCC optimize("schedule-insns", "sched-pressure")
 #endif

@@ -63,14 +63,14 @@ def _available(op: str, backend: str, device_type: str) -> bool:
 _CPP_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
 
 # choose_backend's answers, by everything they depend on: it runs on every op call (23 times in one forward of
-# the small U-Net), where its ~5 µs of Python were a third of a small fused op's whole call.
+# the small U-Net), so its answer is looked up rather than worked out again.
 _choices: dict[tuple, str] = {}
 
 
-# The environment as choose_backend reads it on every call. os.environ.get costs 1–2 µs here (for an unset
-# variable, the usual case, a KeyError raised and caught inside it); on POSIX, os.environ keeps its contents in
-# a dict of bytes (``_data``) that every assignment or deletion through os.environ updates, which a lookup
-# reads in ~0.1 µs. Elsewhere, or for an os.environ replaced by another mapping, os.environ.get.
+# The environment as choose_backend reads it on every call. os.environ.get raises and catches a KeyError
+# inside for an unset variable (the usual case); on POSIX, os.environ keeps its contents in a dict of bytes
+# (``_data``) that every assignment or deletion through os.environ updates, which a plain lookup reads.
+# Elsewhere, or for an os.environ replaced by another mapping, os.environ.get.
 _ENVIRON_TYPE = type(os.environ)
 _POSIX_ENVIRON = os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)
 
@@ -134,12 +134,12 @@ def call_op(op, *args):
     """op(*args), below the dispatcher's autograd layer when no gradient can flow through this call.
 
     ``torch.library.register_autograd`` installs a Python autograd kernel that runs on every call, even in
-    no_grad or when no input requires grad: ~6–10 µs, several times a small op's kernel (torch.add on a small
-    tensor takes ~2 µs), and ~1% of a 1M-element kernel. When grad mode is off or no tensor argument requires
-    grad, the call goes straight to the backend kernel (``torch._C._AutoDispatchBelowAutograd``) with the same
-    results: outputs that require no grad, as the autograd kernel would return them. While torch.compile
-    traces, the op is called plainly: the compiled graph has no per-call autograd kernel to skip. Ops with no
-    autograd registered (the reverse steps) gain nothing from it: the dispatcher's fallback for them is C++.
+    no_grad or when no input requires grad, and costs several times a small op's kernel. When grad mode is off
+    or no tensor argument requires grad, the call goes straight to the backend kernel
+    (``torch._C._AutoDispatchBelowAutograd``) with the same results: outputs that require no grad, as the
+    autograd kernel would return them. While torch.compile traces, the op is called plainly: the compiled graph
+    has no per-call autograd kernel to skip. Ops with no autograd registered (the reverse steps) gain nothing
+    from it: the dispatcher's fallback for them is C++.
     """
     if torch.is_grad_enabled():
         for a in args:  # (a loop: cheaper than any() over a generator, which matters here)

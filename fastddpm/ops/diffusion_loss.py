@@ -211,7 +211,8 @@ def _make_backward(backward_op):
 # incoming gradient, or returns g itself for the usual `loss.backward()` (a mean loss, gradient exactly 1, read
 # on the host: free for a CPU tensor). On a CPU this replaces the backward's whole pass over the prediction,
 # x_0 and ε by nothing; it holds g (the prediction's size) from forward to backward, as eager autograd of an
-# MSE holds its input and target. (A Python register_autograd here cost ~0.17 ms a step at 1M elements.)
+# MSE holds its input and target. (C++ rather than register_autograd: the Python layer cost more than the
+# backward's own work; benchmarks/RESULTS.md.)
 def _fake_loss_train(*args):
     loss = _fake_loss(*args)
     return loss, torch.empty_like(dense(args[0]))
@@ -296,8 +297,8 @@ def noised(schedule, x_start: torch.Tensor, t: torch.Tensor, *, backend: str = "
 
     The one place that decides whether ε is stored or regenerated (Diffusion and the benchmarks call it):
       * ``{"noise": ε}``: q_sample writes ε and the loss forward and backward read it. On the CPU (C++ kernels,
-        or the reference) drawing ε (Philox + Box–Muller, ~1.3 ns an element on one core) costs several times
-        streaming it, so one draw and two reads beat three draws.
+        or the reference) drawing ε (Philox + Box–Muller) costs several times streaming it, so one draw and
+        two reads beat three draws.
       * ``{"seed": key}``: the loss regenerates ε from the Philox key q_sample drew it with. The Triton
         kernels (GPUs: bandwidth-bound, where recomputing is cheaper than a round trip through memory), and
         float16/bfloat16 x_0 on any backend: a stored ε would be rounded to x_0's dtype and change the loss

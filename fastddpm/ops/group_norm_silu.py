@@ -116,7 +116,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     if choose_backend("group_norm_silu", device, backend) == "cpp" and not (
             x.dtype == torch.float64 and device.type == "cuda" and backend == "auto"):
         try:
-            # (the ops' autograd is C++: a call that needs no gradient passes through it for ~1 µs)
+            # (the ops' autograd is C++: a call that needs no gradient passes straight through it)
             if device.type == "cpu" and x.dtype in _TRAIN_PAIR_DTYPES and _needs_grad(x, weight, bias):
                 return torch.ops.fastddpm.group_norm_silu_train.default(x, num_groups, weight, bias, float(eps))[0]
             return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
