@@ -60,7 +60,7 @@ def _available(op: str, backend: str, device_type: str) -> bool:
 # Ops whose autograd torch.func transforms (grad, vjp, vmap of a gradient) refuse: a C++
 # torch::autograd::Function (csrc/autograd.cpp), or torch.library.register_autograd's (for which functorch
 # asks a setup_context it does not have). Under a transform they run the reference.
-_CPP_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
+_NO_FUNCTORCH_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
 
 # choose_backend's answers, by everything they depend on: it runs on every op call (23 times in one forward of
 # the small U-Net), so its answer is looked up rather than worked out again.
@@ -98,7 +98,7 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
         choice = _choices[key] = _choose_backend(op, device_type, backend,
                                                  None if env_backend is None else os.fsdecode(env_backend))
     # (the C call first: torch.compiler.is_compiling is two Python calls, and this runs on every op call)
-    if (choice == "cpp" and op in _CPP_AUTOGRAD and _peek_interpreter_stack() is not None
+    if (choice == "cpp" and op in _NO_FUNCTORCH_AUTOGRAD and _peek_interpreter_stack() is not None
             and not torch.compiler.is_compiling()):
         return "reference"  # torch.func transforms refuse C++ autograd Functions
     return choice
@@ -230,9 +230,9 @@ def check_data(op: str, name: str, tensor: torch.Tensor, like: torch.Tensor | No
     require(tensor.dim() >= 1, lambda: f"{op}: {name} must have a batch dimension, got a 0-d tensor")
     if like is not None:
         require(tensor.shape == like.shape,
-                     lambda: f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}")
+                lambda: f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}")
         require(tensor.device == like.device,
-                     lambda: f"{op}: {name} is on {tensor.device}, the data on {like.device}")
+                lambda: f"{op}: {name} is on {tensor.device}, the data on {like.device}")
 
 
 def check_index(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -253,7 +253,7 @@ def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, rows: 
         require(table.dim() == 1 and table.shape[0] >= 1, lambda: f"{op}: table {name} must be 1-D")
     else:
         require(table.dim() == 2 and table.shape[0] >= rows,
-                     lambda: f"{op}: table {name} must be [{rows}, T], got {tuple(table.shape)}")
+                lambda: f"{op}: table {name} must be [{rows}, T], got {tuple(table.shape)}")
 
 
 def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
@@ -272,7 +272,7 @@ def check_positive_values(op: str, name: str, tensor: torch.Tensor) -> None:
         if not bool((tensor > 0).all()):
             raise RuntimeError(f"{op}: {name} must be > 0, got {tensor[~(tensor > 0)][0].item()}")
     elif tensor.is_cuda:
-        torch._assert_async((tensor > 0).all(), f"{op}: {name} must be > 0")
+        assert_on_device((tensor > 0).all(), f"{op}: {name} must be > 0")
 
 
 def check_triton_device(op: str, x: torch.Tensor) -> None:

@@ -111,7 +111,7 @@ class _EagerTritonLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        torch._check(not torch.is_grad_enabled(), lambda: DOUBLE_BACKWARD_ERROR)  # (as _make_backward)
+        _refuse_double_backward()
         grad_pred = _diffusion_loss_backward_triton(grad, *ctx.saved_tensors, *ctx.args)
         return (grad_pred.to(ctx.saved_tensors[0].dtype),) + (None,) * 10
 
@@ -182,11 +182,15 @@ DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward 
                          "create_graph=True); use backend='reference' for higher-order gradients")
 
 
+def _refuse_double_backward() -> None:
+    """Inside a backward, grad mode is on only with create_graph=True: the fused backward is not differentiable,
+    and its result would be a constant (silently wrong second derivatives)."""
+    torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad):
-        # (grad mode is on inside a backward only with create_graph=True; the backward op is not differentiable,
-        # and its result would be a constant: silently wrong second derivatives)
-        torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
+        _refuse_double_backward()
         model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
         offset, objective, min_snr_gamma, reduction = ctx.args
         grad_pred = backward_op(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,

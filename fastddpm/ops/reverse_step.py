@@ -35,9 +35,9 @@ def _prepare(name, model_output, x_t, t, table, noise, seed, objective, clip, th
         check_seed(name, seed, x_t)
     if threshold_scale is not None:
         require(threshold_scale.shape == (x_t.shape[0],) and threshold_scale.is_floating_point(),
-                     lambda: f"{name}: threshold_scale must be a float tensor of shape [{x_t.shape[0]}]")
+                lambda: f"{name}: threshold_scale must be a float tensor of shape [{x_t.shape[0]}]")
         require(threshold_scale.device == x_t.device,
-                     lambda: f"{name}: threshold_scale is on {threshold_scale.device}, the data on {x_t.device}")
+                lambda: f"{name}: threshold_scale is on {threshold_scale.device}, the data on {x_t.device}")
         check_positive_values(name, "threshold_scale", threshold_scale)  # x̂_0 is divided by it
     x = dense(x_t)
     return x, as_layout_of(model_output, x), as_layout_of(noise, x)
@@ -93,13 +93,13 @@ def _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_
     check_index("ddim_step", "t_prev", t_prev, x)
     check_table("ddim_step", "alphas_cumprod", alphas_cumprod, x)
     require(alphas_cumprod.shape[0] == table.shape[1],
-                 lambda: "ddim_step: alphas_cumprod and table must cover the same timesteps")
+            lambda: "ddim_step: alphas_cumprod and table must cover the same timesteps")
     require(eta >= 0, lambda: f"ddim_step: eta must be >= 0, got {eta}")
     require(0 <= final_alpha_cumprod <= 1,
             lambda: f"ddim_step: final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], got "
                     f"{final_alpha_cumprod}")
     require(eta == 0 or (noise is None) != (seed is None),
-                 lambda: "ddim_step: with eta > 0 give exactly one of noise and seed")
+            lambda: "ddim_step: with eta > 0 give exactly one of noise and seed")
 
 
 p_sample_step_triton = triton_op("fastddpm::p_sample_step_triton", _p_sample_step_triton, mutates_args=())
