@@ -104,6 +104,13 @@ def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -
     return choice
 
 
+def draws_noise_in_kernel(op: str, device: torch.device | str, backend: str = "auto") -> bool:
+    """Whether ``op`` on ``device`` draws its noise inside the kernel (from a Philox key: the Triton and C++
+    kernels) rather than taking it from torch.randn (the reference): what callers above fastddpm/ops ask
+    instead of which backend runs."""
+    return choose_backend(op, device, backend) in ("triton", "cpp")
+
+
 def _choose_backend(op: str, device_type: str, backend: str, env_backend: str | None) -> str:
     requested = check_backend(backend)
     if requested == "auto":
