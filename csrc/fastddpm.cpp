@@ -71,7 +71,8 @@ TORCH_LIBRARY(fastddpm, m) {
       "Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, "
       "int offset, int objective, float? min_snr_gamma, int reduction) -> Tensor");
 
-  // Ancestral step (Algorithm 2) reading the stacked [7, T] table of NoiseSchedule.reverse_table; x0 clipped to
+  // Ancestral step (Algorithm 2) reading the stacked [7, T] table of NoiseSchedule.reverse_table (rows:
+  // contracts.h ROW_*; CPU kernel csrc/cpu/reverse_step.cpp, CUDA kernel kernels/reverse_step.py); x0 clipped to
   // +-clip or divided by a per-sample threshold_scale [B]; noise given or drawn; no noise where t == 0.
   // Returns (x_prev, x0 or empty, noise or empty).
   m.def(

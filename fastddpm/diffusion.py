@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastddpm import _extension, reference, sampling
-from fastddpm.ops import assert_on_device, check_backend, check_timesteps, choose_backend
+from fastddpm.ops import assert_on_device, check_backend, check_timesteps, draws_noise_in_kernel
 from fastddpm.ops.diffusion_loss import diffusion_loss as _diffusion_loss_op
 from fastddpm.ops.diffusion_loss import noised as _noised
 from fastddpm.ops.q_sample import q_sample as _q_sample_op
@@ -256,13 +256,6 @@ class Diffusion(nn.Module):
                 raise ValueError(f"t must lie in [0, {self.num_timesteps}), got values in [{lo}, {hi}]")
         return t.long()
 
-    def _model_output(self, x, t):
-        out = self.model(x, t)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model(x_t, t) must return a tensor of x_t's shape {list(x.shape)}, got {shape}")
-        return out
-
     @property
     def loss_weight(self) -> torch.Tensor:
         """The per-timestep weight [T] of the loss (all ones without min_snr_loss_weight)."""
@@ -283,12 +276,12 @@ class Diffusion(nn.Module):
         loss_args = dict(objective=self.objective, min_snr_gamma=gamma, reduction=reduction, backend=self.backend,
                          check=False)
         if (noise is None and self.offset_noise_strength == 0
-                and choose_backend("diffusion_loss", x_start.device, self.backend) in ("triton", "cpp")):
+                and draws_noise_in_kernel("diffusion_loss", x_start.device, self.backend)):
             # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key; the loss
             # regenerates it from that key (Triton; float16/bfloat16 data) or reads it as q_sample wrote it (C++
             # CPU kernels), as fastddpm.ops.diffusion_loss.noised decides.
             x_t, noise_kwargs = _noised(self.schedule, x_start, t, backend=self.backend, check=False)
-            out = self._model_output(x_t, t)
+            out = sampling.model_output(self.model, x_t, t)
             return _diffusion_loss_op(self.schedule, out, x_start, t, **noise_kwargs, **loss_args)
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -296,7 +289,7 @@ class Diffusion(nn.Module):
                 noise = noise + self.offset_noise_strength * torch.randn_like(x_start[:, :, :1, :1])
         noise = self._check_noise(noise, x_start)
         x_t = _q_sample_op(self.schedule, x_start, t, noise, backend=self.backend, check=False)
-        out = self._model_output(x_t, t)
+        out = sampling.model_output(self.model, x_t, t)
         return _diffusion_loss_op(self.schedule, out, x_start, t, noise, **loss_args)
 
     def p_losses(self, x_start, t, noise=None, reduction="mean"):
@@ -337,8 +330,8 @@ class Diffusion(nn.Module):
     def model_predictions(self, x, t, x_self_cond=None, clip_x_start=False, rederive_pred_noise=False):
         """(ε̂, x̂_0) from the network at (x_t, t), as a ModelPrediction(pred_noise, pred_x_start)."""
         self._no_self_cond(x_self_cond)
-        eps, x0 = reference.model_predictions(self.schedule, self._model_output(x, t), x, t, self.objective,
-                                              clip_x_start, rederive_pred_noise)
+        eps, x0 = reference.model_predictions(self.schedule, sampling.model_output(self.model, x, t), x, t,
+                                              self.objective, clip_x_start, rederive_pred_noise)
         return ModelPrediction(eps, x0)
 
     def p_mean_variance(self, x, t, x_self_cond=None, clip_denoised=True):
@@ -359,10 +352,10 @@ class Diffusion(nn.Module):
         if not 0 <= t < self.num_timesteps:
             raise ValueError(f"t must be an int in [0, {self.num_timesteps}), got {t}")
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        noise, seed = sampling.step_noise(sampling.step_noise_in_kernel(self, "p_sample_step"), x.shape, x.device,
-                                          generator)
+        in_kernel = draws_noise_in_kernel("p_sample_step", self.device, self.backend)
+        noise, seed = sampling.step_noise(in_kernel, x.shape, x.device, generator)
         noise = noise.to(x.dtype) if noise is not None else None
-        out = self._model_output(x.to(sampling.model_dtype(self.model, x.dtype)), tt)
+        out = sampling.model_output(self.model, x.to(sampling.model_dtype(self.model, x.dtype)), tt)
         x_prev, x0, _ = _p_sample_step_op(self.schedule, out, x, tt, noise, seed=seed, objective=self.objective,
                                           variance=self.variance, clip_denoised=self.clip_denoised,
                                           backend=self.backend, check=False)

@@ -33,10 +33,14 @@ def model_dtype(model, default: torch.dtype = torch.float32) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
 
 
-def step_noise_in_kernel(diffusion, op: str) -> bool:
-    """Whether the step noise z is drawn inside the fused kernel (Triton, or the C++ CPU kernels) rather than by
-    torch.randn."""
-    return ops.choose_backend(op, diffusion.device, diffusion.backend) in ("triton", "cpp")
+def model_output(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The network's output model(x_t, t), checked to have x_t's shape: the one call of the network that the
+    loops and Diffusion share."""
+    out = model(x, t)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model(x_t, t) must return a tensor of x_t's shape {list(x.shape)}, got {shape}")
+    return out
 
 
 def step_noise(in_kernel: bool, shape, device, generator):
@@ -52,9 +56,9 @@ def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, 
     # The chain x_T → x_0 is kept in float32 whatever the network's dtype; only its input is cast.
     device, net_dtype = diffusion.device, model_dtype(diffusion.model)
     x = torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, I)
-    in_kernel = step_noise_in_kernel(diffusion, op)
+    in_kernel = ops.draws_noise_in_kernel(op, device, diffusion.backend)
     if cuda_graph:
-        graphed = _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype) if _can_graph(device, in_kernel) \
+        graphed = _cached_graph(diffusion, op, x, step_fn, net_dtype) if _can_graph(device, in_kernel) \
             else None
         if graphed is not None:
             return _run_graphed(graphed, x, steps, generator, return_all_timesteps, progress, desc)
@@ -62,7 +66,7 @@ def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, 
     for t, t_prev in _progress(steps, len(steps), progress, desc):
         tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
         noise, seed = step_noise(in_kernel, shape, device, generator)
-        out = diffusion._model_output(x.to(net_dtype), tt)
+        out = model_output(diffusion.model, x.to(net_dtype), tt)
         x = step_fn(out, x, tt, torch.full_like(tt, t_prev), noise, seed=seed)[0]
         if return_all_timesteps:
             trajectory.append(x)
@@ -131,8 +135,8 @@ def _graph_key(diffusion, op, x, net_dtype) -> tuple:
     were captured with, so the key holds: the addresses of every parameter and buffer (the network's and the
     schedule's: in-place optimizer updates keep them, moving or replacing re-captures); each module's
     train/eval mode (dropout); grad/inference mode (the buffers' kind); the autocast state; the cuDNN/TF32
-    settings that pick the kernels; and the sampler's settings. (One pass over the modules, rather than
-    through parameters(), buffers() and modules(): the key is built on every sampling call.)"""
+    settings that pick the kernels; and the sampler's settings. (One pass over the modules: the key is built
+    on every sampling call.)"""
     modules = list(diffusion.modules())
     return (op, tuple(x.shape), net_dtype, diffusion.objective, diffusion.variance, diffusion.clip_denoised,
             diffusion.ddim_sampling_eta, diffusion.sampling_timesteps,
@@ -142,7 +146,7 @@ def _graph_key(diffusion, op, x, net_dtype) -> tuple:
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), _backend_settings())
 
 
-def _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype):
+def _cached_graph(diffusion, op, x, step_fn, net_dtype):
     """The captured step for this shape and these settings, captured on first use and kept for the Diffusion
     (one graph, and its memory pool, at a time)."""
     key = _graph_key(diffusion, op, x, net_dtype)
@@ -150,11 +154,11 @@ def _cached_graph(diffusion, op, x, step_fn, in_kernel, net_dtype):
     if cached is None or cached[0] != key:
         del cached  # (a reference here would keep the old graph's pool alive through the new capture)
         _graphs.pop(diffusion, None)  # free the old graph's pool before capturing the new one
-        _graphs[diffusion] = (key, _graph_step(diffusion, x, step_fn, in_kernel, net_dtype))
+        _graphs[diffusion] = (key, _graph_step(diffusion, x, step_fn, net_dtype))
     return _graphs[diffusion][1]
 
 
-def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
+def _graph_step(diffusion, x0, step_fn, net_dtype):
     x = x0.clone()
     batch = x.shape[0]
     t = torch.full((batch,), diffusion.num_timesteps - 1, dtype=torch.long, device=x.device)
@@ -162,7 +166,7 @@ def _graph_step(diffusion, x0, step_fn, in_kernel, net_dtype):
     seed = torch.zeros(1, dtype=torch.long, device=x.device)
 
     def step():
-        out = diffusion._model_output(x.to(net_dtype), t)
+        out = model_output(diffusion.model, x.to(net_dtype), t)
         x.copy_(step_fn(out, x, t, t_prev, None, seed=seed)[0])
 
     # Under autocast, without autocast's cache of cast weights: a cached copy would be cast in the warm-up, only

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastddpm import contracts
+
 __all__ = ["BETA_SCHEDULES", "get_beta_schedule", "NoiseSchedule"]
 
 
@@ -144,14 +146,19 @@ def get_beta_schedule(
 
 
 def reverse_table(alphas_cumprod, coef_x0, coef_xt, sigma) -> torch.Tensor:
-    """Stack the per-t coefficients of a reverse step into the [7, T] layout the fused kernels read.
+    """Stack the per-t coefficients of a reverse step into the [REVERSE_TABLE_ROWS, T] table the fused kernels
+    read, its rows in the order of :data:`fastddpm.contracts.REVERSE_TABLE`.
 
-    Rows: √(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t) (x̂_0 from ε or v), the posterior-mean coefficients of
-    x̂_0 and x_t, and σ_t. Pass float64 and cast the result: the kernels compute nothing of this themselves.
+    Rows: √(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t) (x̂_0 from ε or v), the posterior-mean coefficients
+    ``coef_x0`` of x̂_0 and ``coef_xt`` of x_t, and ``sigma`` σ_t. Pass float64 and cast the result: the
+    kernels compute nothing of this themselves.
     """
     ac = torch.as_tensor(alphas_cumprod)
-    return torch.stack([ac.rsqrt(), (1 / ac - 1).sqrt(), ac.sqrt(), (1 - ac).sqrt(),
-                        torch.as_tensor(coef_x0), torch.as_tensor(coef_xt), torch.as_tensor(sigma)])
+    rows = {"sqrt_recip_alphas_cumprod": ac.rsqrt(), "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+            "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+            "posterior_mean_coef1": torch.as_tensor(coef_x0),
+            "posterior_mean_coef2": torch.as_tensor(coef_xt), "sigma": torch.as_tensor(sigma)}
+    return torch.stack([rows[name] for name in contracts.REVERSE_TABLE])
 
 
 class NoiseSchedule(nn.Module):
@@ -177,7 +184,7 @@ class NoiseSchedule(nn.Module):
         "snr",
     )
     # Stacked per-t coefficients the fused reverse-step kernels read (kernels/reverse_step.py), one per
-    # variance choice, [7, T]: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ), μ̃ coefficients of x̂_0 and x_t, σ.
+    # variance choice, [7, T], rows contracts.REVERSE_TABLE (reverse_table).
     KERNEL_TABLES = ("reverse_table_fixed_small", "reverse_table_fixed_large")
 
     def __init__(self, betas: torch.Tensor, dtype: torch.dtype = torch.float32):

@@ -1,37 +1,52 @@
-"""Reverse steps x_t → x_{t−1}: the ancestral DDPM update (Algorithm 2) and the DDIM update (Song et al. eq. 12).
+"""Reverse steps x_t → x_{t−1}: the ancestral DDPM update (Algorithm 2) and the DDIM update (Song et al.
+eq. 12).
 
 Both read the network's output and x_t once and write x_{t−1} (and, on request, x̂_0 and the noise drawn):
 x̂_0 from the output for the objective (ε, x_0 or v), optional clipping to ±clip or a per-sample dynamic
 threshold s_b (x̂_0 → clamp(x̂_0, −s_b, s_b)/s_b, s_b computed on the host side from a quantile), then the
 update with σ_t·z, z drawn in-kernel from Philox or given, and no noise where t = 0.
 
-The ancestral step reads its per-t coefficients from one stacked float32 table [7, T] (rows, all at t):
-  0 √(1/ᾱ_t)   1 √(1/ᾱ_t − 1)   2 √ᾱ_t   3 √(1 − ᾱ_t)   4 μ̃ coefficient of x̂_0   5 μ̃ coefficient of x_t   6 σ_t
-computed in float64 on the host (fastddpm.schedules.NoiseSchedule.reverse_table), so respaced schedules and
-both variances are only a different table.
+The ancestral step reads its per-t coefficients from one stacked float32 table [7, T] whose rows are
+fastddpm.contracts.REVERSE_TABLE (√(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t), the μ̃ coefficients of x̂_0
+and x_t, σ_t), computed in float64 on the host (fastddpm.schedules.NoiseSchedule.reverse_table), so
+respaced schedules and both variances are only a different table; the DDIM step reads its first four rows.
 """
 
 import triton
 import triton.language as tl
 
+from fastddpm import contracts
+
 from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
 from .noise import normal_rows
 
-ROWS_IN_TABLE = 7
+# The contracts the kernels read, as compile-time constants (fastddpm/contracts.py).
+PRED_NOISE = tl.constexpr(contracts.PRED_NOISE)
+PRED_X0 = tl.constexpr(contracts.PRED_X0)
+ROW_SQRT_RECIP_AC = tl.constexpr(contracts.ROW_SQRT_RECIP_AC)
+ROW_SQRT_RECIPM1_AC = tl.constexpr(contracts.ROW_SQRT_RECIPM1_AC)
+ROW_SQRT_AC = tl.constexpr(contracts.ROW_SQRT_AC)
+ROW_SQRT_1M_AC = tl.constexpr(contracts.ROW_SQRT_1M_AC)
+ROW_POSTERIOR_COEF_X0 = tl.constexpr(contracts.ROW_POSTERIOR_COEF_X0)
+ROW_POSTERIOR_COEF_XT = tl.constexpr(contracts.ROW_POSTERIOR_COEF_XT)
+ROW_SIGMA = tl.constexpr(contracts.ROW_SIGMA)
+PHILOX_LANES = tl.constexpr(contracts.PHILOX_LANES)
 
 
 @triton.jit
 def _x0_coefficients(table_ptr, t, T, CD: tl.constexpr):
-    """Rows 0–3 of the table at t: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)."""
-    return (tl.load(table_ptr + t).to(CD), tl.load(table_ptr + T + t).to(CD),
-            tl.load(table_ptr + 2 * T + t).to(CD), tl.load(table_ptr + 3 * T + t).to(CD))
+    """The x̂_0 rows of the table at t: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)."""
+    return (tl.load(table_ptr + ROW_SQRT_RECIP_AC * T + t).to(CD),
+            tl.load(table_ptr + ROW_SQRT_RECIPM1_AC * T + t).to(CD),
+            tl.load(table_ptr + ROW_SQRT_AC * T + t).to(CD),
+            tl.load(table_ptr + ROW_SQRT_1M_AC * T + t).to(CD))
 
 
 @triton.jit
 def _x0_from_output(out, x, r0, r1, r2, r3, OBJECTIVE: tl.constexpr):
-    if OBJECTIVE == 0:  # ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
+    if OBJECTIVE == PRED_NOISE:  # ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
         x0 = r0 * x - r1 * out
-    elif OBJECTIVE == 1:  # x_0
+    elif OBJECTIVE == PRED_X0:
         x0 = out
     else:  # v: x̂_0 = √ᾱ x_t − √(1 − ᾱ) v
         x0 = r2 * x - r3 * out
@@ -54,7 +69,9 @@ def _noise(noise_ptr, noise_out_ptr, seed_ptr, b, base, rows, i, mask, offset, N
     if HAS_NOISE:
         z = tl.load(noise_ptr + base + i, mask=mask).to(CD)
     else:
-        z = normal_rows(tl.load(seed_ptr), offset + b * ((N + 3) // 4) + rows).to(CD)
+        # row r of the tile is one Philox counter: contracts.philox_counter(offset, b, N, PHILOX_LANES·r)
+        counters_per_sample = (N + (PHILOX_LANES - 1)) // PHILOX_LANES
+        z = normal_rows(tl.load(seed_ptr), offset + b * counters_per_sample + rows).to(CD)
         if WRITE_NOISE:
             tl.store(noise_out_ptr + base + i, z.to(noise_out_ptr.dtype.element_ty), mask=mask)
     return z
@@ -68,14 +85,15 @@ def p_sample_kernel(out_ptr, x_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, scale
                     CD: tl.constexpr, ROWS: tl.constexpr):
     b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     r0, r1, r2, r3 = _x0_coefficients(table_ptr, t, T, CD)
-    coef_x0 = tl.load(table_ptr + 4 * T + t).to(CD)
-    coef_xt = tl.load(table_ptr + 5 * T + t).to(CD)
-    sigma = tl.where(t > 0, tl.load(table_ptr + 6 * T + t).to(CD), 0.0)
+    coef_x0 = tl.load(table_ptr + ROW_POSTERIOR_COEF_X0 * T + t).to(CD)
+    coef_xt = tl.load(table_ptr + ROW_POSTERIOR_COEF_XT * T + t).to(CD)
+    sigma = tl.where(t > 0, tl.load(table_ptr + ROW_SIGMA * T + t).to(CD), 0.0)
     x = tl.load(x_ptr + base + i, mask=mask).to(CD)
     out = tl.load(out_ptr + base + i, mask=mask).to(CD)
     x0 = _limit_x0(_x0_from_output(out, x, r0, r1, r2, r3, OBJECTIVE), scale_ptr, b, clip,
                    HAS_CLIP, HAS_THRESHOLD, CD)
-    z = _noise(noise_ptr, noise_out_ptr, seed_ptr, b, base, rows, i, mask, offset, N, HAS_NOISE, WRITE_NOISE, CD)
+    z = _noise(noise_ptr, noise_out_ptr, seed_ptr, b, base, rows, i, mask, offset, N, HAS_NOISE, WRITE_NOISE,
+               CD)
     # x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z   (eq. 7 and Algorithm 2, line 4)
     x_prev = coef_x0 * x0 + coef_xt * x + sigma * z
     tl.store(x_prev_ptr + base + i, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
@@ -84,8 +102,8 @@ def p_sample_kernel(out_ptr, x_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, scale
 
 
 @triton.jit
-def ddim_kernel(out_ptr, x_ptr, t_ptr, t_prev_ptr, table_ptr, ac_ptr, noise_ptr, seed_ptr, scale_ptr, x_prev_ptr,
-                x0_out_ptr, noise_out_ptr, offset, N, T, clip, eta, final_alpha_cumprod,
+def ddim_kernel(out_ptr, x_ptr, t_ptr, t_prev_ptr, table_ptr, ac_ptr, noise_ptr, seed_ptr, scale_ptr,
+                x_prev_ptr, x0_out_ptr, noise_out_ptr, offset, N, T, clip, eta, final_alpha_cumprod,
                 OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
                 HAS_THRESHOLD: tl.constexpr, REDERIVE: tl.constexpr, WRITE_X0: tl.constexpr,
                 WRITE_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
@@ -108,16 +126,17 @@ def ddim_kernel(out_ptr, x_ptr, t_ptr, t_prev_ptr, table_ptr, ac_ptr, noise_ptr,
     x0 = _limit_x0(raw_x0, scale_ptr, b, clip, HAS_CLIP, HAS_THRESHOLD, CD)
     if REDERIVE:  # ε̂ from the (clipped) x̂_0: ε̂ = (x_t − √ᾱ x̂_0) / √(1 − ᾱ)
         eps = (x - r2 * x0) / r3
-    elif OBJECTIVE == 0:
+    elif OBJECTIVE == PRED_NOISE:
         eps = out
-    elif OBJECTIVE == 1:
+    elif OBJECTIVE == PRED_X0:
         eps = (x - r2 * raw_x0) / r3
     else:  # v: ε̂ = √(1 − ᾱ) x_t + √ᾱ v
         eps = r3 * x + r2 * out
     # x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z   (DDIM eq. 12)
     x_prev = coef_x0 * x0 + coef_dir * eps
     if STOCHASTIC:
-        z = _noise(noise_ptr, noise_out_ptr, seed_ptr, b, base, rows, i, mask, offset, N, HAS_NOISE, WRITE_NOISE, CD)
+        z = _noise(noise_ptr, noise_out_ptr, seed_ptr, b, base, rows, i, mask, offset, N, HAS_NOISE,
+                   WRITE_NOISE, CD)
         x_prev += sigma * z
     tl.store(x_prev_ptr + base + i, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
@@ -145,9 +164,9 @@ def launch_p_sample(out, x, t, table, x_prev, *, objective, noise=None, seed=Non
     return x_prev
 
 
-def launch_ddim(out, x, t, t_prev, table, alphas_cumprod, x_prev, *, objective, eta=0.0, final_alpha_cumprod=1.0,
-                rederive_noise=True, noise=None, seed=None, offset=0, clip=None, threshold_scale=None, x0_out=None,
-                noise_out=None, wrap=lambda kernel: kernel):
+def launch_ddim(out, x, t, t_prev, table, alphas_cumprod, x_prev, *, objective, eta=0.0,
+                final_alpha_cumprod=1.0, rederive_noise=True, noise=None, seed=None, offset=0, clip=None,
+                threshold_scale=None, x0_out=None, noise_out=None, wrap=lambda kernel: kernel):
     g, per_sample, rows = _launch_args(x)
     wrap(ddim_kernel)[g](
         out, x, t, t_prev, table, alphas_cumprod, noise if noise is not None else x,
@@ -157,5 +176,6 @@ def launch_ddim(out, x, t, t_prev, table, alphas_cumprod, x_prev, *, objective, 
         float(final_alpha_cumprod),
         OBJECTIVE=objective, HAS_NOISE=noise is not None, HAS_CLIP=clip is not None,
         HAS_THRESHOLD=threshold_scale is not None, REDERIVE=rederive_noise, WRITE_X0=x0_out is not None,
-        WRITE_NOISE=noise_out is not None, STOCHASTIC=eta != 0 or noise_out is not None, CD=compute_dtype(x.dtype), ROWS=rows, num_warps=num_warps(rows))
+        WRITE_NOISE=noise_out is not None, STOCHASTIC=eta != 0 or noise_out is not None,
+        CD=compute_dtype(x.dtype), ROWS=rows, num_warps=num_warps(rows))
     return x_prev

@@ -11,6 +11,7 @@ import fastddpm
 from fastddpm import Diffusion, UNet, reference
 from fastddpm.ops import choose_backend
 from fastddpm.ops.diffusion_loss import diffusion_loss
+from fastddpm.ops import reverse_step
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import ddim_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
@@ -48,7 +49,8 @@ def op_args(sched):
         "p_sample_step": p_step,
         "ddim_step": ddim,
     }
-    args.update({f"{op}_triton": a for op, a in args.items() if op != "diffusion_loss_train"})
+    args.update({f"{op}_triton": a for op, a in args.items()
+                 if op not in ("diffusion_loss_train", "p_sample_step", "ddim_step")})
     args.update({
         "group_norm_silu": (x, 2, w, b, 1e-5),
         "group_norm_silu_train": (x, 2, w, b, 1e-5),
@@ -212,9 +214,8 @@ def test_threshold_scale_must_be_positive(bad, sched):
     x, out, n = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     t, t_prev, scale = torch.tensor([5, 6]), torch.tensor([2, 3]), torch.tensor([1.5, bad])
     table, ac = sched.reverse_table(), sched.alphas_cumprod
-    for suffix in ("", "_triton"):
-        p_step, ddim = getattr(torch.ops.fastddpm, "p_sample_step" + suffix), getattr(torch.ops.fastddpm,
-                                                                                       "ddim_step" + suffix)
+    for p_step, ddim in ((torch.ops.fastddpm.p_sample_step, torch.ops.fastddpm.ddim_step),
+                         (reverse_step._p_sample_step_triton, reverse_step._ddim_step_triton)):
         with pytest.raises(RuntimeError, match="threshold_scale must be > 0"):
             p_step(out, x, t, table, n, None, 0, 0, None, scale, True, False)
         with pytest.raises(RuntimeError, match="threshold_scale must be > 0"):
@@ -230,10 +231,10 @@ def test_final_alpha_cumprod_must_lie_in_unit_interval(final, sched):
             ddim_step(sched, out, x, t, t_prev, n, eta=0.5, final_alpha_cumprod=final, backend=backend)
     with pytest.raises(ValueError, match=r"final_alpha_cumprod .* must lie in \[0, 1\]"):
         reference.ddim_step(sched, out, x, t, t_prev, n, final_alpha_cumprod=final)
-    for op in ("ddim_step", "ddim_step_triton"):
+    for op in (torch.ops.fastddpm.ddim_step, reverse_step._ddim_step_triton):
         with pytest.raises(RuntimeError, match=r"final_alpha_cumprod .* must lie in \[0, 1\]"):
-            getattr(torch.ops.fastddpm, op)(out, x, t, t_prev, sched.reverse_table(), sched.alphas_cumprod, n,
-                                            None, 0, 0, 0.5, final, None, None, True, True, False)
+            op(out, x, t, t_prev, sched.reverse_table(), sched.alphas_cumprod, n, None, 0, 0, 0.5, final,
+               None, None, True, True, False)
 
 
 def test_reference_clamps_timesteps_as_the_kernels(sched):

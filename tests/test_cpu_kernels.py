@@ -15,7 +15,6 @@ from fastddpm import _extension, reference
 from fastddpm.ops import new_seed
 from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import philox_noise_like, q_sample
-from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from . import kernel_grid as grid
@@ -77,9 +76,6 @@ def test_noise_matches_the_triton_kernel(sched):
             a = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="cpp")
             b = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="triton")
             assert rel_err(a, b) <= 1e-5
-        z_cpp = p_sample_step(sched, pred, x, t, seed=seed, offset=offset, write_noise=True, backend="cpp")[2]
-        z_tri = p_sample_step(sched, pred, x, t, seed=seed, offset=offset, write_noise=True, backend="triton")[2]
-        assert (z_cpp - z_tri).abs().max() <= 1e-6
 
 
 def test_loss_regenerates_the_noise_q_sample_drew(sched):
@@ -249,47 +245,10 @@ def test_loss_mixed_dtypes_read_each_input_exactly(sched):
     assert loss.dtype == torch.float32 and rel_err(loss, ref) < 1e-6
 
 
-# ----------------------------------------------------------------------------- reverse steps
-@grid.on_grid
-def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
-    grid.check_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
-    grid.check_p_sample_step_objectives_variances_limits(sched, objective, variance, BACKEND, DEVICE)
-
-
-def test_p_sample_step_drawn_noise_and_t0(sched):
-    grid.check_p_sample_step_drawn_noise_and_t0(sched, BACKEND, DEVICE)
-
-
-@grid.on_grid
-def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
-    grid.check_ddim_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_ddim_step_objectives_eta_limits(sched, objective):
-    grid.check_ddim_step_objectives_eta_limits(sched, objective, BACKEND, DEVICE)
-
-
-def test_ddim_drawn_noise_and_final_alpha(sched):
-    grid.check_ddim_drawn_noise_and_final_alpha(sched, BACKEND, DEVICE)
-
-
-def test_float64_steps(sched):
-    x, o, n = (torch.randn(3, 2, 5, 5, dtype=torch.float64) for _ in range(3))
-    t = timesteps(3)
-    out = p_sample_step(sched, o, x, t, n, objective="pred_x0", clip_denoised=False, backend="cpp")
-    ref = reference.p_sample_step(sched, o, x, t, n, "pred_x0", clip_denoised=False)
-    assert out[0].dtype == torch.float64 and rel_err(out[0], ref[0]) < 1e-6  # the tables are float32
-
-
 def test_tables_are_read_in_place_in_float32_float64_or_strided(sched):
-    """The per-sample table lookups read float32 and float64 tables, and strided 2-D ones, where they lie:
-    float64 tables that hold the float32 values give the same bits."""
+    """The per-sample table lookups read float32 and float64 tables where they lie: float64 tables that hold
+    the float32 values give the same bits (the steps' 2-D tables: tests/ops/test_p_sample_step.py and
+    test_ddim_step.py)."""
     x, o, n, t, seed = data((3, 2, 5, 5)), data((3, 2, 5, 5)), data((3, 2, 5, 5)), timesteps(3), torch.tensor([9])
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     tables64 = tuple(tab.double() for tab in tables)
@@ -299,19 +258,6 @@ def test_tables_are_read_in_place_in_float32_float64_or_strided(sched):
     for objective in (0, 1, 2):
         assert torch.equal(ops.diffusion_loss(o, x, t, *tables, n, None, 0, objective, 5.0, 0),
                            ops.diffusion_loss(o, x, t, *tables64, n, None, 0, objective, 5.0, 0))
-    table = sched.reverse_table()
-    column_major = table.t().contiguous().t()
-    assert not column_major.is_contiguous()
-    for other in (table.double(), column_major):
-        for a, b in zip(ops.p_sample_step(o, x, t, table, n, None, 0, 0, 1.0, None, True, False),
-                        ops.p_sample_step(o, x, t, other, n, None, 0, 0, 1.0, None, True, False)):
-            assert torch.equal(a, b)
-        t_prev = (t - 300).clamp(min=-1)
-        for a, b in zip(ops.ddim_step(o, x, t, t_prev, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,
-                                      None, True, True, False),
-                        ops.ddim_step(o, x, t, t_prev, other, sched.alphas_cumprod.double(), n, None, 0, 2, 0.5, 1.0,
-                                      None, None, True, True, False)):
-            assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- threads, poison, opcheck
@@ -365,7 +311,6 @@ def test_every_output_element_is_written(sched):
 
 def test_opcheck_every_op(sched):
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
-    table = sched.reverse_table()
     for dtype, cl in ((torch.float32, False), (torch.float64, False), (torch.float32, True), (torch.bfloat16, False)):
         x = data((3, 2, 5, 5), dtype, cl)
         p, n, t, seed = data((3, 2, 5, 5), dtype, cl).requires_grad_(True), data((3, 2, 5, 5), dtype, cl), \
@@ -378,13 +323,7 @@ def test_opcheck_every_op(sched):
                  (ops.diffusion_loss_backward.default, (torch.rand(3), p.detach(), x, t, *tables, None, seed, 0, 2,
                                                         None, 0)),
                  (ops.diffusion_loss_train.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
-                 (ops.diffusion_loss_train.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
-                 (ops.p_sample_step.default, (n, x, t, table, None, seed, 0, 0, 1.0, None, True, True)),
-                 (ops.p_sample_step.default, (n, x, t, table, n, None, 0, 2, None, torch.rand(3) + 1, False, False)),
-                 (ops.ddim_step.default, (n, x, t, t - 1, table, sched.alphas_cumprod, n, None, 0, 2, 0.5, 1.0, None,
-                                          None, True, True, False)),
-                 (ops.ddim_step.default, (n, x, t, t - 1, table, sched.alphas_cumprod, None, seed, 0, 1, 1.0, 1.0,
-                                          1.0, None, True, False, True))]
+                 (ops.diffusion_loss_train.default, (p, None, t, *tables, n, None, 0, 0, None, 0))]
         for op, args in cases:
             torch.library.opcheck(op, args)
 
@@ -392,7 +331,7 @@ def test_opcheck_every_op(sched):
 def test_entry_points_skip_autograd_only_where_no_gradient_flows(sched):
     """fastddpm.ops.call_op: below the autograd layer (no grad mode, or no input requiring grad) the results are
     the same; with an input requiring grad the gradient still flows; and torch.compile(fullgraph=True) traces
-    the entry points (noised → network → loss, and the reverse steps) without a graph break."""
+    the entry points (noised → network → loss) without a graph break."""
     x, n, t = data((2, 3, 6, 6)), data((2, 3, 6, 6)), timesteps(2)
     with_grad = q_sample(sched, x, t, n, backend="cpp")
     with torch.no_grad():
@@ -409,11 +348,6 @@ def test_entry_points_skip_autograd_only_where_no_gradient_flows(sched):
         x_t, noise_kwargs = noised(sched, x, t, backend="cpp", check=False)
         return diffusion_loss(sched, net(x_t), x, t, **noise_kwargs, objective="pred_v", backend="cpp", check=False)
 
-    def sample(o, x, t):
-        with torch.no_grad():
-            a = p_sample_step(sched, o, x, t, seed=torch.tensor([3]), backend="cpp", check=False)[0]
-            return ddim_step(sched, o, a, t, t - 1, eta=0.5, seed=torch.tensor([4]), backend="cpp", check=False)[0]
-
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)
     loss = compiled(x, t)
@@ -423,20 +357,19 @@ def test_entry_points_skip_autograd_only_where_no_gradient_flows(sched):
     eager_loss = step(x, t)
     eager_loss.backward()
     assert torch.equal(loss, eager_loss) and rel_err(compiled_grad, net.weight.grad) <= 1e-6
-    compiled_sample = torch.compile(sample, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled_sample(n, x, t), sample(n, x, t))
 
 
 def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
     """Diffusion on the cpp backend takes the fused path (ε drawn in q_sample, regenerated in the loss) and its
     sampling loops draw z in-kernel; both reproducible under torch.manual_seed."""
     from fastddpm import Diffusion
-    from fastddpm.sampling import step_noise_in_kernel
+    from fastddpm.ops import draws_noise_in_kernel
 
     from .conftest import TinyNet
 
     d = Diffusion(TinyNet(timesteps=20), image_size=6, timesteps=20, beta_schedule="cosine", backend="cpp")
-    assert step_noise_in_kernel(d, "p_sample_step") and step_noise_in_kernel(d, "ddim_step")
+    assert draws_noise_in_kernel("p_sample_step", d.device, d.backend)
+    assert draws_noise_in_kernel("ddim_step", d.device, d.backend)
     x0 = torch.rand(2, 3, 6, 6) * 2 - 1
     torch.manual_seed(1)
     a = d.p_losses(x0, torch.tensor([3, 17]))
@@ -451,16 +384,11 @@ def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
 def test_bad_input_raises_clear_errors(sched):
     x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
-    table, seed = sched.reverse_table(), torch.tensor([1])
+    seed = torch.tensor([1])
     cases = [
         (r"timesteps must lie in \[0, 1000\), got t\[1\] = 1000",
          lambda: ops.q_sample_philox(x, torch.tensor([0, 1000]), *tables, seed, 0, False)),
         (r"got t\[0\] = -1", lambda: ops.diffusion_loss(x, x, torch.tensor([-1, 3]), *tables, n, None, 0, 0, None, 1)),
-        (r"got t\[1\] = 4000", lambda: ops.p_sample_step(x, x, torch.tensor([0, 4000]), table, n, None, 0, 0, None,
-                                                         None, False, False)),
-        (r"timesteps must lie in \[-1, 1000\), got t_prev\[0\] = -2",
-         lambda: ops.ddim_step(x, x, t, torch.tensor([-2, 0]), table, sched.alphas_cumprod, None, None, 0, 0, 0.0,
-                               1.0, None, None, True, False, False)),
         ("x_start must be float16, bfloat16, float32 or float64, got Long",
          lambda: ops.q_sample_philox(x.long(), t, *tables, seed, 0, False)),
         (r"t must be int64 of shape \[2\]", lambda: ops.q_sample_philox(x, t.int(), *tables, seed, 0, False)),
@@ -475,19 +403,7 @@ def test_bad_input_raises_clear_errors(sched):
         ("reduction must be 0", lambda: ops.diffusion_loss(x, x, t, *tables, n, None, 0, 0, None, 2)),
         (r"grad must have the loss's shape", lambda: ops.diffusion_loss_backward(torch.ones(3), x, x, t, *tables, n,
                                                                                  None, 0, 0, None, 0)),
-        (r"table table must be \[7, T\]",
-         lambda: ops.p_sample_step(x, x, t, sched.betas, n, None, 0, 0, None, None, False, False)),
         ("seed must be an int64 tensor", lambda: ops.q_sample_philox(x, t, *tables, torch.tensor([1.0]), 0, False)),
-        (r"threshold_scale must be a float tensor of shape \[2\]",
-         lambda: ops.p_sample_step(x, x, t, table, n, None, 0, 0, None, torch.ones(3), False, False)),
-        ("clip must be positive", lambda: ops.p_sample_step(x, x, t, table, n, None, 0, 0, -1.0, None, False, False)),
-        ("eta must be >= 0", lambda: ops.ddim_step(x, x, t, t, table, sched.alphas_cumprod, n, None, 0, 0, -0.5, 1.0,
-                                                   None, None, True, False, False)),
-        ("with eta > 0|give exactly one of noise and seed",
-         lambda: ops.ddim_step(x, x, t, t, table, sched.alphas_cumprod, None, None, 0, 0, 0.5, 1.0, None, None, True,
-                               False, False)),
-        (r"model_output has shape \[2, 3, 4, 5\], expected \[2, 3, 4, 4\]",
-         lambda: ops.p_sample_step(torch.randn(2, 3, 4, 5), x, t, table, n, None, 0, 0, None, None, False, False)),
         ("table sqrt_alphas_cumprod must be float32 or float64",
          lambda: ops.q_sample_philox(x, t, tables[0].half(), tables[1], seed, 0, False)),
     ]

@@ -87,10 +87,11 @@ def _op_cases():
             (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
             (ops.diffusion_loss_triton.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
             (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
-            (ops.p_sample_step_triton.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None, True,
-                                                True)),
-            (ops.ddim_step_triton.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None, 0,
-                                            2, 0.5, 1.0, None, None, True, True, False))]
+            # (the steps' one op each, its CUDA kernel the Triton implementation)
+            (ops.p_sample_step.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None, True,
+                                         True)),
+            (ops.ddim_step.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None, 0,
+                                     2, 0.5, 1.0, None, None, True, True, False))]
 
 
 def test_triton_ops_full_opcheck():

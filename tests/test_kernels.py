@@ -14,10 +14,8 @@ import torch
 
 from fastddpm.kernels import loss as loss_kernels
 from fastddpm.kernels import q_sample as q_sample_kernels
-from fastddpm.kernels import reverse_step as reverse_kernels
 from fastddpm.ops.diffusion_loss import diffusion_loss
 from fastddpm.ops.q_sample import q_sample
-from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from . import kernel_grid as grid
@@ -37,7 +35,7 @@ LAUNCHES = collections.Counter()
 def count_launches():
     """Count interpreter launches per kernel (the interpreter calls kernel.run for kernel[grid](...))."""
     kernels = [q_sample_kernels.q_sample_kernel, loss_kernels.loss_partial_kernel, loss_kernels.loss_finalize_kernel,
-               loss_kernels.loss_backward_kernel, reverse_kernels.p_sample_kernel, reverse_kernels.ddim_kernel]
+               loss_kernels.loss_backward_kernel]
     originals = {}
     for k in kernels:
         originals[k] = k.run
@@ -85,10 +83,6 @@ def test_strided_timesteps(sched):
     for t in (torch.tensor(7).expand(4), torch.arange(8)[::2] * 100):
         ref_t = t.contiguous()
         assert torch.equal(q_sample(sched, x, t, n, backend="triton"), q_sample(sched, x, ref_t, n, backend="triton"))
-        assert torch.equal(p_sample_step(sched, o, x, t, n, backend="triton")[0],
-                           p_sample_step(sched, o, x, ref_t, n, backend="triton")[0])
-        assert torch.equal(ddim_step(sched, o, x, t, t - 1, n, eta=1.0, backend="triton")[0],
-                           ddim_step(sched, o, x, ref_t, ref_t - 1, n, eta=1.0, backend="triton")[0])
         assert torch.equal(diffusion_loss(sched, o, x, t, n, backend="triton"),
                            diffusion_loss(sched, o, x, ref_t, n, backend="triton"))
 
@@ -135,36 +129,6 @@ def test_loss_gradients_reach_x_start_and_noise(sched):
     grid.check_loss_float64_and_gradients(sched, BACKEND, DEVICE)
 
 
-# ----------------------------------------------------------------------------- reverse steps
-@grid.on_grid
-def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
-    grid.check_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-def test_p_sample_step_objectives_variances_limits(sched, objective, variance):
-    grid.check_p_sample_step_objectives_variances_limits(sched, objective, variance, BACKEND, DEVICE)
-
-
-def test_p_sample_step_drawn_noise_and_t0(sched):
-    grid.check_p_sample_step_drawn_noise_and_t0(sched, BACKEND, DEVICE)
-
-
-@grid.on_grid
-def test_ddim_step_shapes_dtypes_layouts(sched, shape, dtype):
-    grid.check_ddim_step_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_ddim_step_objectives_eta_limits(sched, objective):
-    grid.check_ddim_step_objectives_eta_limits(sched, objective, BACKEND, DEVICE)
-
-
-def test_ddim_drawn_noise_and_final_alpha(sched):
-    grid.check_ddim_drawn_noise_and_final_alpha(sched, BACKEND, DEVICE)
-
-
 # ----------------------------------------------------------------------------- poisoned outputs
 def test_every_output_element_is_written(sched, monkeypatch):
     """Outputs come from torch.empty_like: make it return NaN-filled tensors, so an unwritten element shows."""
@@ -178,9 +142,7 @@ def test_every_output_element_is_written(sched, monkeypatch):
     x, o, n, t = data((3, 1, 7, 5)), data((3, 1, 7, 5)), data((3, 1, 7, 5)), timesteps(3)
     seed = torch.tensor([1])
     outs = [q_sample(sched, x, t, n, backend="triton"),
-            *q_sample(sched, x, t, seed=seed, write_noise=True, backend="triton"),
-            *p_sample_step(sched, o, x, t, seed=seed, write_noise=True, backend="triton"),
-            *ddim_step(sched, o, x, t, t - 1, seed=seed, eta=1.0, write_noise=True, backend="triton")]
+            *q_sample(sched, x, t, seed=seed, write_noise=True, backend="triton")]
     p = o.clone().requires_grad_(True)
     outs.append(torch.autograd.grad(diffusion_loss(sched, p, x, t, n, backend="triton"), p)[0])
     assert all(torch.isfinite(out).all() for out in outs)
@@ -198,11 +160,7 @@ def test_opcheck_triton_ops(sched):
     cases = [(ops.q_sample_triton.default, (x.requires_grad_(True), t, *tables, n)),
              (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
              (ops.diffusion_loss_triton.default, (p, x.detach(), t, *tables, None, seed, 0, 2, 5.0, 1)),
-             (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
-             (ops.p_sample_step_triton.default, (n, x.detach(), t, sched.reverse_table(), None, seed, 0, 0, 1.0,
-                                                 None, True, True)),
-             (ops.ddim_step_triton.default, (n, x.detach(), t, t - 1, sched.reverse_table(), sched.alphas_cumprod,
-                                             n, None, 0, 2, 0.5, 1.0, None, None, True, True, False))]
+             (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0))]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=utils)
 
@@ -215,11 +173,7 @@ def test_opcheck_cpu_registrations(sched):
     ops = torch.ops.fastddpm
     for op, args in [(ops.q_sample_philox.default, (x, t, *tables, seed, 0, True)),
                      (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
-                     (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
-                     (ops.p_sample_step.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None,
-                                                  True, True)),
-                     (ops.ddim_step.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None,
-                                              0, 2, 0.5, 1.0, None, None, True, True, False))]:
+                     (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0))]:
         torch.library.opcheck(op, args)
 
 
@@ -247,8 +201,6 @@ def test_bad_input_raises_clear_errors(sched):
     x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\), got 1000"):
         q_sample(sched, x, torch.tensor([0, 1000]), n, backend="triton")
-    with pytest.raises(ValueError, match="got -1"):
-        p_sample_step(sched, x, x, torch.tensor([-1, 3]), n, backend="triton")
     with pytest.raises(RuntimeError, match="x_start must be float16, bfloat16, float32 or float64, got torch.int64"):
         q_sample(sched, x.long(), t, n, backend="triton")
     with pytest.raises(RuntimeError, match=r"noise has shape \(2, 3, 4, 5\), expected \(2, 3, 4, 4\)"):
@@ -267,8 +219,6 @@ def test_bad_input_raises_clear_errors(sched):
         diffusion_loss(sched, x, x, t, n, seed=torch.tensor([1]), backend="triton")
     with pytest.raises(RuntimeError, match="the x_0 and v objectives need x_start"):
         diffusion_loss(sched, x, None, t, n, objective="pred_v", backend="triton")
-    with pytest.raises(RuntimeError, match=r"table must be \[7, T\]"):
-        torch.ops.fastddpm.p_sample_step_triton(x, x, t, sched.betas, n, None, 0, 0, None, None, False, False)
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
         q_sample(sched, x, t, seed=torch.tensor([1.0]), backend="triton")
 
@@ -311,6 +261,5 @@ def test_launch_constants_are_plain_ints_under_symbolic_shapes():
 
 def test_every_kernel_was_launched():
     """Runs last in this module: each Triton kernel ran at least once above (through the interpreter)."""
-    names = ["q_sample_kernel", "loss_partial_kernel", "loss_finalize_kernel", "loss_backward_kernel",
-             "p_sample_kernel", "ddim_kernel"]
+    names = ["q_sample_kernel", "loss_partial_kernel", "loss_finalize_kernel", "loss_backward_kernel"]
     assert all(LAUNCHES[n] > 0 for n in names), dict(LAUNCHES)

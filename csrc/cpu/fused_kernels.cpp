@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../contracts.h"
 #include "common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -279,7 +279,7 @@ void loss_backward(const LossArgs& args) {
 }
 
 // ---------------------------------------------------------------- reverse steps
-template <typename scalar_t, int kObjective, bool kDdim>
+template <typename scalar_t, int64_t kObjective, bool kDdim>
 void step_typed(const StepArgs& args) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = args.x.size(0), N = B == 0 ? 0 : args.x.numel() / B;
@@ -315,9 +315,9 @@ void step_typed(const StepArgs& args) {
       for (int64_t i = 0; i < n; ++i) {
         const auto o = static_cast<opmath_t>(ob[i]), xi = static_cast<opmath_t>(xb[i]);
         opmath_t raw;
-        if constexpr (kObjective == 0) {  // ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
+        if constexpr (kObjective == contracts::PRED_NOISE) {  // ε: x̂_0 = √(1/ᾱ) x_t − √(1/ᾱ − 1) ε
           raw = r0 * xi - r1 * o;
-        } else if constexpr (kObjective == 1) {
+        } else if constexpr (kObjective == contracts::PRED_X0) {
           raw = o;
         } else {  // v: x̂_0 = √ᾱ x_t − √(1 − ᾱ) v
           raw = r2 * xi - r3 * o;
@@ -328,9 +328,9 @@ void step_typed(const StepArgs& args) {
           opmath_t eps;
           if (rederive) {  // ε̂ from the limited x̂_0
             eps = (xi - r2 * lim) / r3;
-          } else if constexpr (kObjective == 0) {
+          } else if constexpr (kObjective == contracts::PRED_NOISE) {
             eps = o;
-          } else if constexpr (kObjective == 1) {
+          } else if constexpr (kObjective == contracts::PRED_X0) {
             eps = (xi - r2 * raw) / r3;
           } else {
             eps = r3 * xi + r2 * o;
@@ -371,15 +371,17 @@ void step_typed(const StepArgs& args) {
   });
 }
 
+template <typename scalar_t, int64_t kObjective>
+void step_for_objective(const StepArgs& args) {
+  args.ddim ? step_typed<scalar_t, kObjective, true>(args) : step_typed<scalar_t, kObjective, false>(args);
+}
+
 template <typename scalar_t>
 void step_dispatch(const StepArgs& args) {
-  switch (args.objective * 2 + (args.ddim ? 1 : 0)) {
-    case 0: step_typed<scalar_t, 0, false>(args); break;
-    case 1: step_typed<scalar_t, 0, true>(args); break;
-    case 2: step_typed<scalar_t, 1, false>(args); break;
-    case 3: step_typed<scalar_t, 1, true>(args); break;
-    case 4: step_typed<scalar_t, 2, false>(args); break;
-    default: step_typed<scalar_t, 2, true>(args); break;
+  switch (args.objective) {
+    case contracts::PRED_NOISE: step_for_objective<scalar_t, contracts::PRED_NOISE>(args); break;
+    case contracts::PRED_X0: step_for_objective<scalar_t, contracts::PRED_X0>(args); break;
+    default: step_for_objective<scalar_t, contracts::PRED_V>(args); break;
   }
 }
 

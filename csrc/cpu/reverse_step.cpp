@@ -2,9 +2,10 @@
 // as kernels/reverse_step.py. Both read the model output and x_t once and write x_{t−1} (and, on request, x̂_0
 // and the noise drawn).
 //
-// p_sample_step reads the stacked [7, T] table (rows at t: √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ), μ̃ coefficient of
-// x̂_0, of x_t, σ_t); x̂_0 from the objective, clipped to ±clip or divided by the per-sample threshold_scale
-// s_b after clamping to ±s_b; x_{t−1} = μ̃ + σ_t z with no noise where t = 0.
+// p_sample_step reads the stacked [REVERSE_TABLE_ROWS, T] table (rows at t: contracts.h's ROW_*, i.e. √(1/ᾱ),
+// √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ), μ̃ coefficient of x̂_0, of x_t, σ_t), ddim_step its first DDIM_TABLE_ROWS; x̂_0
+// from the objective, clipped to ±clip or divided by the per-sample threshold_scale s_b after clamping to ±s_b;
+// x_{t−1} = μ̃ + σ_t z with no noise where t = 0.
 // ddim_step: σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)) and the other per-sample scalars in float64;
 // x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z, ᾱ_prev = final_alpha_cumprod where t_prev < 0.
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../contracts.h"
 #include "common.h"
 
 namespace fastddpm {
@@ -35,7 +37,8 @@ std::vector<int64_t> prepare(const char* op, cpu::StepArgs& args, const at::Tens
   cpu::check_data(op, model_output, "model_output", &x_t);
   cpu::check_index(op, t, "t", x_t);
   cpu::check_table(op, table, "table", rows);
-  TORCH_CHECK(0 <= objective && objective <= 2, op, ": objective must be 0 (ε), 1 (x_0) or 2 (v), got ", objective);
+  TORCH_CHECK(objective == contracts::PRED_NOISE || objective == contracts::PRED_X0 || objective == contracts::PRED_V,
+              op, ": objective must be 0 (ε), 1 (x_0) or 2 (v), got ", objective);
   TORCH_CHECK(!clip.has_value() || *clip > 0, op, ": clip must be positive, got ", clip.value_or(0.0));
   if (noise.has_value()) {
     cpu::check_data(op, *noise, "noise", &x_t);
@@ -55,10 +58,10 @@ std::vector<int64_t> prepare(const char* op, cpu::StepArgs& args, const at::Tens
   }
   const std::vector<int64_t> ts = cpu::timesteps(op, t, "t", table.size(1));
   args.objective = static_cast<int>(objective);
-  args.r0 = cpu::gather(table, 0, ts);
-  args.r1 = cpu::gather(table, 1, ts);
-  args.r2 = cpu::gather(table, 2, ts);
-  args.r3 = cpu::gather(table, 3, ts);
+  args.r0 = cpu::gather(table, contracts::ROW_SQRT_RECIP_AC, ts);
+  args.r1 = cpu::gather(table, contracts::ROW_SQRT_RECIPM1_AC, ts);
+  args.r2 = cpu::gather(table, contracts::ROW_SQRT_AC, ts);
+  args.r3 = cpu::gather(table, contracts::ROW_SQRT_1M_AC, ts);
   // x̂_0 → clamp(x̂_0, −s_b, s_b) / s_b (dynamic threshold, s_b rounded to float as the kernels read it), or
   // clamp to ±clip, or as is
   args.limit.assign(B, std::numeric_limits<double>::infinity());
@@ -120,12 +123,12 @@ Outputs p_sample_step_cpu(const at::Tensor& model_output, const at::Tensor& x_t,
                           bool write_noise) {
   constexpr const char* op = "p_sample_step";
   cpu::StepArgs args;
-  const std::vector<int64_t> ts = prepare(op, args, model_output, x_t, t, table, 7, noise, seed, offset, objective,
-                                          clip, threshold_scale, /*uses_noise=*/true);
+  const std::vector<int64_t> ts = prepare(op, args, model_output, x_t, t, table, contracts::REVERSE_TABLE_ROWS, noise,
+                                          seed, offset, objective, clip, threshold_scale, /*uses_noise=*/true);
   args.ddim = false;
-  args.c_x0 = cpu::gather(table, 4, ts);
-  args.c_xt = cpu::gather(table, 5, ts);
-  args.sigma = cpu::gather(table, 6, ts);
+  args.c_x0 = cpu::gather(table, contracts::ROW_POSTERIOR_COEF_X0, ts);
+  args.c_xt = cpu::gather(table, contracts::ROW_POSTERIOR_COEF_XT, ts);
+  args.sigma = cpu::gather(table, contracts::ROW_SIGMA, ts);
   for (size_t b = 0; b < ts.size(); ++b) {
     if (ts[b] == 0) {
       args.sigma[b] = 0.0;  // no noise at the last step
@@ -146,8 +149,8 @@ Outputs ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& x_t, con
               ": final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], got ", final_alpha_cumprod);
   const bool stochastic = eta != 0;
   cpu::StepArgs args;
-  const std::vector<int64_t> ts = prepare(op, args, model_output, x_t, t, table, 4, noise, seed, offset, objective,
-                                          clip, threshold_scale, stochastic);
+  const std::vector<int64_t> ts = prepare(op, args, model_output, x_t, t, table, contracts::DDIM_TABLE_ROWS, noise,
+                                          seed, offset, objective, clip, threshold_scale, stochastic);
   cpu::check_index(op, t_prev, "t_prev", x_t);
   cpu::check_table(op, alphas_cumprod, "alphas_cumprod");
   const int64_t T = table.size(1);
