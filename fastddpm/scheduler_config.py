@@ -1,9 +1,9 @@
-"""The config surface of diffusers' schedulers (its ``ConfigMixin``, ``register_to_config`` and ``BaseOutput``),
-for :mod:`fastddpm.schedulers`.
+"""The config surface of diffusers' schedulers (its ``ConfigMixin``, ``register_to_config`` and
+``BaseOutput``), for :mod:`fastddpm.schedulers`.
 
 A scheduler's constructor arguments are its config: read-only (:class:`FrozenDict`), written to and read from
-``scheduler_config.json`` in diffusers' format (both ways), and loadable by another scheduler class, which then
-takes its own defaults for the arguments recorded under ``_use_default_values`` (diffusers' rule).
+``scheduler_config.json`` in diffusers' format (both ways), and loadable by another scheduler class, which
+then takes its own defaults for the arguments recorded under ``_use_default_values`` (diffusers' rule).
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ class FrozenDict(OrderedDict):
 
     def __setattr__(self, name, value):
         if getattr(self, "_frozen", False):
-            raise TypeError(f"{type(self).__name__} is read-only; build a new scheduler with from_config(config, "
-                            f"{name}=...)")
+            raise TypeError(f"{type(self).__name__} is read-only; build a new scheduler with "
+                            f"from_config(config, {name}=...)")
         super().__setattr__(name, value)
 
     def _read_only(self, *args, **kwargs):
         if getattr(self, "_frozen", False):
-            raise TypeError(f"{type(self).__name__} is read-only; build a new scheduler with from_config(config, "
-                            f"key=value)")
+            raise TypeError(f"{type(self).__name__} is read-only; build a new scheduler with "
+                            f"from_config(config, key=value)")
 
     def __setitem__(self, key, value):
         self._read_only()
@@ -140,9 +140,10 @@ def json_value(value):
 
 
 def register_to_config(init):
-    """Wrap a scheduler's ``__init__`` as diffusers' ``@register_to_config`` does: before it runs, ``config`` holds
-    every argument (defaults filled in) and, under ``_use_default_values``, the names of those left at their
-    defaults, which another class's ``from_config`` then replaces by its own defaults (diffusers' rule)."""
+    """Wrap a scheduler's ``__init__`` as diffusers' ``@register_to_config`` does: before it runs, ``config``
+    holds every argument (defaults filled in) and, under ``_use_default_values``, the names of those left at
+    their defaults, which another class's ``from_config`` then replaces by its own defaults (diffusers'
+    rule)."""
     signature = inspect.signature(init)
 
     @functools.wraps(init)
@@ -162,28 +163,31 @@ def register_to_config(init):
 
 class ConfigMixin:
     """diffusers' ConfigMixin surface: ``config``, ``register_to_config``, ``from_config``, ``load_config``,
-    ``from_pretrained``, ``save_config`` / ``save_pretrained``, JSON, and config values read as attributes (with
-    diffusers' FutureWarning). The subclass's ``__init__`` is wrapped in :func:`register_to_config`."""
+    ``from_pretrained``, ``save_config`` / ``save_pretrained``, JSON, and config values read as attributes
+    (with diffusers' FutureWarning). The subclass's ``__init__`` is wrapped in :func:`register_to_config`."""
 
     config_name = CONFIG_NAME
     _deprecated_kwargs: list[str] = []  # constructor arguments diffusers deprecates (none for these classes)
 
     @property
     def config(self) -> FrozenDict:
-        """The constructor arguments, read-only, by key or attribute (``scheduler.config.prediction_type``)."""
+        """The constructor arguments, read-only, by key or attribute
+        (``scheduler.config.prediction_type``)."""
         return self._internal_dict
 
     def register_to_config(self, **kwargs) -> None:
         """Change config values after construction, as diffusers' ``register_to_config``."""
-        self._internal_dict = FrozenDict({**self._internal_dict, **{k: json_value(v) for k, v in kwargs.items()}})
+        changed = {k: json_value(v) for k, v in kwargs.items()}
+        self._internal_dict = FrozenDict({**self._internal_dict, **changed})
 
     def __getattr__(self, name):
-        # diffusers still lets config values be read as attributes, with a FutureWarning: scheduler.num_train_timesteps
+        # diffusers still lets config values be read as attributes, with a FutureWarning:
+        # scheduler.num_train_timesteps
         config = self.__dict__.get("_internal_dict")
         if config is not None and name in config:
             cls = type(self).__name__
-            warnings.warn(f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. "
-                          f"Please access '{name}' over '{cls}'s config object instead, e.g. "
+            warnings.warn(f"Accessing config attribute `{name}` directly via '{cls}' object attribute is "
+                          f"deprecated. Please access '{name}' over '{cls}'s config object instead, e.g. "
                           f"'scheduler.config.{name}'.", FutureWarning, stacklevel=2)
             return config[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -263,7 +267,8 @@ class ConfigMixin:
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_json_string(self) -> str:
-        config = {k: json_value(v) for k, v in self.config.items() if k != "_use_default_values"}  # as diffusers
+        # as diffusers: the file holds every argument, without _use_default_values
+        config = {k: json_value(v) for k, v in self.config.items() if k != "_use_default_values"}
         config["_class_name"] = type(self).__name__
         config["_diffusers_version"] = DIFFUSERS_VERSION
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -273,7 +278,8 @@ class ConfigMixin:
             f.write(self.to_json_string())
 
     def save_config(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
-        """Write ``scheduler_config.json`` (diffusers' format, readable by diffusers) into ``save_directory``."""
+        """Write ``scheduler_config.json`` (diffusers' format, readable by diffusers) into
+        ``save_directory``."""
         if push_to_hub:
             raise NotImplementedError("push_to_hub is not supported; upload the folder with huggingface_hub")
         if os.path.isfile(save_directory):

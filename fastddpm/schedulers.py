@@ -2,10 +2,10 @@
 
 Swap ``from diffusers import DDPMScheduler`` for ``from fastddpm import DDPMScheduler``: the constructor
 arguments, ``config`` (with ``_use_default_values``; config keys also read as attributes, with diffusers'
-FutureWarning), ``scheduler_config.json`` files (both ways), ``set_timesteps``, ``step`` (its output an ordered
-dict, as diffusers'), ``_get_variance``, ``add_noise``, ``get_velocity`` and ``compatibles`` behave as diffusers'
-do, and a seeded ``torch.Generator`` draws the same noise, so a sampling loop gives the same images. Beyond
-diffusers:
+FutureWarning), ``scheduler_config.json`` files (both ways), ``set_timesteps``, ``step`` (its output an
+ordered dict, as diffusers'), ``_get_variance``, ``add_noise``, ``get_velocity`` and ``compatibles`` behave as
+diffusers' do, and a seeded ``torch.Generator`` draws the same noise, so a sampling loop gives the same
+images. Beyond diffusers:
 
 - ``step`` takes per-sample timesteps (an integer tensor of shape [B] on any device) as well as an int or a
   0-d tensor, and never syncs the device with the host: no ``.item()``, no Python branch on a tensor's value;
@@ -36,8 +36,8 @@ import torch
 
 from fastddpm import contracts, reference
 from fastddpm.ops.reverse_step import p_sample_step
-from fastddpm.scheduler_config import (DIFFUSERS_VERSION, BaseOutput, ConfigMixin, FrozenDict,  # noqa: F401
-                                       register_to_config)
+from fastddpm.scheduler_config import DIFFUSERS_VERSION  # noqa: F401 (the diffusers release these follow)
+from fastddpm.scheduler_config import BaseOutput, ConfigMixin, FrozenDict, register_to_config
 from fastddpm.schedules import reverse_table
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "FrozenDict"]
@@ -47,7 +47,8 @@ DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sig
 # diffusers' prediction types, in the order of contracts.OBJECTIVES (ε, x_0, v), and the objective of each.
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 OBJECTIVE_OF_PREDICTION_TYPE = dict(zip(PREDICTION_TYPES, contracts.OBJECTIVES))
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                  "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -69,8 +70,10 @@ class DDIMSchedulerOutput(BaseOutput):
 
 # ----------------------------------------------------------------------------- β schedules
 def _betas_from_alpha_bar(alpha_bar, num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
-    # β_i = 1 − ᾱ((i+1)/T) / ᾱ(i/T), capped at max_beta (Nichol & Dhariwal 2021, §3.2); Python floats, as diffusers.
-    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
+    # β_i = 1 − ᾱ((i+1)/T) / ᾱ(i/T), capped at max_beta (Nichol & Dhariwal 2021, §3.2); Python floats, as
+    # diffusers.
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+             for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float32)
 
 
@@ -93,7 +96,8 @@ def _diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, t
     linear, scaled_linear, sigmoid and squaredcos_cap_v2 are :mod:`fastddpm.schedules`' linear, quad, sigmoid
     and cosine (tests/test_diffusers_schedulers.py holds them to it), but schedules.py builds in float64 by
     design, and its betas rounded to float32 differ from diffusers' in the last bit (linear: 338 of T = 1000;
-    cosine, vectorised in float64: one at T = 880), so they cannot stand in here. laplace is diffusers' only."""
+    cosine, vectorised in float64: one at T = 880), so they cannot stand in here. laplace is diffusers'
+    only."""
     if trained_betas is not None:
         return torch.tensor(np.asarray(trained_betas, dtype=np.float64).tolist(), dtype=torch.float32)
     n = num_train_timesteps
@@ -106,14 +110,16 @@ def _diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, t
     if beta_schedule == "laplace":
         return _betas_from_alpha_bar(_laplace_alpha_bar, n)
     if beta_schedule == "sigmoid":  # β-space sigmoid of linspace(−6, 6), rescaled to [beta_start, beta_end]
-        return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
+        sigmoid = torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32))
+        return sigmoid * (beta_end - beta_start) + beta_start
     raise NotImplementedError(f"beta_schedule {beta_schedule!r} is not implemented; choose one of "
                               f"{', '.join(DIFFUSERS_BETA_SCHEDULES)} or pass trained_betas")
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Betas whose ᾱ ends at exactly 0 (Lin et al. 2024, 'Common Diffusion Noise Schedules and Sample Steps are
-    Flawed', Algorithm 1): shift √ᾱ so that its last value is 0, scale it so that its first is unchanged."""
+    """Betas whose ᾱ ends at exactly 0 (Lin et al. 2024, 'Common Diffusion Noise Schedules and Sample Steps
+    are Flawed', Algorithm 1): shift √ᾱ so that its last value is 0, scale it so that its first is
+    unchanged."""
     sqrt_ac = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
     sqrt_ac -= last
@@ -134,14 +140,15 @@ def _spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacin
         return (np.arange(0, steps) * stride).round()[::-1].copy().astype(np.int64) + steps_offset
     if spacing == "trailing":
         return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
-    raise ValueError(f"timestep_spacing {spacing!r} is not supported; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; choose one of "
+                     f"{', '.join(TIMESTEP_SPACINGS)}")
 
 
 # ----------------------------------------------------------------------------- noise
 def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise drawn exactly as diffusers' ``randn_tensor`` draws it, so a seed gives the same
-    numbers: on the generator's device when that is the CPU (then moved), one draw of the whole shape, or with a
-    list of generators one draw of shape [1, ...] per sample from its own generator."""
+    numbers: on the generator's device when that is the CPU (then moved), one draw of the whole shape, or with
+    a list of generators one draw of shape [1, ...] per sample from its own generator."""
     device = torch.device(device)
     draw_device = device
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
@@ -167,7 +174,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _as_python_int(value):
-    """value as a Python int when it is a host integer (int, numpy integer), else None. Never reads a tensor."""
+    """value as a Python int when it is a host integer (int, numpy integer), else None. Never reads a
+    tensor."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, np.integer)):
@@ -194,15 +202,15 @@ class _Scheduler(ConfigMixin):
     init_noise_sigma = 1.0
 
     def register_to_config(self, **kwargs) -> None:
-        """Change config values after construction, as diffusers' ``register_to_config`` (what ``step`` reads from
-        the config follows; the β schedule does not: build a new scheduler for that)."""
+        """Change config values after construction, as diffusers' ``register_to_config`` (what ``step`` reads
+        from the config follows; the β schedule does not: build a new scheduler for that)."""
         super().register_to_config(**kwargs)
         self._tables.clear()
 
     @property
     def compatibles(self) -> list[type]:
-        """The scheduler classes that can be built from this one's config: fastddpm's (:data:`SCHEDULERS`) and,
-        where diffusers is installed, the classes diffusers lists for its scheduler of the same name."""
+        """The scheduler classes that can be built from this one's config: fastddpm's (:data:`SCHEDULERS`)
+        and, where diffusers is installed, the classes diffusers lists for its scheduler of the same name."""
         ours = list(SCHEDULERS)
         try:
             import diffusers
@@ -221,9 +229,11 @@ class _Scheduler(ConfigMixin):
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
         self._tables: dict = {}
-        self.betas = _diffusers_betas(int(num_train_timesteps), beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas = _diffusers_betas(int(num_train_timesteps), beta_start, beta_end, beta_schedule,
+                                      trained_betas)
         if self.betas.dim() != 1 or self.betas.numel() < 1:
-            raise ValueError(f"trained_betas must be a non-empty 1-D sequence, got shape {tuple(self.betas.shape)}")
+            raise ValueError(f"trained_betas must be a non-empty 1-D sequence, got shape "
+                             f"{tuple(self.betas.shape)}")
         if rescale_betas_zero_snr:
             self.betas = _rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
@@ -258,7 +268,8 @@ class _Scheduler(ConfigMixin):
             if np.any(steps[1:] >= steps[:-1]):
                 raise ValueError("custom timesteps must be in strictly descending order")
             if steps[0] >= num_train:
-                raise ValueError(f"timesteps must start below num_train_timesteps={num_train}, got {steps[0]}")
+                raise ValueError(f"timesteps must start below num_train_timesteps={num_train}, "
+                                 f"got {steps[0]}")
             if steps[-1] < 0:
                 raise ValueError(f"timesteps must be >= 0, got {steps[-1]}")
         else:
@@ -268,8 +279,8 @@ class _Scheduler(ConfigMixin):
             if n is None or n < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
             if n > num_train:
-                raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={num_train}: the "
-                                 f"model was trained on {num_train} timesteps only")
+                raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={num_train}: "
+                                 f"the model was trained on {num_train} timesteps only")
             self.num_inference_steps = n
             steps = _spaced_timesteps(num_train, n, self.config.timestep_spacing, self.config.steps_offset)
         self._timesteps_host = steps
@@ -282,12 +293,13 @@ class _Scheduler(ConfigMixin):
         raise NotImplementedError
 
     def _on_schedule(self):
-        """bool [T]: which timesteps the current inference schedule holds; None when every timestep is valid."""
+        """bool [T]: which timesteps the current inference schedule holds; None when every timestep is
+        valid."""
         return None
 
     def previous_timestep(self, timestep):
-        """The timestep that follows ``timestep`` in the current schedule (−1 after the last). An int gives an int;
-        a tensor (0-d or [B]) gives an int64 tensor on its device, looked up without a host sync."""
+        """The timestep that follows ``timestep`` in the current schedule (−1 after the last). An int gives an
+        int; a tensor (0-d or [B]) gives an int64 tensor on its device, looked up without a host sync."""
         value = _as_python_int(timestep)
         prev = self._prev_host()
         if value is not None:
@@ -300,7 +312,8 @@ class _Scheduler(ConfigMixin):
 
     # --------------------------------------------------------------- tables (per device)
     def _cached(self, name: str, device: torch.device, build):
-        """A table built on the host by ``build()`` and kept per device, rebuilt when ᾱ or the schedule changes."""
+        """A table built on the host by ``build()`` and kept per device, rebuilt when ᾱ or the schedule
+        changes."""
         ac = self.alphas_cumprod
         key = (name, device, id(ac), ac._version, getattr(self, "variance_type", None))
         table = self._tables.get(key)
@@ -316,8 +329,8 @@ class _Scheduler(ConfigMixin):
         return self._cached("prev", torch.device(device), lambda: torch.from_numpy(self._prev_host().copy()))
 
     def _reference_tables(self, device) -> _ReferenceTables:
-        """The x̂₀ rows of contracts.REVERSE_TABLE (√(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t); built in float64,
-        stored float32) and ᾱ itself, on ``device``, for :mod:`fastddpm.reference`."""
+        """The x̂₀ rows of contracts.REVERSE_TABLE (√(1/ᾱ_t), √(1/ᾱ_t − 1), √ᾱ_t, √(1 − ᾱ_t); built in
+        float64, stored float32) and ᾱ itself, on ``device``, for :mod:`fastddpm.reference`."""
         def build():
             ac = self.alphas_cumprod.double()
             step_rows = torch.zeros_like(ac)  # the posterior and σ rows belong to a step, not to ᾱ_t alone
@@ -330,7 +343,8 @@ class _Scheduler(ConfigMixin):
     def _check_prediction_type(self) -> str:
         prediction_type = self.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(f"prediction_type {prediction_type!r} must be one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
         return prediction_type
 
     def _x0_limits(self):
@@ -356,7 +370,8 @@ class _Scheduler(ConfigMixin):
                 raise ValueError(f"timestep must lie in [0, {num_train}), got {value}")
             on = self._on_schedule() if check_schedule else None
             if on is not None and not on[value]:
-                raise ValueError(f"timestep {value} is not in the current schedule {self._timesteps_host.tolist()}")
+                raise ValueError(f"timestep {value} is not in the current schedule "
+                                 f"{self._timesteps_host.tolist()}")
             return torch.full((batch,), value, dtype=torch.int64, device=sample.device)
         if not isinstance(timestep, torch.Tensor):
             raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
@@ -404,8 +419,10 @@ class _Scheduler(ConfigMixin):
 
 
 # ----------------------------------------------------------------------------- DDPM
-# Rows of DDPMScheduler's variance table: the values diffusers' _get_variance returns per variance_type, and log β̃_t.
-_VARIANCE_ROWS = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "log_small": 4}
+# Rows of DDPMScheduler's variance table: the values diffusers' _get_variance returns per variance_type, and
+# log β̃_t.
+_VARIANCE_ROWS = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3,
+                  "log_small": 4}
 
 
 class DDPMScheduler(_Scheduler):
@@ -413,10 +430,10 @@ class DDPMScheduler(_Scheduler):
     ``DDPMScheduler``.
 
     Arguments (diffusers' names and defaults): ``num_train_timesteps`` T; ``beta_start``, ``beta_end``;
-    ``beta_schedule`` linear | scaled_linear | squaredcos_cap_v2 | sigmoid | laplace; ``trained_betas`` (overrides
-    the schedule); ``variance_type``: σ_t² = β̃_t (fixed_small, fixed_small_log), β_t (fixed_large,
-    fixed_large_log), or from the model's extra output channels (learned: the variance itself; learned_range: the
-    interpolation fraction v ∈ [−1, 1] between log β̃_t and log β_t, Nichol & Dhariwal 2021 eq. 15);
+    ``beta_schedule`` linear | scaled_linear | squaredcos_cap_v2 | sigmoid | laplace; ``trained_betas``
+    (overrides the schedule); ``variance_type``: σ_t² = β̃_t (fixed_small, fixed_small_log), β_t (fixed_large,
+    fixed_large_log), or from the model's extra output channels (learned: the variance itself; learned_range:
+    the interpolation fraction v ∈ [−1, 1] between log β̃_t and log β_t, Nichol & Dhariwal 2021 eq. 15);
     ``clip_sample`` / ``clip_sample_range``: clamp x̂₀; ``prediction_type`` epsilon | sample | v_prediction;
     ``thresholding`` with ``dynamic_thresholding_ratio`` and ``sample_max_value`` (Saharia et al. 2022);
     ``timestep_spacing`` leading | trailing | linspace and ``steps_offset`` for ``set_timesteps``;
@@ -439,7 +456,8 @@ class DDPMScheduler(_Scheduler):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type {variance_type!r} must be one of {', '.join(VARIANCE_TYPES)}")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(f"prediction_type {prediction_type!r} must be one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.one = torch.tensor(1.0)
@@ -447,8 +465,8 @@ class DDPMScheduler(_Scheduler):
         self.variance_type = variance_type
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
-        """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or your own
-        strictly descending ``timesteps``. ``device``: where ``self.timesteps`` goes."""
+        """Choose the inference timesteps: ``num_inference_steps`` spaced per ``timestep_spacing``, or your
+        own strictly descending ``timesteps``. ``device``: where ``self.timesteps`` goes."""
         self.custom_timesteps = self._set_timesteps(num_inference_steps, device, timesteps) is not None
 
     @_Scheduler.timesteps.setter
@@ -480,7 +498,8 @@ class DDPMScheduler(_Scheduler):
 
     def _step_terms(self):
         """float64 [T] each, for the step t → t' (the previous timestep of the current schedule, ᾱ_{−1} = 1):
-        ᾱ_t, ᾱ_t', β_t = 1 − ᾱ_t/ᾱ_t' and β̃_t = (1 − ᾱ_t')/(1 − ᾱ_t)·β_t (eq. 7, clamped at 1e-20 as diffusers)."""
+        ᾱ_t, ᾱ_t', β_t = 1 − ᾱ_t/ᾱ_t' and β̃_t = (1 − ᾱ_t')/(1 − ᾱ_t)·β_t (eq. 7, clamped at 1e-20 as
+        diffusers)."""
         ac = self.alphas_cumprod.double()
         prev = torch.from_numpy(self._prev_host())
         ac_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(ac))
@@ -511,7 +530,8 @@ class DDPMScheduler(_Scheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """x_t → x_{t'} (t' the previous timestep of the schedule): x̂₀ from the model output, clipped or
-        thresholded, the posterior mean μ̃_t(x_t, x̂₀) and, where t > 0, σ_t·z with z drawn as diffusers draws it.
+        thresholded, the posterior mean μ̃_t(x_t, x̂₀) and, where t > 0, σ_t·z with z drawn as diffusers draws
+        it.
 
         ``timestep``: an int, a 0-d tensor or an integer tensor [B] of per-sample timesteps (on any device).
         Returns a :class:`DDPMSchedulerOutput` (prev_sample, pred_original_sample), or a tuple with
@@ -522,8 +542,8 @@ class DDPMScheduler(_Scheduler):
         if self.variance_type in ("learned", "learned_range"):
             if model_output.dim() < 2 or model_output.shape[1] != 2 * sample.shape[1]:
                 raise ValueError(f"variance_type={self.variance_type!r} needs a model output with twice the "
-                                 f"sample's channels (prediction and variance), got {list(model_output.shape)} for "
-                                 f"a sample of {list(sample.shape)}")
+                                 f"sample's channels (prediction and variance), got "
+                                 f"{list(model_output.shape)} for a sample of {list(sample.shape)}")
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {list(sample.shape)}, "
@@ -536,7 +556,8 @@ class DDPMScheduler(_Scheduler):
         else:  # a tensor timestep is never read: its noise is masked where t = 0
             noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
             if predicted_variance is not None:
-                noise = self._learned_sigma(predicted_variance, t, sample) * noise.to(_compute_dtype(sample.dtype))
+                sigma = self._learned_sigma(predicted_variance, t, sample)
+                noise = sigma * noise.to(sigma.dtype)
         prev, x0, _ = p_sample_step(None, model_output, sample, t, noise,
                                     objective=OBJECTIVE_OF_PREDICTION_TYPE[prediction_type],
                                     clip_denoised=clip_denoised, threshold=threshold,
@@ -547,7 +568,8 @@ class DDPMScheduler(_Scheduler):
 
     def _learned_sigma(self, predicted_variance, t, sample) -> torch.Tensor:
         """σ_t from the model's variance channels, in the compute dtype: learned: √v (v the variance);
-        learned_range: exp(½(f·log β_t + (1 − f)·log β̃_t)), f = (v + 1)/2 (Nichol & Dhariwal 2021, eq. 15)."""
+        learned_range: exp(½(f·log β_t + (1 − f)·log β̃_t)), f = (v + 1)/2 (Nichol & Dhariwal 2021, eq.
+        15)."""
         v = predicted_variance.to(_compute_dtype(sample.dtype))
         if self.variance_type == "learned":
             return v.sqrt()
@@ -558,19 +580,20 @@ class DDPMScheduler(_Scheduler):
         return torch.exp(0.5 * (frac * log_large + (1 - frac) * log_small))
 
     def _variances(self, device) -> torch.Tensor:
-        """[5, T] float32, rows as :data:`_VARIANCE_ROWS`, for the (t, previous t) pairs of the current schedule,
-        computed in float64."""
+        """[5, T] float32, rows as :data:`_VARIANCE_ROWS`, for the (t, previous t) pairs of the current
+        schedule, computed in float64."""
         def build():
             _, _, beta_t, small = self._step_terms()
             return torch.stack([small, small.sqrt(), beta_t, beta_t.log(), small.log()]).float()
         return self._cached("ddpm_variances", torch.device(device), build)
 
-    def _get_variance(self, t, predicted_variance: torch.Tensor | None = None, variance_type: str | None = None):
-        """The variance term of the step at timestep ``t`` (an int, or an integer tensor looked up on its device),
-        in the form diffusers' ``_get_variance`` returns for ``variance_type`` (default: the config's):
-        fixed_small β̃_t; fixed_small_log √β̃_t; fixed_large β_t; fixed_large_log log β_t; learned the
-        ``predicted_variance`` itself; learned_range the log-variance f·log β_t + (1 − f)·log β̃_t with
-        f = (predicted_variance + 1)/2. The previous timestep is that of the current schedule; float64 math,
+    def _get_variance(self, t, predicted_variance: torch.Tensor | None = None,
+                      variance_type: str | None = None):
+        """The variance term of the step at timestep ``t`` (an int, or an integer tensor looked up on its
+        device), in the form diffusers' ``_get_variance`` returns for ``variance_type`` (default: the
+        config's): fixed_small β̃_t; fixed_small_log √β̃_t; fixed_large β_t; fixed_large_log log β_t; learned
+        the ``predicted_variance`` itself; learned_range the log-variance f·log β_t + (1 − f)·log β̃_t with f
+        = (predicted_variance + 1)/2. The previous timestep is that of the current schedule; float64 math,
         float32 result."""
         variance_type = self.config.variance_type if variance_type is None else variance_type
         if variance_type not in VARIANCE_TYPES:
@@ -586,9 +609,11 @@ class DDPMScheduler(_Scheduler):
                 raise ValueError(f"timestep must lie in [0, {num_train}), got {value}")
             on = self._on_schedule()
             if on is not None and not on[value]:
-                raise ValueError(f"timestep {value} is not in the current schedule {self._timesteps_host.tolist()}")
+                raise ValueError(f"timestep {value} is not in the current schedule "
+                                 f"{self._timesteps_host.tolist()}")
             index, device = torch.tensor(value), torch.device("cpu")
-        elif isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        elif isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()
+                                                  or t.dtype == torch.bool):
             index, device = t.long(), t.device
         else:
             raise TypeError(f"timestep must be an int or an integer tensor, got {t!r}")
@@ -605,15 +630,16 @@ class DDPMScheduler(_Scheduler):
 
 # ----------------------------------------------------------------------------- DDIM
 class DDIMScheduler(_Scheduler):
-    """DDIM sampling (Song et al. 2021), with the constructor, config and methods of diffusers' ``DDIMScheduler``.
+    """DDIM sampling (Song et al. 2021), with the constructor, config and methods of diffusers'
+    ``DDIMScheduler``.
 
     Arguments as diffusers': ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` (also
-    sigmoid and laplace here), ``trained_betas``, ``clip_sample``, ``set_alpha_to_one`` (ᾱ after the last step is
-    1, else ᾱ_0), ``steps_offset``, ``prediction_type``, ``thresholding``, ``dynamic_thresholding_ratio``,
+    sigmoid and laplace here), ``trained_betas``, ``clip_sample``, ``set_alpha_to_one`` (ᾱ after the last step
+    is 1, else ᾱ_0), ``steps_offset``, ``prediction_type``, ``thresholding``, ``dynamic_thresholding_ratio``,
     ``clip_sample_range``, ``sample_max_value``, ``timestep_spacing``, ``rescale_betas_zero_snr``.
 
-    The step goes from t to the *next timestep of the schedule*. diffusers instead steps to
-    t − num_train_timesteps // num_inference_steps, which is the same for 'leading' spacing (and for 'trailing'
+    The step goes from t to the *next timestep of the schedule*. diffusers instead steps to t −
+    num_train_timesteps // num_inference_steps, which is the same for 'leading' spacing (and for 'trailing'
     when the step count divides num_train_timesteps) but lands between the schedule's timesteps otherwise
     ('linspace'; 'trailing' with e.g. 3 steps of 1000), so that the next model call sees a sample of another
     noise level. A timestep outside the schedule steps by that stride, as in diffusers.
@@ -626,18 +652,19 @@ class DDIMScheduler(_Scheduler):
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
-                 rescale_betas_zero_snr: bool = False):
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
+                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(f"prediction_type {prediction_type!r} must be one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
         self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self._final_alpha_host = float(self.final_alpha_cumprod)  # a CPU tensor here: no device sync
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
-        """Choose ``num_inference_steps`` timesteps spaced per ``timestep_spacing`` (or, beyond diffusers, your own
-        strictly descending ``timesteps``). ``device``: where ``self.timesteps`` goes."""
+        """Choose ``num_inference_steps`` timesteps spaced per ``timestep_spacing`` (or, beyond diffusers,
+        your own strictly descending ``timesteps``). ``device``: where ``self.timesteps`` goes."""
         custom = self._set_timesteps(num_inference_steps, device, timesteps)
         if custom is not None:
             self.num_inference_steps = int(custom.size)
@@ -654,10 +681,10 @@ class DDIMScheduler(_Scheduler):
         return prev
 
     def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
-        """σ_t²/η² of the step ``timestep`` → ``prev_timestep`` (Song et al. 2021, eq. 16):
-        (1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev), with ᾱ_prev = ``final_alpha_cumprod`` for a negative
-        ``prev_timestep``, as diffusers' ``_get_variance``. Ints or integer tensors (looked up on their device);
-        float64 math, float32 result."""
+        """σ_t²/η² of the step ``timestep`` → ``prev_timestep`` (Song et al. 2021, eq. 16): (1 − ᾱ_prev)/(1 −
+        ᾱ_t)·(1 − ᾱ_t/ᾱ_prev), with ᾱ_prev = ``final_alpha_cumprod`` for a negative ``prev_timestep``, as
+        diffusers' ``_get_variance``. Ints or integer tensors (looked up on their device); float64 math,
+        float32 result."""
         num_train = self.alphas_cumprod.shape[0]
         device = next((v.device for v in (timestep, prev_timestep) if isinstance(v, torch.Tensor)), None)
         device = torch.device("cpu") if device is None else device
@@ -665,8 +692,8 @@ class DDIMScheduler(_Scheduler):
         for name, value in (("timestep", timestep), ("prev_timestep", prev_timestep)):
             host = _as_python_int(value)
             if host is not None and (host >= num_train or (name == "timestep" and host < 0)):
-                raise ValueError(f"{name} must lie in [0, {num_train}), got {host} (a negative prev_timestep: "
-                                 f"the end of the schedule)")
+                raise ValueError(f"{name} must lie in [0, {num_train}), got {host} (a negative "
+                                 f"prev_timestep: the end of the schedule)")
             if host is None and (not isinstance(value, torch.Tensor) or value.is_floating_point()
                                  or value.is_complex() or value.dtype == torch.bool):
                 raise TypeError(f"{name} must be an int or an integer tensor, got {value!r}")
@@ -674,17 +701,18 @@ class DDIMScheduler(_Scheduler):
         t, t_prev = index
         ac = self._cached("alphas_cumprod_float64", device, lambda: self.alphas_cumprod.double())
         ac_t = ac[t]
-        ac_prev = torch.where(t_prev >= 0, ac[t_prev.clamp(min=0)], torch.tensor(self._final_alpha_host,
-                                                                                  dtype=ac.dtype, device=device))
+        final = torch.tensor(self._final_alpha_host, dtype=ac.dtype, device=device)
+        ac_prev = torch.where(t_prev >= 0, ac[t_prev.clamp(min=0)], final)
         return ((1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev)).float()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True):
-        """x_t → x_{t_prev} by DDIM (Song et al. 2021, eq. 12) with noise scale ``eta`` (0: deterministic, 1: DDPM's
-        σ). ``use_clipped_model_output`` re-derives ε̂ from the clipped x̂₀; ``variance_noise`` replaces the drawn
-        noise (not together with ``generator``). ``timestep``: an int, a 0-d tensor or an integer tensor [B];
-        ``eta`` a Python number. Returns a :class:`DDIMSchedulerOutput` or, with ``return_dict=False``, a tuple.
+             use_clipped_model_output: bool = False, generator=None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+        """x_t → x_{t_prev} by DDIM (Song et al. 2021, eq. 12) with noise scale ``eta`` (0: deterministic, 1:
+        DDPM's σ). ``use_clipped_model_output`` re-derives ε̂ from the clipped x̂₀; ``variance_noise``
+        replaces the drawn noise (not together with ``generator``). ``timestep``: an int, a 0-d tensor or an
+        integer tensor [B]; ``eta`` a Python number. Returns a :class:`DDIMSchedulerOutput` or, with
+        ``return_dict=False``, a tuple.
         """
         if self.num_inference_steps is None:
             raise ValueError("the number of inference steps is not set: call set_timesteps first")
@@ -704,15 +732,17 @@ class DDIMScheduler(_Scheduler):
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
             if variance_noise is None:
-                variance_noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+                variance_noise = _randn(model_output.shape, generator, model_output.device,
+                                        model_output.dtype)
             elif variance_noise.shape != sample.shape:
                 raise ValueError(f"variance_noise must have the sample's shape {list(sample.shape)}, "
                                  f"got {list(variance_noise.shape)}")
             noise = variance_noise
         # The reference step computes in the sample's compute dtype (float32 for float32), σ included, as
-        # diffusers does; the fused DDIM op builds σ in float64, which differs from diffusers' float32 rounding by
-        # more than the 1e-5 the tests hold the step to.
-        prev, x0 = reference.ddim_step(self._reference_tables(sample.device), model_output, sample, t, t_prev, noise,
+        # diffusers does; the fused DDIM op builds σ in float64, which differs from diffusers' float32
+        # rounding by more than the 1e-5 the tests hold the step to.
+        tables = self._reference_tables(sample.device)
+        prev, x0 = reference.ddim_step(tables, model_output, sample, t, t_prev, noise,
                                        objective=OBJECTIVE_OF_PREDICTION_TYPE[prediction_type], eta=eta,
                                        clip_denoised=clip_denoised, threshold=threshold,
                                        rederive_noise=bool(use_clipped_model_output),
