@@ -20,10 +20,10 @@ images. Beyond diffusers:
 ``alphas_cumprod`` is built as diffusers builds it (float32 betas, float32 cumulative product), so it is
 bit-identical to diffusers'; only what is derived from it is computed in float64.
 
-The math is not written here: the DDPM step is the fused reverse-step op (:func:`fastddpm.ops.reverse_step.
-p_sample_step`) on a table of the respaced schedule (:func:`fastddpm.schedules.reverse_table`); the DDIM step,
-``add_noise`` and ``get_velocity`` are :mod:`fastddpm.reference`'s. The config surface is
-:mod:`fastddpm.scheduler_config`.
+The math is not written here: the DDPM step is the fused reverse-step op
+(:func:`fastddpm.ops.reverse_step.p_sample_step`) on a table of the respaced schedule
+(:func:`fastddpm.schedules.reverse_table`); the DDIM step, ``add_noise`` and ``get_velocity`` are
+:mod:`fastddpm.reference`'s. The config surface is :mod:`fastddpm.scheduler_config`.
 """
 
 from __future__ import annotations
