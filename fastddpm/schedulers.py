@@ -16,6 +16,9 @@ images. Beyond diffusers:
 - Where diffusers is wrong we are right (see the README, "Using fastddpm with diffusers"): the
   ``fixed_large_log`` variance (NaN in diffusers), DDIM's previous timestep for spacings that are not a
   uniform stride, and ``sqrt`` of a rounding-negative DDIM direction coefficient.
+- With ``rescale_betas_zero_snr`` (ᾱ = 0 at the last timestep) an ε-prediction says nothing of x̂₀ there:
+  both steps give NaN at that timestep, where diffusers clips its ±inf x̂₀ to ±1. Zero terminal SNR needs
+  ``v_prediction`` (Lin et al. 2024, §3.2).
 
 ``alphas_cumprod`` is built as diffusers builds it (float32 betas, float32 cumulative product), so it is
 bit-identical to diffusers'; only what is derived from it is computed in float64.
