@@ -14,6 +14,7 @@ import torch
 
 from fastddpm import schedulers as S
 from fastddpm.schedulers import DDIMScheduler, DDPMScheduler
+from fastddpm.schedules import get_beta_schedule
 from tests.conftest import rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -72,6 +73,17 @@ def test_betas_and_alphas_cumprod_bit_identical(beta_schedule, rescale):
         theirs, ours = diffusers.DDIMScheduler(**kw), DDIMScheduler(**kw)
         assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
         assert torch.equal(torch.as_tensor(ours.final_alpha_cumprod), torch.as_tensor(theirs.final_alpha_cumprod))
+
+
+@pytest.mark.parametrize("diffusers_name, name", [("linear", "linear"), ("scaled_linear", "quad"),
+                                                  ("sigmoid", "sigmoid"), ("squaredcos_cap_v2", "cosine")])
+def test_diffusers_beta_schedules_are_those_of_schedules_py(diffusers_name, name):
+    """The betas built in float32 as diffusers builds them are fastddpm.schedules' float64 ones, rounded."""
+    for timesteps in (1, 2, 7, 50, 880, 1000):
+        kw = {} if name == "cosine" else dict(beta_start=0.00085, beta_end=0.012)
+        ours = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=diffusers_name, **kw).betas
+        assert ours.dtype == torch.float32
+        assert rel_err(ours, get_beta_schedule(name, timesteps, **kw)) < 1e-6, timesteps
 
 
 def test_trained_betas_and_attributes():
