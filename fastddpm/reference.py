@@ -278,8 +278,9 @@ def ddim_step(schedule, model_output, x_t, t, t_prev, noise, objective="pred_noi
     if not 0 <= final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], "
                          f"got {final_alpha_cumprod}")
+    # (torch.full fills on the device; torch.tensor of a Python float on CUDA copies from the host and syncs)
     ac_prev = torch.where(t_prev >= 0, at_timesteps(schedule.alphas_cumprod, t_prev).to(cd),
-                          torch.tensor(final_alpha_cumprod, dtype=cd, device=x.device))
+                          torch.full((), final_alpha_cumprod, dtype=cd, device=x.device))
     ac_prev = ac_prev.reshape(ac.shape)
     sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).clamp(min=0).sqrt()
     direction = (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * eps
