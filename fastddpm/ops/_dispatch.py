@@ -42,3 +42,20 @@ dispatch_mode_depth = torch._C._len_torch_dispatch_stack
 # ---- the dispatcher below its autograd layer
 # A context manager under which an op call skips the autograd kernel and runs the backend kernel directly.
 BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
+# ---- a schedule's tables
+# Attribute access finds an nn.Module's buffer only after the usual lookup fails, in Module.__getattr__ (Python),
+# several times the cost of the dict lookup it ends in. A buffer's name holds no other attribute
+# (register_buffer refuses a name that exists), so reading the buffer dict gives the same tensor.
+_NO_DICT: dict = {}
+
+
+def buffers(obj, name_a: str, name_b: str) -> tuple:
+    """(obj.name_a, obj.name_b), from obj's buffer dict where obj is an nn.Module holding both as buffers."""
+    held = getattr(obj, "__dict__", _NO_DICT).get("_buffers")
+    if held is not None:
+        a, b = held.get(name_a), held.get(name_b)
+        if a is not None and b is not None:
+            return a, b
+    return getattr(obj, name_a), getattr(obj, name_b)

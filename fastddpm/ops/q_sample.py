@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, reference
+from fastddpm.ops._dispatch import buffers
 from fastddpm.ops import (as_layout_of, autograd_function, call_op, check_data, check_index, check_seed,
                           check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
                           new_seed, register_fake, require, runs_eagerly)
@@ -128,15 +129,15 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     result is (x_t, ε) with ε written only when ``write_noise`` (else an empty tensor). The reference backend
     draws the same stream with fastddpm.reference.philox_normal.
     """
+    sqrt_ac, sqrt_1m_ac = buffers(schedule, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
     if check:
-        check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
+        check_timesteps(NAME, t, sqrt_ac.shape[0])
     backend = choose_backend(NAME, x_start.device, backend)
     if noise is not None:
         seed, write_noise = None, False  # (a key or write_noise with a given ε has nothing to do)
     elif seed is None:
         seed = new_seed(x_start.device, generator)
-    args = (x_start, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, noise, seed, offset,
-            write_noise)
+    args = (x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, write_noise)
     if backend == "cpp":
         out = call_op(torch.ops.fastddpm.q_sample.default, *args)
     elif backend == "triton":
