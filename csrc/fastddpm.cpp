@@ -42,8 +42,9 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(fastddpm, m) {
   // Forward process, DDPM eq. 4 reparameterised, per sample b:
   //   x_t[b] = sqrt_alphas_cumprod[t[b]] * x_start[b] + sqrt_one_minus_alphas_cumprod[t[b]] * noise[b]
-  // with ε given (noise) or drawn in-kernel (seed: exactly one of the two): element i (memory order) of sample b
-  // takes lane i % 4 of Philox 4x32-10 at key seed[0], counter offset + b*ceil(N/4) + i/4 (fastddpm/contracts.py).
+  // with ε given (noise) or drawn in-kernel (seed: exactly one of the two): element i (memory order) of
+  // sample b takes lane i % 4 of Philox 4x32-10 at key seed[0], counter offset + b*ceil(N/4) + i/4
+  // (fastddpm/contracts.py).
   // Returns (x_t, the drawn ε when write_noise, else an empty tensor).
   m.def(
       "q_sample(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, "

@@ -83,7 +83,7 @@ def philox_normal(seed: int, offset: int, batch: int, per_sample: int, device=No
     Philox 4×32-10, each output mapped to [0, 1), and Box–Muller on the pairs (lanes 0, 1) and (2, 3).
     """
     rows = contracts.counters_per_sample(per_sample)
-    counter = offset + torch.arange(batch * rows, dtype=torch.int64, device=device)  # sample b: b·rows + i // 4
+    counter = offset + torch.arange(batch * rows, dtype=torch.int64, device=device)  # b·rows + i // 4
     u = [_uniform(r) for r in philox4x32(int(seed), counter)]
     lanes = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):

@@ -1,6 +1,6 @@
 """In-kernel Gaussian noise: Philox 4×32-10 keyed by a seed read from a device tensor.
 
-The stream convention is fastddpm/contracts.py's (which the CPU kernels and ``fastddpm.reference`` follow too):
+The stream convention is fastddpm/contracts.py's (the CPU kernels and ``fastddpm.reference`` follow it too):
 element i of sample b (N elements, i in memory order) takes lane ``i % PHILOX_LANES`` of the normals
 ``tl.randn4x(seed, philox_counter)``. Each Philox evaluation yields four normals (two Box–Muller pairs), so a
 kernel runs one Philox per four elements: one row of the [R, 4] tile (kernels/common.py).

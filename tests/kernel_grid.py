@@ -116,7 +116,7 @@ def check_step(out, ref, dtype, native=(None, None)):
 # (backend "cpp", on the CPU), so that neither backend is held to less than the other; every tensor a check makes
 # is created on ``device`` (torch.device as a context), which test_kernels.py needs on CUDA.
 def check_odd_layout_is_made_dense(sched, backend, device):
-    """Inputs that are not batch-outer dense: outputs come back contiguous (q_sample's: tests/ops/test_q_sample.py)."""
+    """Inputs that are not batch-outer dense: outputs come back contiguous (q_sample: tests/ops/)."""
     with torch.device(device):
         x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
         t = timesteps(4)

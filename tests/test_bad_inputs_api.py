@@ -47,7 +47,8 @@ def op_args(sched):
         "p_sample_step": p_step,
         "ddim_step": ddim,
     }
-    args.update({f"{op}_triton": a for op, a in args.items() if op not in ("diffusion_loss_train", "q_sample")})
+    args.update({f"{op}_triton": a for op, a in args.items()
+                 if op not in ("diffusion_loss_train", "q_sample")})
     args.update({
         "group_norm_silu": (x, 2, w, b, 1e-5),
         "group_norm_silu_train": (x, 2, w, b, 1e-5),

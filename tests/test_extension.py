@@ -265,8 +265,8 @@ def test_every_output_element_is_written(layout):
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         assert torch.isnan(torch.empty(8)).all()  # the poisoning is on
-        out = torch.ops.fastddpm.q_sample(x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod, n,
-                                          None, 0, False)[0]
+        tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+        out = torch.ops.fastddpm.q_sample(x, t, *tables, n, None, 0, False)[0]
     finally:
         torch.use_deterministic_algorithms(old[0])
         torch.utils.deterministic.fill_uninitialized_memory = old[1]

@@ -130,7 +130,7 @@ def call_op(op, *args):
     ``torch.library.register_autograd`` installs a Python autograd kernel that runs on every call, even in
     no_grad or when no input requires grad, and costs several times a small op's kernel. When grad mode is off
     or no tensor argument requires grad, the call goes straight to the backend kernel
-    (``torch._C._AutoDispatchBelowAutograd``) with the same results: outputs that require no grad, as the
+    (``_dispatch.BelowAutograd``) with the same results: outputs that require no grad, as the
     autograd kernel would return them. While torch.compile traces, the op is called plainly: the compiled graph
     has no per-call autograd kernel to skip. Ops with no autograd registered (the reverse steps) gain nothing
     from it: the dispatcher's fallback for them is C++.
@@ -177,9 +177,10 @@ def launcher(x: torch.Tensor):
 
 def autograd_function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
     """A torch.autograd.Function named ``name`` whose forward is ``impl`` and whose autograd is
-    ``setup_context`` and ``backward``: the same two functions an op file gives torch.library.register_autograd,
-    so that an implementation called directly (the Triton path, no dispatcher) and the op share one autograd.
-    Call it as ``Function.apply(*args)`` with the op's arguments, positionally."""
+    ``setup_context`` and ``backward``: the same two functions an op file gives
+    torch.library.register_autograd, so that an implementation called directly (the Triton path, no
+    dispatcher) and the op share one autograd. Call it as ``Function.apply(*args)`` with the op's arguments,
+    positionally."""
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"{name}: {impl.__name__} under the op's registered autograd.",
         "forward": staticmethod(impl),
@@ -219,7 +220,7 @@ def register_fake(name: str, fake) -> None:
     torch.library.register_fake(name)(one_device_fake(name, fake))
 
 
-# ----------------------------------------------------------------------------- the noise key and the layouts the kernels stream
+# ----------------------------------------------------------------------------- noise key, layouts
 def new_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh Philox key for the in-kernel noise: int64 [1] on ``device``, drawn from torch's RNG.
 
@@ -303,10 +304,10 @@ def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:
-    """t ∈ [0, T) (or [−1, T) for an end marker). A CPU t is read on the host (a ValueError names the bad value);
-    a CUDA t is checked on the device (torch._assert_async: no host sync, the kernels keep streaming; a bad value
-    fails the next synchronisation with a device-side assert). Skipped while torch.compile traces and inside a
-    CUDA graph capture; the kernels clamp every table read anyway."""
+    """t ∈ [0, T) (or [−1, T) for an end marker). A CPU t is read on the host (a ValueError names the bad
+    value); a CUDA t is checked on the device (torch._assert_async: no host sync, the kernels keep
+    streaming; a bad value fails the next synchronisation with a device-side assert). Skipped while
+    torch.compile traces and inside a CUDA graph capture; the kernels clamp every table read anyway."""
     if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     low = -1 if allow_negative else 0
@@ -333,7 +334,8 @@ def check_positive_values(op: str, name: str, tensor: torch.Tensor) -> None:
 
 
 def assert_on_device(condition: torch.Tensor, message: str) -> None:
-    """Fail the device's stream unless the one-element bool tensor ``condition`` holds, without a host sync."""
+    """Fail the device's stream unless the one-element bool tensor ``condition`` holds, without a host
+    sync."""
     torch._assert_async(condition, message)
 
 

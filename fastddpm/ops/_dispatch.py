@@ -45,8 +45,8 @@ BelowAutograd = torch._C._AutoDispatchBelowAutograd
 
 
 # ---- a schedule's tables
-# Attribute access finds an nn.Module's buffer only after the usual lookup fails, in Module.__getattr__ (Python),
-# several times the cost of the dict lookup it ends in. A buffer's name holds no other attribute
+# Attribute access finds an nn.Module's buffer only after the usual lookup fails, in Module.__getattr__
+# (Python), several times the cost of the dict lookup it ends in. A buffer's name holds no other attribute
 # (register_buffer refuses a name that exists), so reading the buffer dict gives the same tensor.
 _NO_DICT: dict = {}
 

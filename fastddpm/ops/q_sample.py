@@ -47,7 +47,8 @@ def _fake(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise,
 # ----------------------------------------------------------------------------- Triton (the CUDA kernel)
 def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
                      sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
-                     seed: torch.Tensor | None, offset: int, write_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed: torch.Tensor | None, offset: int,
+                     write_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastddpm.kernels.q_sample import launch_q_sample
 
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
@@ -57,8 +58,8 @@ def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod
     writes_noise = write_noise and noise is None
     noise_out = torch.empty_like(x) if writes_noise else x.new_empty(0)
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
-                    noise=None if noise is None else as_layout_of(noise.to(x.dtype), x), seed=seed, offset=offset,
-                    noise_out=noise_out if writes_noise else None, wrap=launcher(x))
+                    noise=None if noise is None else as_layout_of(noise.to(x.dtype), x), seed=seed,
+                    offset=offset, noise_out=noise_out if writes_noise else None, wrap=launcher(x))
     return out, noise_out
 
 
@@ -93,7 +94,7 @@ class _Tables:
         self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = sqrt_ac, sqrt_1m_ac
 
 
-# ----------------------------------------------------------------------------- autograd (one, reached two ways)
+# ----------------------------------------------------------------------------- autograd: one, two ways in
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
 

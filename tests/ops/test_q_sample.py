@@ -14,9 +14,9 @@ from .conftest import backends_present, device
 
 BACKENDS = backends_present("q_sample")
 DEVICE = device()
-needs_op = pytest.mark.skipif(_extension.load() is None, reason="fastddpm._C is not built: no fastddpm::q_sample")
+needs_op = pytest.mark.skipif(_extension.load() is None, reason="fastddpm._C is not built")
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="no C++ kernel of q_sample for this device")
-needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton here (CUDA or TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 by_backend = pytest.mark.parametrize("backend", BACKENDS)
 
 
@@ -66,7 +66,8 @@ def test_drawn_noise(sched, backend, shape, dtype):
 
 @by_backend
 def test_odd_layout_is_made_dense(sched, backend):
-    """Inputs that are not batch-outer dense: outputs come back contiguous, with the values of dense inputs."""
+    """Inputs that are not batch-outer dense: outputs come back contiguous, with the values of dense
+    inputs."""
     with torch.device(DEVICE):
         x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
         n, t, seed = torch.randn_like(x), timesteps(4), torch.tensor([4])
@@ -95,7 +96,8 @@ def test_tables_are_read_in_float32_or_float64(sched, backend):
         sched64 = NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
         sched64.sqrt_alphas_cumprod = sched.sqrt_alphas_cumprod.double()
         sched64.sqrt_one_minus_alphas_cumprod = sched.sqrt_one_minus_alphas_cumprod.double()
-        assert torch.equal(q_sample(sched, x, t, n, backend=backend), q_sample(sched64, x, t, n, backend=backend))
+        assert torch.equal(q_sample(sched, x, t, n, backend=backend),
+                           q_sample(sched64, x, t, n, backend=backend))
         assert torch.equal(q_sample(sched, x, t, seed=seed, offset=3, backend=backend)[0],
                            q_sample(sched64, x, t, seed=seed, offset=3, backend=backend)[0])
 
@@ -136,8 +138,8 @@ def test_noise_is_the_reference_stream_for_any_key_and_counter(sched, backend):
             eps = q_sample(sched, x, t, seed=seed, offset=offset, write_noise=True, backend=backend)[1]
             assert close_to_stream(eps, philox_noise_like(x, seed, offset))
         big = torch.zeros(16, 3, 64, 64)  # 196608 normals: the tails of the distribution
-        eps = q_sample(sched, big, torch.zeros(16, dtype=torch.long), seed=torch.tensor([99]), write_noise=True,
-                       backend=backend)[1]
+        eps = q_sample(sched, big, torch.zeros(16, dtype=torch.long), seed=torch.tensor([99]),
+                       write_noise=True, backend=backend)[1]
         expected = philox_noise_like(big, torch.tensor([99]), 0)
     slack = 4e-6 if DEVICE.type == "cuda" else 2e-6  # (close_to_stream's bound on a GPU)
     assert close_to_stream(eps, expected) and (eps - expected).abs().max() <= slack
@@ -165,8 +167,10 @@ def test_every_output_element_is_written(sched, backend, layout):
     kernels) with NaN, so an element a kernel leaves unwritten shows."""
     with torch.device(DEVICE):
         base = torch.randn(5, 4, 7, 6)
-        x = {"contiguous": torch.randn(3, 1, 7, 5), "channels_last": base.to(memory_format=torch.channels_last),
-             "permuted": base.transpose(0, 1).contiguous().transpose(0, 1), "strided": torch.randn(5, 8, 7, 6)[:, ::2],
+        x = {"contiguous": torch.randn(3, 1, 7, 5),
+             "channels_last": base.to(memory_format=torch.channels_last),
+             "permuted": base.transpose(0, 1).contiguous().transpose(0, 1),
+             "strided": torch.randn(5, 8, 7, 6)[:, ::2],
              "3d": torch.randn(5, 2, 9)}[layout]
         n, t, seed = torch.randn(x.shape), timesteps(x.shape[0]), torch.tensor([1])
     old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
@@ -230,8 +234,8 @@ def test_gradients_match_the_reference(sched, backend):
 
 @by_backend
 def test_no_grad_and_grad_paths_agree(sched, backend):
-    """The paths that skip autograd (no grad mode, no input requiring grad) give the same values; with an input
-    requiring grad the gradient still flows, for a given and for a drawn ε."""
+    """The paths that skip autograd (no grad mode, no input requiring grad) give the same values; with an
+    input requiring grad the gradient still flows, for a given and for a drawn ε."""
     with torch.device(DEVICE):
         x, n, t, seed = data((2, 3, 6, 6)), data((2, 3, 6, 6)), timesteps(2), torch.tensor([3])
         with_grad = q_sample(sched, x, t, n, backend=backend)
@@ -258,20 +262,23 @@ def test_opcheck_the_op(sched):
                           (torch.bfloat16, False)):
             x, n, t, seed = data((3, 2, 5, 5), dtype, cl), data((3, 2, 5, 5), dtype, cl), timesteps(3), \
                 torch.tensor([3])
-            for args in ((x.clone().requires_grad_(True), t, *tables(sched), n.requires_grad_(True), None, 0, False),
+            xg, ng = x.clone().requires_grad_(True), n.requires_grad_(True)
+            for args in ((xg, t, *tables(sched), ng, None, 0, False),
                          (x, t, *tables(sched), None, seed, 7, True),
-                         (x.clone().requires_grad_(True), t, *tables(sched), None, seed, 0, False)):
+                         (xg, t, *tables(sched), None, seed, 0, False)):
                 torch.library.opcheck(op, args)
         torch.library.opcheck(op, (data((4, 7)), timesteps(4), *tables(sched), data((4, 7)), None, 0, False))
         permuted = torch.randn(6, 3, 5, 4).transpose(0, 1)  # dense, batch not outermost: made contiguous
-        torch.library.opcheck(op, (permuted, timesteps(3), *tables(sched), torch.randn(3, 6, 5, 4), None, 0, False))
-        assert op(permuted, timesteps(3), *tables(sched), None, torch.tensor([1]), 0, False)[0].is_contiguous()
+        t = timesteps(3)
+        torch.library.opcheck(op, (permuted, t, *tables(sched), torch.randn(3, 6, 5, 4), None, 0, False))
+        assert op(permuted, t, *tables(sched), None, torch.tensor([1]), 0, False)[0].is_contiguous()
 
 
 @needs_triton
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "strided"])
 def test_triton_outputs_have_the_layout_of_the_fake(sched, layout):
-    """The Triton implementation (the op's CUDA kernel) returns what the fake says: opcheck runs it only on a GPU."""
+    """The Triton implementation (the op's CUDA kernel) returns what the fake says (opcheck runs it only on
+    a GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastddpm.ops.q_sample import _fake, _q_sample_triton
@@ -279,10 +286,10 @@ def test_triton_outputs_have_the_layout_of_the_fake(sched, layout):
     with torch.device(DEVICE):
         base = torch.randn(3, 4, 5, 6)
         x = {"contiguous": base, "channels_last": base.to(memory_format=torch.channels_last),
-             "permuted": torch.randn(4, 3, 5, 6).transpose(0, 1), "strided": torch.randn(3, 8, 5, 6)[:, ::2]}[layout]
-        args = (x, timesteps(3), *tables(sched))
-    for rest in ((torch.randn(x.shape, device=DEVICE), None, 0, False), (None, torch.tensor([2], device=DEVICE), 0, True),
-                 (None, torch.tensor([2], device=DEVICE), 0, False)):
+             "permuted": torch.randn(4, 3, 5, 6).transpose(0, 1),
+             "strided": torch.randn(3, 8, 5, 6)[:, ::2]}[layout]
+        args, noise, seed = (x, timesteps(3), *tables(sched)), torch.randn(x.shape), torch.tensor([2])
+    for rest in ((noise, None, 0, False), (None, seed, 0, True), (None, seed, 0, False)):
         real = _q_sample_triton(*args, *rest)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = _fake(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in (*args, *rest)))
@@ -307,8 +314,8 @@ def test_triton_eager_path_equals_the_autograd_path(sched):
 @pytest.mark.cuda
 @needs_op
 def test_cuda_eager_path_equals_the_op_and_what_must_see_the_op_goes_through_it(sched):
-    """On a GPU the op's kernel is the Triton implementation: called directly in eager mode (no dispatcher), it
-    gives the op's values; under a dispatch mode the call goes through the op."""
+    """On a GPU the op's kernel is the Triton implementation: called directly in eager mode (no dispatcher),
+    it gives the op's values; under a dispatch mode the call goes through the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class OpLog(TorchDispatchMode):
@@ -335,7 +342,8 @@ def test_cuda_eager_path_equals_the_op_and_what_must_see_the_op_goes_through_it(
 
 @needs_op
 def test_compile_fullgraph_traces_the_op(sched):
-    """The fake lets torch.compile trace through fastddpm::q_sample (ε given and drawn) without graph breaks."""
+    """The fake lets torch.compile trace through fastddpm::q_sample (ε given and drawn) without graph
+    breaks."""
     with torch.device(DEVICE):
         x, n, t, seed = data((3, 2, 5, 5)), data((3, 2, 5, 5)), timesteps(3), torch.tensor([5])
 
@@ -366,7 +374,8 @@ def test_bad_input_raises_clear_errors(sched, backend):
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
         q_sample(sched, x, t, seed=torch.tensor([1.0], device=DEVICE), backend=backend)
     if backend == "triton":
-        with pytest.raises(RuntimeError, match="x_start must be float16, bfloat16, float32 or float64, got torch.int64"):
+        with pytest.raises(RuntimeError,
+                           match="x_start must be float16, bfloat16, float32 or float64, got torch.int64"):
             q_sample(sched, x.long(), t, n, backend=backend)
         with pytest.raises(RuntimeError, match=r"noise has shape \(2, 3, 4, 5\), expected \(2, 3, 4, 4\)"):
             q_sample(sched, x, t, torch.randn(2, 3, 4, 5, device=DEVICE), backend=backend)
@@ -379,20 +388,24 @@ def test_bad_input_raises_clear_errors(sched, backend):
 def test_the_op_refuses_bad_arguments(sched):
     ops = torch.ops.fastddpm
     with torch.device(DEVICE):
-        x, n, t, seed = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5]), torch.tensor([1])
+        x, n = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        t, seed = torch.tensor([0, 5]), torch.tensor([1])
     a, s = tables(sched)
     cases = [
         ("give exactly one of noise and seed", lambda: ops.q_sample(x, t, a, s, n, seed, 0, False)),
         ("give exactly one of noise and seed", lambda: ops.q_sample(x, t, a, s, None, None, 0, False)),
         (f"table sqrt_alphas_cumprod is on meta, the data on {DEVICE.type}",  # (meta tensors meet the fake)
          lambda: ops.q_sample(x, t, a.to("meta"), s, n, None, 0, False)),
-        (f"noise is on meta, the data on {DEVICE.type}", lambda: ops.q_sample(x, t, a, s, n.to("meta"), None, 0, False)),
-        (f"seed is on meta, the data on {DEVICE.type}", lambda: ops.q_sample(x, t, a, s, None, seed.to("meta"), 0, True)),
-        ("seed must be an int64 tensor", lambda: ops.q_sample(x, t, a, s, None, torch.tensor([1.0]), 0, False)),
+        (f"noise is on meta, the data on {DEVICE.type}",
+         lambda: ops.q_sample(x, t, a, s, n.to("meta"), None, 0, False)),
+        (f"seed is on meta, the data on {DEVICE.type}",
+         lambda: ops.q_sample(x, t, a, s, None, seed.to("meta"), 0, True)),
+        ("seed must be an int64 tensor",
+         lambda: ops.q_sample(x, t, a, s, None, torch.tensor([1.0], device=DEVICE), 0, False)),
         ("table sqrt_alphas_cumprod must be float32 or float64",
          lambda: ops.q_sample(x, t, a.half(), s, None, seed, 0, False)),
     ]
-    if DEVICE.type == "cpu":  # the C++ kernel's own words (on a GPU the Triton implementation's, tested above)
+    if DEVICE.type == "cpu":  # the C++ kernel's words (on a GPU the Triton implementation's, tested above)
         cases += [
             (r"timesteps must lie in \[0, 1000\), got t\[1\] = 1000",
              lambda: ops.q_sample(x, torch.tensor([0, 1000]), a, s, None, seed, 0, False)),
