@@ -252,6 +252,16 @@ def test_no_grad_and_grad_paths_agree(sched, backend):
         assert torch.equal(torch.autograd.grad(out.sum(), xg)[0], expected)
 
 
+@by_backend
+def test_torch_func_grad(sched, backend):
+    """torch.func transforms: the C++ choice runs the reference (functorch refuses register_autograd's
+    autograd), Triton its autograd.Function (which has the setup_context functorch asks for)."""
+    with torch.device(DEVICE):
+        x, n, t = data((3, 2, 5, 7)), data((3, 2, 5, 7)), timesteps(3)
+        grad = torch.func.grad(lambda x: q_sample(sched, x, t, n, backend=backend).sum())(x)
+        assert torch.equal(grad, reference.extract(sched.sqrt_alphas_cumprod, t, x).expand_as(x).float())
+
+
 @needs_op
 def test_opcheck_the_op(sched):
     """The one op's schema, fake (its layout contract included), autograd and AOT dispatch, on its kernel for
