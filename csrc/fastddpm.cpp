@@ -42,17 +42,16 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(fastddpm, m) {
   // Forward process, DDPM eq. 4 reparameterised, per sample b:
   //   x_t[b] = sqrt_alphas_cumprod[t[b]] * x_start[b] + sqrt_one_minus_alphas_cumprod[t[b]] * noise[b]
+  // with ε given (noise) or drawn in-kernel (seed: exactly one of the two): element i (memory order) of
+  // sample b takes lane i % 4 of Philox 4x32-10 at key seed[0], counter offset + b*ceil(N/4) + i/4
+  // (fastddpm/contracts.py).
+  // Returns (x_t, the drawn ε when write_noise, else an empty tensor).
   m.def(
-      "q_sample(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
-      "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
-  // The same with ε drawn in-kernel: element i (memory order) of sample b takes lane i % 4 of Philox 4x32-10
-  // at key seed[0], counter offset + b*ceil(N/4) + i/4 (kernels/noise.py). Returns (x_t, ε or an empty tensor).
-  m.def(
-      "q_sample_philox(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
-      "Tensor sqrt_one_minus_alphas_cumprod, Tensor seed, int offset, bool write_noise) -> (Tensor, Tensor)");
+      "q_sample(Tensor x_start, Tensor t, Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, "
+      "Tensor? noise, Tensor? seed, int offset, bool write_noise) -> (Tensor, Tensor)");
 
   // Training loss (eq. 14), target formed in-kernel: objective 0 = ε, 1 = x_0, 2 = v = sqrt_ac*ε - sqrt_1m_ac*x_0;
-  // ε given (noise) or regenerated from (seed, offset) as q_sample_philox drew it; optional min-SNR-γ weight;
+  // ε given (noise) or regenerated from (seed, offset) as q_sample drew it; optional min-SNR-γ weight;
   // reduction 0 = per-sample [B], 1 = mean. The loss is float32 (float64 for float64 model_output).
   m.def(
       "diffusion_loss(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
+from fastddpm import contracts
+
+OBJECTIVES = contracts.OBJECTIVES
 VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -77,18 +79,18 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
 def philox_normal(seed: int, offset: int, batch: int, per_sample: int, device=None) -> torch.Tensor:
     """The noise the fused kernels draw for (seed, offset): float32 [batch, per_sample].
 
-    Element i of sample b is lane i % 4 of ``tl.randn4x(seed, offset + b·⌈N/4⌉ + ⌊i/4⌋)``: Philox 4×32-10,
-    each output mapped to [0, 1), and Box–Muller on the pairs (lanes 0, 1) and (2, 3).
+    Element i of sample b is lane i % 4 of ``tl.randn4x(seed, contracts.philox_counter(offset, b, N, i))``:
+    Philox 4×32-10, each output mapped to [0, 1), and Box–Muller on the pairs (lanes 0, 1) and (2, 3).
     """
-    rows = (per_sample + 3) // 4
-    counter = offset + torch.arange(batch * rows, dtype=torch.int64, device=device)
+    rows = contracts.counters_per_sample(per_sample)
+    counter = offset + torch.arange(batch * rows, dtype=torch.int64, device=device)  # b·rows + i // 4
     u = [_uniform(r) for r in philox4x32(int(seed), counter)]
     lanes = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
         radius = torch.sqrt(-2.0 * torch.log(u1.clamp(min=1e-7)))
         theta = 6.283185307179586 * u2
         lanes += [radius * torch.cos(theta), radius * torch.sin(theta)]
-    return torch.stack(lanes, dim=1).reshape(batch, rows * 4)[:, :per_sample]
+    return torch.stack(lanes, dim=1).reshape(batch, rows * contracts.PHILOX_LANES)[:, :per_sample]
 
 
 # ----------------------------------------------------------------------------- forward process

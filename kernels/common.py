@@ -9,6 +9,8 @@ element loop and needs no integer division per element.
 import triton
 import triton.language as tl
 
+from fastddpm import contracts
+
 MAX_ROWS = 1024  # 4096 elements per program
 MAX_CHUNKS = 65535  # CUDA's limit on gridDim.y
 
@@ -28,8 +30,9 @@ def pow2_at_least(n, cap: int) -> int:
 
 
 def tile_rows(per_sample) -> int:
-    """Rows R of the [R, 4] tile for samples of ``per_sample`` elements: a power of two in [1, MAX_ROWS]."""
-    return pow2_at_least((per_sample + 3) // 4, MAX_ROWS)
+    """Rows R of the [R, 4] tile for samples of ``per_sample`` elements: a power of two in [1, MAX_ROWS]
+    (a row per Philox counter: contracts.counters_per_sample rows cover a sample)."""
+    return pow2_at_least(contracts.counters_per_sample(per_sample), MAX_ROWS)
 
 
 def grid(batch: int, per_sample: int, rows: int) -> tuple[int, int]:

@@ -1,20 +1,24 @@
 """In-kernel Gaussian noise: Philox 4×32-10 keyed by a seed read from a device tensor.
 
-The stream convention every fastddpm kernel follows (and the CPU kernels and ``fastddpm.reference``
-reproduce): for a batch of B samples of N elements each, element i of sample b (i in memory order within
-the sample) takes lane ``i % 4`` of the four normals ``tl.randn4x(seed, offset + b·⌈N/4⌉ + ⌊i/4⌋)``. One
-call therefore uses the counters [offset, offset + B·⌈N/4⌉); the next call advances ``offset`` by that
-much, or draws a fresh seed. Each Philox evaluation yields four normals (two Box–Muller pairs), so a
-kernel runs one Philox per four elements.
+The stream convention is fastddpm/contracts.py's (the CPU kernels and ``fastddpm.reference`` follow it too):
+element i of sample b (N elements, i in memory order) takes lane ``i % PHILOX_LANES`` of the normals
+``tl.randn4x(seed, philox_counter)``. Each Philox evaluation yields four normals (two Box–Muller pairs), so a
+kernel runs one Philox per four elements: one row of the [R, 4] tile (kernels/common.py).
 """
 
 import triton
 import triton.language as tl
 
+from fastddpm import contracts
 
-def counters_per_call(batch: int, per_sample: int) -> int:
-    """How far one call over [batch, per_sample] elements advances the Philox counter."""
-    return batch * ((per_sample + 3) // 4)
+PHILOX_LANES = tl.constexpr(contracts.PHILOX_LANES)
+
+
+@triton.jit
+def sample_counters(offset, b, N, rows):
+    """The Philox counters of rows ``rows`` (elements PHILOX_LANES·row ...) of sample b, N elements a sample:
+    contracts.philox_counter, offset + b·⌈N / PHILOX_LANES⌉ + row."""
+    return offset + b * ((N + PHILOX_LANES - 1) // PHILOX_LANES) + rows
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import compute_dtype, grid, num_warps, sample_tile, tile_rows
-from .noise import normal_rows
+from .noise import normal_rows, sample_counters
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def q_sample_kernel(x_ptr, noise_ptr, out_ptr, noise_out_ptr, t_ptr, sqrt_ac_ptr
     if HAS_NOISE:
         eps = tl.load(noise_ptr + base + i, mask=mask).to(CD)
     else:
-        eps = normal_rows(tl.load(seed_ptr), offset + b * ((N + 3) // 4) + rows).to(CD)
+        eps = normal_rows(tl.load(seed_ptr), sample_counters(offset, b, N, rows)).to(CD)
         if WRITE_NOISE:
             tl.store(noise_out_ptr + base + i, eps.to(noise_out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + base + i, (a * x + s * eps).to(out_ptr.dtype.element_ty), mask=mask)

@@ -116,47 +116,6 @@ def check_step(out, ref, dtype, native=(None, None)):
 # One body per check, run by tests/test_kernels.py (backend "triton", on its DEVICE) and tests/test_cpu_kernels.py
 # (backend "cpp", on the CPU), so that neither backend is held to less than the other; every tensor a check makes
 # is created on ``device`` (torch.device as a context), which test_kernels.py needs on CUDA.
-def check_q_sample_given_noise(sched, shape, dtype, backend, device):
-    with torch.device(device):
-        for cl in layouts(shape):
-            x, n, t = data(shape, dtype, cl), data(shape, dtype, cl), timesteps(shape[0])
-            out = q_sample(sched, x, t, n, backend=backend)
-            ref = reference.q_sample(sched, x.double(), t, n.double())
-            assert out.dtype == dtype and out.shape == x.shape
-            assert out.stride() == x.stride()  # the layout is kept
-            native = in_low_precision(reference.q_sample, sched, x, t, n)
-            assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
-
-
-def check_q_sample_drawn_noise(sched, shape, dtype, backend, device):
-    with torch.device(device):
-        for cl in layouts(shape):
-            x, t, seed = data(shape, dtype, cl), timesteps(shape[0]), torch.randint(0, 2**62, (1,))
-            out, eps = q_sample(sched, x, t, seed=seed, offset=17, write_noise=True, backend=backend)
-            assert out.dtype == eps.dtype == dtype and out.shape == x.shape
-            assert out.stride() == eps.stride() == x.stride()
-            # the ε written is the reference Philox stream, and x_t is q_sample with it
-            expected = philox_noise_like(x, seed, 17)
-            assert close_to_stream(eps, expected)
-            ref = reference.q_sample(sched, x.double(), t, expected.double())
-            native = in_low_precision(reference.q_sample, sched, x, t, expected.to(dtype))
-            assert rel_err(out, ref) <= tolerance(ref, dtype, native=native)
-            out2, none = q_sample(sched, x, t, seed=seed, offset=17, backend=backend)
-            assert none.numel() == 0 and torch.equal(out2, out)  # same (seed, offset) → same noise
-
-
-def check_odd_layout_is_made_dense(sched, backend, device):
-    """Inputs that are not batch-outer dense: outputs come back contiguous, with the values of dense inputs."""
-    with torch.device(device):
-        x = torch.randn(4, 6, 5, 3)[:, ::2]  # not dense
-        n, t, seed = torch.randn_like(x), timesteps(4), torch.tensor([4])
-        out = q_sample(sched, x, t, n, backend=backend)
-        assert rel_err(out, reference.q_sample(sched, x.double(), t, n.double())) < 1e-6
-        out, eps = q_sample(sched, x, t, seed=seed, write_noise=True, backend=backend)
-        assert out.is_contiguous() and eps.is_contiguous()
-        assert rel_err(out, reference.q_sample(sched, x.double(), t, eps.double())) < 1e-6
-
-
 def check_loss_regenerates_the_noise_q_sample_drew(sched, backend, device):
     with torch.device(device):
         x, t, seed = data((4, 3, 8, 8)), timesteps(4), torch.tensor([42])

@@ -33,7 +33,7 @@ def op_args(sched):
     x, pred, noise = (torch.randn(2, 4, 3, 3) for _ in range(3))
     t, t_prev = torch.tensor([3, 7]), torch.tensor([1, -1])
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
-    seed, scale = torch.tensor([5]), torch.full((2,), 1.5)
+    scale = torch.full((2,), 1.5)
     w, b = torch.randn(4), torch.randn(4)
     y, mean, rstd = torch.ops.fastddpm.group_norm_silu(x, 2, w, b, 1e-5)
     loss = (pred, x, t, *tables, noise, None, 0, 2, 5.0, 1)
@@ -41,8 +41,7 @@ def op_args(sched):
     ddim = (pred, x, t, t_prev, sched.reverse_table(), sched.alphas_cumprod, noise, None, 0, 0, 0.5, 1.0,
             None, scale, True, True, False)
     args = {
-        "q_sample": (x, t, *tables, noise),
-        "q_sample_philox": (x, t, *tables, seed, 0, True),
+        "q_sample": (x, t, *tables, noise, None, 0, False),
         "diffusion_loss": loss,
         "diffusion_loss_backward": (torch.tensor(1.0), *loss),
         "diffusion_loss_train": loss,
@@ -50,7 +49,7 @@ def op_args(sched):
         "ddim_step": ddim,
     }
     args.update({f"{op}_triton": a for op, a in args.items()
-                 if op not in ("diffusion_loss_train", "p_sample_step", "ddim_step")})
+                 if op not in ("diffusion_loss_train", "q_sample", "p_sample_step", "ddim_step")})
     args.update({
         "group_norm_silu": (x, 2, w, b, 1e-5),
         "group_norm_silu_train": (x, 2, w, b, 1e-5),
@@ -190,7 +189,7 @@ def test_raw_cpp_op_seed_must_have_one_element(sched):
     x, t = torch.randn(2, 3, 4), torch.tensor([1, 2])
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor with one element"):
         tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
-        torch.ops.fastddpm.q_sample_philox(x, t, *tables, torch.tensor([1, 2, 3, 4]), 0, False)
+        torch.ops.fastddpm.q_sample(x, t, *tables, None, torch.tensor([1, 2, 3, 4]), 0, False)
 
 
 @pytest.mark.parametrize("gamma", [0.0, -1.0])
@@ -319,12 +318,12 @@ def test_triton_op_on_cpu_without_the_interpreter():
         import os
         import torch
         import fastddpm
-        from fastddpm.ops.q_sample import q_sample
+        from fastddpm.ops.q_sample import _q_sample_triton, q_sample
         from fastddpm.schedules import NoiseSchedule, get_beta_schedule
         s = NoiseSchedule(get_beta_schedule("cosine", 10))
         x, t = torch.randn(2, 3), torch.tensor([1, 2])
-        for call in (lambda: torch.ops.fastddpm.q_sample_triton(x, t, s.sqrt_alphas_cumprod,
-                                                                 s.sqrt_one_minus_alphas_cumprod, x),
+        for call in (lambda: _q_sample_triton(x, t, s.sqrt_alphas_cumprod, s.sqrt_one_minus_alphas_cumprod, x,
+                                              None, 0, False),
                      lambda: (os.environ.__setitem__("TRITON_INTERPRET", "1"),  # too late: triton is imported
                               q_sample(s, x, t, x, backend="triton"))):
             try:

@@ -83,8 +83,8 @@ def _op_cases():
     seed = torch.tensor([3], device="cuda")
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     ops = torch.ops.fastddpm
-    return [(ops.q_sample_triton.default, (x.clone().requires_grad_(True), t, *tables, n)),
-            (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
+    return [(ops.q_sample.default, (x.clone().requires_grad_(True), t, *tables, n, None, 0, False)),
+            (ops.q_sample.default, (x, t, *tables, None, seed, 0, True)),
             (ops.diffusion_loss_triton.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
             (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
             # (the steps' one op each, its CUDA kernel the Triton implementation)

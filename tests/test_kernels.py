@@ -15,7 +15,6 @@ import torch
 from fastddpm.kernels import loss as loss_kernels
 from fastddpm.kernels import q_sample as q_sample_kernels
 from fastddpm.ops.diffusion_loss import diffusion_loss
-from fastddpm.ops.q_sample import q_sample
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from . import kernel_grid as grid
@@ -62,54 +61,16 @@ def sched(on_device):
     return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
 
 
-# ----------------------------------------------------------------------------- q_sample (checks: kernel_grid)
-@grid.on_grid
-def test_q_sample_given_noise(sched, shape, dtype):
-    grid.check_q_sample_given_noise(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@grid.on_grid
-def test_q_sample_drawn_noise(sched, shape, dtype):
-    grid.check_q_sample_drawn_noise(sched, shape, dtype, BACKEND, DEVICE)
-
-
-def test_q_sample_odd_layout_is_made_dense(sched):
-    grid.check_odd_layout_is_made_dense(sched, BACKEND, DEVICE)
-
-
 def test_strided_timesteps(sched):
     """t as an expanded (stride 0) or strided view reads the right value for every sample."""
     x, o, n = data((4, 2, 3, 3)), data((4, 2, 3, 3)), data((4, 2, 3, 3))
     for t in (torch.tensor(7).expand(4), torch.arange(8)[::2] * 100):
         ref_t = t.contiguous()
-        assert torch.equal(q_sample(sched, x, t, n, backend="triton"), q_sample(sched, x, ref_t, n, backend="triton"))
         assert torch.equal(diffusion_loss(sched, o, x, t, n, backend="triton"),
                            diffusion_loss(sched, o, x, ref_t, n, backend="triton"))
 
 
-# ----------------------------------------------------------------------------- noise statistics
-def test_noise_statistics_and_streams(sched):
-    x, t = torch.zeros(8, 4, 32, 32), torch.zeros(8, dtype=torch.long)
-    seed = torch.tensor([123456789])
-
-    def eps(seed, offset):
-        return q_sample(sched, x, t, seed=seed, offset=offset, write_noise=True, backend="triton")[1].flatten()
-
-    a = eps(seed, 0)
-    n = a.numel()
-    assert abs(a.mean().item()) < 4 / n**0.5 and abs(a.var().item() - 1) < 4 * (2 / n) ** 0.5
-    assert abs(((a - a.mean()) ** 4).mean().item() / a.var().item() ** 2 - 3) < 0.1  # Gaussian kurtosis
-    assert torch.equal(a, eps(seed, 0))
-    for b in (eps(seed + 1, 0), eps(seed, 1), eps(seed, n // 4)):
-        assert not torch.equal(a, b)
-        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 4 / n**0.5
-    # advancing the offset by one call's counters continues the stream: call 2 = the second half of one call
-    # over twice the batch
-    half = q_sample(sched, x[:4], t[:4], seed=seed, offset=4 * (x[0].numel() // 4), write_noise=True,
-                    backend="triton")[1]
-    assert torch.equal(half.flatten(), a[n // 2:])
-
-
+# ----------------------------------------------------------------------------- noise
 def test_loss_regenerates_the_noise_q_sample_drew(sched):
     grid.check_loss_regenerates_the_noise_q_sample_drew(sched, BACKEND, DEVICE)
 
@@ -140,11 +101,8 @@ def test_every_output_element_is_written(sched, monkeypatch):
 
     monkeypatch.setattr(torch, "empty_like", poisoned)
     x, o, n, t = data((3, 1, 7, 5)), data((3, 1, 7, 5)), data((3, 1, 7, 5)), timesteps(3)
-    seed = torch.tensor([1])
-    outs = [q_sample(sched, x, t, n, backend="triton"),
-            *q_sample(sched, x, t, seed=seed, write_noise=True, backend="triton")]
     p = o.clone().requires_grad_(True)
-    outs.append(torch.autograd.grad(diffusion_loss(sched, p, x, t, n, backend="triton"), p)[0])
+    outs = [torch.autograd.grad(diffusion_loss(sched, p, x, t, n, backend="triton"), p)[0]]
     assert all(torch.isfinite(out).all() for out in outs)
 
 
@@ -157,9 +115,7 @@ def test_opcheck_triton_ops(sched):
     p, n, t = torch.randn_like(x, requires_grad=True), torch.randn_like(x), timesteps(3)
     seed, tables = torch.tensor([3]), (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     ops = torch.ops.fastddpm
-    cases = [(ops.q_sample_triton.default, (x.requires_grad_(True), t, *tables, n)),
-             (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
-             (ops.diffusion_loss_triton.default, (p, x.detach(), t, *tables, None, seed, 0, 2, 5.0, 1)),
+    cases = [(ops.diffusion_loss_triton.default, (p, x.detach(), t, *tables, None, seed, 0, 2, 5.0, 1)),
              (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0))]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=utils)
@@ -171,8 +127,7 @@ def test_opcheck_cpu_registrations(sched):
     p, n, t = torch.randn_like(x, requires_grad=True), torch.randn_like(x), timesteps(3)
     seed, tables = torch.tensor([3]), (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     ops = torch.ops.fastddpm
-    for op, args in [(ops.q_sample_philox.default, (x, t, *tables, seed, 0, True)),
-                     (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
+    for op, args in [(ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
                      (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0))]:
         torch.library.opcheck(op, args)
 
@@ -185,7 +140,7 @@ def test_compile_fullgraph_training_step_through_the_ops(sched):
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
 
     def step(x, t, seed):
-        x_t, _ = ops.q_sample_philox(x, t, *tables, seed, 0, False)
+        x_t, _ = ops.q_sample(x, t, *tables, None, seed, 0, False)
         return ops.diffusion_loss(net(x_t), x, t, *tables, None, seed, 0, 2, None, 1)
 
     x, t, seed = torch.randn(2, 3, 6, 6), timesteps(2), torch.tensor([5])
@@ -199,35 +154,12 @@ def test_compile_fullgraph_training_step_through_the_ops(sched):
 @pytest.mark.isolated
 def test_bad_input_raises_clear_errors(sched):
     x, n, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0, 5])
-    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\), got 1000"):
-        q_sample(sched, x, torch.tensor([0, 1000]), n, backend="triton")
-    with pytest.raises(RuntimeError, match="x_start must be float16, bfloat16, float32 or float64, got torch.int64"):
-        q_sample(sched, x.long(), t, n, backend="triton")
-    with pytest.raises(RuntimeError, match=r"noise has shape \(2, 3, 4, 5\), expected \(2, 3, 4, 4\)"):
-        q_sample(sched, x, t, torch.randn(2, 3, 4, 5), backend="triton")
-    with pytest.raises(RuntimeError, match=r"t must be int64 of shape \[2\]"):
-        q_sample(sched, x, t.int(), n, backend="triton")
     with pytest.raises(RuntimeError, match=r"x_start has shape \(2, 3, 4, 4\), expected \(2, 3, 4, 3\)"):
         diffusion_loss(sched, x[..., :3], x, t, n, objective="pred_x0", backend="triton")
-    with pytest.raises(RuntimeError, match=f"table sqrt_alphas_cumprod is on meta, the data on {DEVICE}"):
-        torch.ops.fastddpm.q_sample_triton(x, t, sched.sqrt_alphas_cumprod.to("meta"),
-                                           sched.sqrt_one_minus_alphas_cumprod, n)
-    with pytest.raises(RuntimeError, match=f"noise is on meta, the data on {DEVICE}"):
-        torch.ops.fastddpm.q_sample_triton(x, t, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod,
-                                           n.to("meta"))
     with pytest.raises(RuntimeError, match="give exactly one of noise and seed"):
         diffusion_loss(sched, x, x, t, n, seed=torch.tensor([1]), backend="triton")
     with pytest.raises(RuntimeError, match="the x_0 and v objectives need x_start"):
         diffusion_loss(sched, x, None, t, n, objective="pred_v", backend="triton")
-    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
-        q_sample(sched, x, t, seed=torch.tensor([1.0]), backend="triton")
-
-
-def test_out_of_range_t_never_reads_outside_the_tables(sched):
-    """Without the host check (as in sampling loops) a bad t is clamped in-kernel: finite output, no crash."""
-    x, n = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    out = q_sample(sched, x, torch.tensor([-5, 10**9]), n, backend="triton", check=False)
-    assert torch.isfinite(out).all()
 
 
 def test_launch_constants_are_plain_ints_under_symbolic_shapes():

@@ -24,7 +24,8 @@ CASES = {
     "gn+silu cpu, weight": "ops.group_norm_silu(torch.randn(2, 6, 4, 4), 4, torch.ones(6), torch.ones(6), 1e-5)",
     "gn+silu cpu, int dtype": "ops.group_norm_silu(torch.randn(2, 6, 4, 4).int(), 3, None, None, 1e-5)",
     "q_sample cpu, bad t": ("x = torch.randn(2, 3); a = torch.rand(10)\n"
-                            "ops.q_sample(x, torch.tensor([0, 10]), a, a, torch.randn(2, 3))"),
+                            "ops.q_sample(x, torch.tensor([0, 10]), a, a, torch.randn(2, 3), None, 0,"
+                            " False)"),
     "functional cpu": "fastddpm.functional.group_norm_silu(torch.randn(2, 6, 4, 4), 4)",
     "gn+silu cuda, no weight": "ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda'), 4, None, None, 1e-5)",
     "gn+silu cuda, weight": ("w = torch.ones(6, device='cuda')\n"

@@ -1,15 +1,16 @@
 // q_sample on the CPU: the forward process of DDPM, eq. 4 reparameterised, with t per sample b:
 //   x_t[b] = sqrt_alphas_cumprod[t[b]] * x_start[b] + sqrt_one_minus_alphas_cumprod[t[b]] * noise[b]
 //
-// Math in float (double for double inputs), output in x_start's dtype and memory format. Each element
-// is computed on its own by the same code whatever the thread count, so results never depend on it. The
-// element loop is csrc/cpu/fused_kernels.h's (AVX2 where the CPU has it), shared with q_sample_philox.
+// with ε given or drawn in-kernel. Math in float (double for double inputs), output in x_start's dtype. Each
+// element is computed on its own by the same code whatever the thread count, so results never depend on it.
+// The element loop is csrc/cpu/fused_kernels.h's (AVX2 where the CPU has it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -21,7 +22,7 @@ namespace {
 
 constexpr const char* kOp = "q_sample";
 
-// The two tables, 1-D of one length T (both ops).
+// The two tables, 1-D of one length T.
 void check_tables(const at::Tensor& sqrt_alphas_cumprod, const at::Tensor& sqrt_one_minus_alphas_cumprod) {
   cpu::check_table(kOp, sqrt_alphas_cumprod, "sqrt_alphas_cumprod");
   cpu::check_table(kOp, sqrt_one_minus_alphas_cumprod, "sqrt_one_minus_alphas_cumprod");
@@ -30,8 +31,8 @@ void check_tables(const at::Tensor& sqrt_alphas_cumprod, const at::Tensor& sqrt_
               "got ", sqrt_alphas_cumprod.size(0), " and ", sqrt_one_minus_alphas_cumprod.size(0));
 }
 
-// The given-noise op's own checks of x_start, t and noise (its messages, which tests/test_extension.py
-// pins, predate the shared cpu::check_* the Philox op uses).
+// The checks of x_start, t and a given noise (their messages, which tests/test_extension.py pins, predate the
+// shared cpu::check_* the drawn-noise path uses).
 void check_given(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise) {
   cpu::check_cpu(kOp, x_start, "x_start");
   cpu::check_cpu(kOp, t, "t");
@@ -60,73 +61,55 @@ std::vector<int64_t> checked_timesteps(const at::Tensor& t, int64_t T) {
   return out;
 }
 
-at::Tensor q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& sqrt_alphas_cumprod,
-                        const at::Tensor& sqrt_one_minus_alphas_cumprod, const at::Tensor& noise) {
-  check_given(x_start, t, noise);
-  check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
-  const std::vector<int64_t> ts = checked_timesteps(t, sqrt_alphas_cumprod.size(0));
-  std::vector<double> coef_x = cpu::gather(sqrt_alphas_cumprod, 0, ts);
-  std::vector<double> coef_n = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
-
-  // The output is empty_like(x_start), as the op's fake implementation says: x_start's strides when it is
-  // dense, else the suggested layout. The kernel walks raw memory with the batch outermost; for a dense
-  // x_start whose batch is not outermost (a permuted view) it computes into a contiguous buffer instead.
-  at::Tensor out = at::empty_like(x_start);
-  const bool direct = cpu::batch_outer_dense(out);
-  at::Tensor work = direct ? out : at::empty(x_start.sizes(), x_start.options());
-  // Inputs that do not share the work buffer's strides are copied into that layout first.
-  const at::Tensor x = cpu::as_layout_of(x_start, work);
-  const at::Tensor n = cpu::as_layout_of(noise, work);
-
-  const int64_t B = x.size(0);
-  const int64_t S = B == 0 ? 0 : x.numel() / B;  // elements per sample
-  if (S == 0) {
-    return out;
-  }
+// One kernel for both ways of getting ε: given (noise), or drawn in-kernel from Philox (seed, offset)
+// (csrc/cpu/fused_kernels.h), written to the second output when write_noise. Reads x_0 (and ε when given),
+// writes x_t (and ε when asked). Outputs are empty_like(x) for x = x_start made batch-outer dense (its own
+// strides when it is, else contiguous): the layout the fake implementation (fastddpm/ops/q_sample.py) and the
+// Triton kernel give. The second output is empty unless ε is drawn and write_noise.
+std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x_start, const at::Tensor& t,
+                                                const at::Tensor& sqrt_alphas_cumprod,
+                                                const at::Tensor& sqrt_one_minus_alphas_cumprod,
+                                                const std::optional<at::Tensor>& noise,
+                                                const std::optional<at::Tensor>& seed, int64_t offset,
+                                                bool write_noise) {
+  TORCH_CHECK(noise.has_value() != seed.has_value(), "q_sample: give exactly one of noise and seed");
   cpu::QSampleArgs args;
-  args.x = x;
-  args.out = work;
-  args.a = std::move(coef_x);
-  args.s = std::move(coef_n);
-  args.noise.given = n;
-  cpu::kernels().q_sample(args);
-  if (!direct) {
-    out.copy_(work);
+  std::vector<int64_t> ts;
+  if (noise.has_value()) {
+    check_given(x_start, t, *noise);
+    check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
+    ts = checked_timesteps(t, sqrt_alphas_cumprod.size(0));
+  } else {
+    cpu::check_data(kOp, x_start, "x_start");
+    cpu::check_index(kOp, t, "t", x_start);
+    check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
+    args.noise.drawn = true;
+    args.noise.seed = cpu::check_seed(kOp, *seed);
+    args.noise.offset = offset;
+    ts = cpu::timesteps(kOp, t, "t", sqrt_alphas_cumprod.size(0));
   }
-  return out;
-}
-
-// The same with ε drawn in-kernel from Philox (seed, offset) (csrc/cpu/fused_kernels.h): reads x_0, writes x_t
-// (and ε when write_noise). Outputs empty_like(x) for x = x_start made batch-outer dense.
-std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x_start, const at::Tensor& t,
-                                                       const at::Tensor& sqrt_alphas_cumprod,
-                                                       const at::Tensor& sqrt_one_minus_alphas_cumprod,
-                                                       const at::Tensor& seed, int64_t offset, bool write_noise) {
-  cpu::check_data(kOp, x_start, "x_start");
-  cpu::check_index(kOp, t, "t", x_start);
-  check_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod);
-  cpu::QSampleArgs args;
-  args.noise.drawn = true;
-  args.noise.seed = cpu::check_seed(kOp, seed);
-  args.noise.offset = offset;
-  const std::vector<int64_t> ts = cpu::timesteps(kOp, t, "t", sqrt_alphas_cumprod.size(0));
   args.a = cpu::gather(sqrt_alphas_cumprod, 0, ts);
   args.s = cpu::gather(sqrt_one_minus_alphas_cumprod, 0, ts);
   args.x = cpu::dense(x_start);
   args.out = at::empty_like(args.x);
-  at::Tensor noise = write_noise ? at::empty_like(args.x) : args.x.new_empty({0});
-  if (write_noise) {
-    args.noise_out = noise;
+  const bool writes_noise = write_noise && !noise.has_value();
+  at::Tensor noise_out = writes_noise ? at::empty_like(args.x) : args.x.new_empty({0});
+  if (writes_noise) {
+    args.noise_out = noise_out;
   }
-  cpu::kernels().q_sample(args);
-  return {args.out, noise};
+  if (noise.has_value()) {
+    args.noise.given = cpu::as_layout_of(*noise, args.x);  // ε in x's strides (a copy only where they differ)
+  }
+  if (args.x.numel() > 0) {
+    cpu::kernels().q_sample(args);
+  }
+  return {args.out, noise_out};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
-  m.impl("q_sample_philox", &q_sample_philox_cpu);
 }
 
 }  // namespace fastddpm

@@ -1,9 +1,13 @@
-"""Custom ops of the ``fastddpm`` namespace and the choice of backend for each call.
+"""fastddpm's custom ops (namespace ``fastddpm``): what every op file (fastddpm/ops/<op>.py) shares.
 
-Each op has up to three implementations: ``reference`` (PyTorch, always there), ``triton`` (kernels/)
-and ``cpp`` (csrc/: CPU, and CUDA where written). ``choose_backend`` picks one per call from the
-tensors' device, ``FASTDDPM_BACKEND`` or an explicit ``backend=``; a missing build warns once and falls
-back to the reference.
+Each op has one schema (csrc/fastddpm.cpp) and up to three implementations: ``reference`` (PyTorch, always
+there), ``triton`` (kernels/: CUDA tensors, or CPU tensors through the Triton interpreter) and ``cpp``
+(csrc/: CPU, and CUDA where written). This module holds
+  * the backend table (IMPLEMENTATIONS) and the choice per call (choose_backend, private to fastddpm/ops:
+    callers above ask draws_noise_in_kernel);
+  * how an op file calls an implementation: call_op, runs_eagerly, launcher, autograd_function, register_fake;
+  * the Philox key of the in-kernel noise (new_seed), the dense layouts the kernels stream, the input checks.
+The private CPython/PyTorch interfaces these read on every call live in fastddpm/ops/_dispatch.py.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import warnings
 import torch
 
 from fastddpm import _extension
+from fastddpm.ops._dispatch import (BelowAutograd, backend_environment, dispatch_mode_depth,
+                                    peek_interpreter_stack)
 
+# ----------------------------------------------------------------------------- backends
 BACKENDS = ("auto", "reference", "triton", "cpp")
 
-# Which compiled implementations exist, per op and device type. Kernel issues extend this table.
-# "triton" runs on CUDA tensors, and on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
+# The compiled implementations per op and device type. "triton" runs on CUDA tensors, and on CPU tensors
+# through the Triton interpreter (TRITON_INTERPRET=1); "cpp" is csrc/ (csrc/cpu, csrc/cuda).
 _TRITON = ("cuda", "cpu")
 IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "q_sample": {"cpp": ("cpu",), "triton": _TRITON},
@@ -28,7 +35,15 @@ IMPLEMENTATIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "group_norm_silu": {"cpp": ("cpu", "cuda"), "triton": ()},
 }
 
+# Ops whose autograd torch.func transforms (grad, vjp, vmap of a gradient) refuse: a C++
+# torch::autograd::Function (csrc/autograd.cpp), or torch.library.register_autograd's (for which functorch
+# asks a setup_context it does not have). Under a transform their "cpp" choice runs the reference.
+_NO_FUNCTORCH_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
+
 _warned: set[tuple[str, str, str]] = set()
+# choose_backend's answers, by everything they depend on: it runs on every op call, so its answer is looked up
+# rather than worked out again.
+_choices: dict[tuple, str] = {}
 
 
 def check_backend(backend: str) -> str:
@@ -37,68 +52,21 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _triton_available(device_type: str) -> bool:
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _available(op: str, backend: str, device_type: str) -> bool:
-    if backend == "reference":
-        return True
-    if device_type not in IMPLEMENTATIONS[op][backend]:
-        return False
-    if backend == "cpp":
-        return _extension.cuda_built() if device_type == "cuda" else _extension.cpu_built()
-    return _triton_available(device_type)
-
-
-# Ops whose autograd torch.func transforms (grad, vjp, vmap of a gradient) refuse: a C++
-# torch::autograd::Function (csrc/autograd.cpp), or torch.library.register_autograd's (for which functorch
-# asks a setup_context it does not have). Under a transform they run the reference.
-_NO_FUNCTORCH_AUTOGRAD = ("group_norm_silu", "diffusion_loss", "q_sample")
-
-# choose_backend's answers, by everything they depend on: it runs on every op call (23 times in one forward of
-# the small U-Net), so its answer is looked up rather than worked out again.
-_choices: dict[tuple, str] = {}
-
-
-# The environment as choose_backend reads it on every call. os.environ.get raises and catches a KeyError
-# inside for an unset variable (the usual case); on POSIX, os.environ keeps its contents in a dict of bytes
-# (``_data``) that every assignment or deletion through os.environ updates, which a plain lookup reads.
-# Elsewhere, or for an os.environ replaced by another mapping, os.environ.get.
-_ENVIRON_TYPE = type(os.environ)
-_POSIX_ENVIRON = os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict)
-
-
-def _env_bytes(name: str) -> bytes | None:
-    value = os.environ.get(name)
-    return None if value is None else os.fsencode(value)
-
-
-_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
-
-
 def choose_backend(op: str, device: torch.device | str, backend: str = "auto") -> str:
-    """The implementation that runs ``op`` on ``device``: 'reference', 'triton' or 'cpp'."""
+    """The implementation that runs ``op`` on ``device``: 'reference', 'triton' or 'cpp'.
+
+    ``backend`` (or, for 'auto', FASTDDPM_BACKEND) forces one; else CUDA tensors go to Triton (C++ for
+    group_norm_silu) and CPU tensors to the C++ kernels, never by default to the Triton interpreter. A forced
+    backend missing from this build warns once and runs the reference."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    environ = os.environ
-    if _POSIX_ENVIRON and type(environ) is _ENVIRON_TYPE:
-        data = environ._data
-        env_backend, interpret = data.get(b"FASTDDPM_BACKEND"), data.get(b"TRITON_INTERPRET")
-    else:
-        env_backend, interpret = _env_bytes("FASTDDPM_BACKEND"), _env_bytes("TRITON_INTERPRET")
+    env_backend, interpret = backend_environment()
     key = (op, device_type, backend, env_backend, interpret, _extension.load() is not None)
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _choose_backend(op, device_type, backend,
                                                  None if env_backend is None else os.fsdecode(env_backend))
     # (the C call first: torch.compiler.is_compiling is two Python calls, and this runs on every op call)
-    if (choice == "cpp" and op in _NO_FUNCTORCH_AUTOGRAD and _peek_interpreter_stack() is not None
+    if (choice == "cpp" and op in _NO_FUNCTORCH_AUTOGRAD and peek_interpreter_stack() is not None
             and not torch.compiler.is_compiling()):
         return "reference"  # torch.func transforms refuse C++ autograd Functions
     return choice
@@ -118,7 +86,6 @@ def _choose_backend(op: str, device_type: str, backend: str, env_backend: str | 
         if requested not in BACKENDS:
             raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        # CPU tensors go to the C++ kernels or the reference, never by default to the (slow) interpreter.
         order = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
         if op == "group_norm_silu":  # the U-Net's GroupNorm+SiLU is CUDA C++ on GPUs
             order = ("cpp",)
@@ -136,14 +103,34 @@ def _choose_backend(op: str, device_type: str, backend: str, env_backend: str | 
     return requested
 
 
-# ----------------------------------------------------------------------------- shared by the op files
+def _available(op: str, backend: str, device_type: str) -> bool:
+    if backend == "reference":
+        return True
+    if device_type not in IMPLEMENTATIONS[op][backend]:
+        return False
+    if backend == "cpp":
+        return _extension.cuda_built() if device_type == "cuda" else _extension.cpu_built()
+    return _triton_available(device_type)
+
+
+def _triton_available(device_type: str) -> bool:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- calling an implementation
 def call_op(op, *args):
     """op(*args), below the dispatcher's autograd layer when no gradient can flow through this call.
 
     ``torch.library.register_autograd`` installs a Python autograd kernel that runs on every call, even in
     no_grad or when no input requires grad, and costs several times a small op's kernel. When grad mode is off
     or no tensor argument requires grad, the call goes straight to the backend kernel
-    (``torch._C._AutoDispatchBelowAutograd``) with the same results: outputs that require no grad, as the
+    (``_dispatch.BelowAutograd``) with the same results: outputs that require no grad, as the
     autograd kernel would return them. While torch.compile traces, the op is called plainly: the compiled graph
     has no per-call autograd kernel to skip. Ops with no autograd registered (the reverse steps) gain nothing
     from it: the dispatcher's fallback for them is C++.
@@ -154,7 +141,7 @@ def call_op(op, *args):
                 return op(*args)
     if torch.compiler.is_compiling():
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    with BelowAutograd():
         return op(*args)
 
 
@@ -163,7 +150,7 @@ def runs_eagerly(*tensors) -> bool:
     torch.library's Python layers (on the Triton path those cost several times Triton's own launch): eager
     mode, plain tensors, no dispatch mode, functorch transform or trace that must see the op, and no tensor
     whose gradient autograd would have to record."""
-    if torch._C._len_torch_dispatch_stack() or _peek_interpreter_stack() is not None:
+    if dispatch_mode_depth() or peek_interpreter_stack() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # (a loop: cheaper than any() over a generator)
@@ -181,22 +168,59 @@ def launcher(x: torch.Tensor):
     op is traced (fake or functional tensors, a dispatch mode), so that the launch becomes a node of the graph;
     else directly. (wrap_triton's eager path is a plain launch behind more Python, and before torch 2.13 it
     refuses the interpreter's kernels.)"""
-    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack():
+    if type(x) is torch.Tensor and not dispatch_mode_depth():
         return _launch_directly
     from torch.library import wrap_triton
 
     return wrap_triton
 
 
-def require(condition, message) -> None:
-    """torch._check(condition, message), without its cost for a plain True (every eager call's checks)."""
-    if condition is not True:
-        torch._check(condition, message)
+def autograd_function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
+    """A torch.autograd.Function named ``name`` whose forward is ``impl`` and whose autograd is
+    ``setup_context`` and ``backward``: the same two functions an op file gives
+    torch.library.register_autograd, so that an implementation called directly (the Triton path, no
+    dispatcher) and the op share one autograd. Call it as ``Function.apply(*args)`` with the op's arguments,
+    positionally."""
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name}: {impl.__name__} under the op's registered autograd.",
+        "forward": staticmethod(impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def one_device_fake(name: str, fake):
+    """``fake`` for op ``name`` ("fastddpm::<op>"), after a check that its tensor arguments share one device.
+
+    The dispatcher runs an op's fake kernel (the Meta key) whenever any argument is on the meta device: with
+    the data on a CPU and, say, a meta weight, it would return uninitialised memory. The real kernels refuse
+    mixed devices; so does this, naming the argument. All-meta and fake-tensor calls (torch.compile, opcheck)
+    pass.
+    """
+    namespace, op = name.split("::")
+    names = [a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
+
+    def checked(*args, **kwargs):
+        out = fake(*args, **kwargs)  # its own checks first, for their messages (it only allocates)
+        first = None
+        for arg_name, arg in (*zip(names, args), *kwargs.items()):
+            if isinstance(arg, torch.Tensor):
+                if first is None:
+                    first = (arg_name, arg.device)
+                elif arg.device != first[1]:
+                    raise RuntimeError(f"{op}: {arg_name} is on {arg.device}, {first[0]} on {first[1]}; all "
+                                       f"tensor arguments must be on one device")
+        return out
+
+    return checked
 
 
+def register_fake(name: str, fake) -> None:
+    """torch.library.register_fake of :func:`one_device_fake`: each op of fastddpm registers its fake so."""
+    torch.library.register_fake(name)(one_device_fake(name, fake))
+
+
+# ----------------------------------------------------------------------------- noise key, layouts
 def new_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh Philox key for the in-kernel noise: int64 [1] on ``device``, drawn from torch's RNG.
 
@@ -227,6 +251,16 @@ def as_layout_of(y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None
 
 def dense(x: torch.Tensor) -> torch.Tensor:
     return x if batch_outer_dense(x) else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- input checks
+def require(condition, message) -> None:
+    """torch._check(condition, message), without its cost for a plain True (every eager call's checks)."""
+    if condition is not True:
+        torch._check(condition, message)
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_data(op: str, name: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
@@ -269,10 +303,27 @@ def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
     require(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
 
 
+def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:
+    """t ∈ [0, T) (or [−1, T) for an end marker). A CPU t is read on the host (a ValueError names the bad
+    value); a CUDA t is checked on the device (torch._assert_async: no host sync, the kernels keep
+    streaming; a bad value fails the next synchronisation with a device-side assert). Skipped while
+    torch.compile traces and inside a CUDA graph capture; the kernels clamp every table read anyway."""
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low = -1 if allow_negative else 0
+    if t.is_cuda:
+        assert_on_device(t.ge(low).logical_and_(t.lt(num_timesteps)).all(),
+                         f"{op}: timesteps must lie in [{low}, {num_timesteps})")
+        return
+    bad = (t < low) | (t >= num_timesteps)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: timesteps must lie in [{low}, {num_timesteps}), got {t[bad][0].item()}")
+
+
 def check_positive_values(op: str, name: str, tensor: torch.Tensor) -> None:
     """Every element of tensor > 0 (NaN fails): read on a CPU, asserted on the device on a GPU (no host sync).
     Skipped where values cannot be read: fake tensors (torch.compile, opcheck) and torch.func transforms."""
-    if (torch.compiler.is_compiling() or _peek_interpreter_stack() is not None
+    if (torch.compiler.is_compiling() or peek_interpreter_stack() is not None
             or torch._subclasses.fake_tensor.is_fake(tensor)):
         return
     if tensor.device.type == "cpu":
@@ -280,6 +331,12 @@ def check_positive_values(op: str, name: str, tensor: torch.Tensor) -> None:
             raise RuntimeError(f"{op}: {name} must be > 0, got {tensor[~(tensor > 0)][0].item()}")
     elif tensor.is_cuda:
         assert_on_device((tensor > 0).all(), f"{op}: {name} must be > 0")
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail the device's stream unless the one-element bool tensor ``condition`` holds, without a host
+    sync."""
+    torch._assert_async(condition, message)
 
 
 def check_triton_device(op: str, x: torch.Tensor) -> None:
@@ -295,56 +352,3 @@ def check_triton_device(op: str, x: torch.Tensor) -> None:
         raise RuntimeError(f"{op}: the Triton kernels need CUDA tensors, got one on {x.device}; for CPU "
                            f"tensors set TRITON_INTERPRET=1 before triton is imported (or use backend='cpp' "
                            f"or 'reference')")
-
-
-def one_device_fake(name: str, fake):
-    """``fake`` for op ``name`` ("fastddpm::<op>"), after a check that its tensor arguments share one device.
-
-    The dispatcher runs an op's fake kernel (the Meta key) whenever any argument is on the meta device: with
-    the data on a CPU and, say, a meta weight, it would return uninitialised memory. The real kernels refuse
-    mixed devices; so does this, naming the argument. All-meta and fake-tensor calls (torch.compile, opcheck)
-    pass.
-    """
-    namespace, op = name.split("::")
-    names = [a.name for a in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
-
-    def checked(*args, **kwargs):
-        out = fake(*args, **kwargs)  # its own checks first, for their messages (it only allocates)
-        first = None
-        for arg_name, arg in (*zip(names, args), *kwargs.items()):
-            if isinstance(arg, torch.Tensor):
-                if first is None:
-                    first = (arg_name, arg.device)
-                elif arg.device != first[1]:
-                    raise RuntimeError(f"{op}: {arg_name} is on {arg.device}, {first[0]} on {first[1]}; all "
-                                       f"tensor arguments must be on one device")
-        return out
-
-    return checked
-
-
-def register_fake(name: str, fake) -> None:
-    """torch.library.register_fake of :func:`one_device_fake`: each op of fastddpm registers its fake so."""
-    torch.library.register_fake(name)(one_device_fake(name, fake))
-
-
-def check_timesteps(op: str, t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> None:
-    """t ∈ [0, T) (or [−1, T) for an end marker). A CPU t is read on the host (a ValueError names the bad value);
-    a CUDA t is checked on the device (torch._assert_async: no host sync, the kernels keep streaming; a bad value
-    fails the next synchronisation with a device-side assert). Skipped while torch.compile traces and inside a
-    CUDA graph capture; the kernels clamp every table read anyway."""
-    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    low = -1 if allow_negative else 0
-    if t.is_cuda:
-        assert_on_device(t.ge(low).logical_and_(t.lt(num_timesteps)).all(),
-                         f"{op}: timesteps must lie in [{low}, {num_timesteps})")
-        return
-    bad = (t < low) | (t >= num_timesteps)
-    if bool(bad.any()):
-        raise ValueError(f"{op}: timesteps must lie in [{low}, {num_timesteps}), got {t[bad][0].item()}")
-
-
-def assert_on_device(condition: torch.Tensor, message: str) -> None:
-    """Fail the device's stream unless the one-element bool tensor ``condition`` holds, without a host sync."""
-    torch._assert_async(condition, message)

@@ -1,78 +1,80 @@
 """q_sample: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4), per-sample t read from the schedule tables.
 
-Two ops, each with a C++ schema (csrc/fastddpm.cpp) and a Triton twin of the same signature defined here
-with ``triton_op`` (kernels/q_sample.py; CUDA tensors, or CPU tensors through the Triton interpreter):
-  q_sample(x_start, t, sqrt_ac, sqrt_1m_ac, noise) -> x_t                        ε given
-  q_sample_philox(x_start, t, sqrt_ac, sqrt_1m_ac, seed, offset, write_noise) -> (x_t, ε or [0])
-                                                                                  ε drawn in-kernel
-This file adds fake impls and autograd to both, a CPU impl of q_sample_philox on the reference math and Philox
-stream (registered only in a build without csrc/cpu/q_sample.cpp's fused one), and chooses the backend per call.
+One op, its schema in csrc/fastddpm.cpp:
+  q_sample(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise?, seed?, offset, write_noise)
+      -> (x_t, ε or an empty tensor)
+with ε given (``noise``) or drawn in-kernel from the Philox key ``seed`` at counter ``offset`` (exactly one of
+the two); the drawn ε is returned when ``write_noise``, else an empty tensor (so always with a given noise).
+Its CPU kernel is C++ (csrc/cpu/q_sample.cpp); its CUDA kernel is the Triton implementation below
+(kernels/q_sample.py), registered here with the op's fake and autograd.
+
+Layout, the same on every backend and in the fake: x_t (and the drawn ε) are ``empty_like(dense(x_start))``:
+x_start's own strides when its memory is dense with each sample one contiguous block (contiguous,
+channels_last, ...), else contiguous.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
 
 from fastddpm import _extension, reference
-from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          check_triton_device, choose_backend, dense, launcher, new_seed, register_fake,
-                          runs_eagerly)
+from fastddpm.ops._dispatch import buffers
+from fastddpm.ops import (as_layout_of, autograd_function, call_op, check_data, check_index, check_seed,
+                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
+                          new_seed, register_fake, require, runs_eagerly)
 
 NAME = "q_sample"
 
 
-def _check(x_start, t, sqrt_ac, sqrt_1m_ac):
+def _check(x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed):
     check_data(NAME, "x_start", x_start)
     check_index(NAME, "t", t, x_start)
     check_table(NAME, "sqrt_alphas_cumprod", sqrt_ac, x_start)
     check_table(NAME, "sqrt_one_minus_alphas_cumprod", sqrt_1m_ac, x_start)
+    require((noise is None) != (seed is None), lambda: f"{NAME}: give exactly one of noise and seed")
+    if noise is not None:
+        check_data(NAME, "noise", noise, x_start)
+    else:
+        check_seed(NAME, seed, x_start)
 
 
-# ----------------------------------------------------------------------------- Triton
+def _fake(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed, offset, write_noise):
+    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
+    x = dense(x_start)
+    return torch.empty_like(x), (torch.empty_like(x) if write_noise and noise is None else x.new_empty(0))
+
+
+# ----------------------------------------------------------------------------- Triton (the CUDA kernel)
 def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
-                    sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+                     sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
+                     seed: torch.Tensor | None, offset: int,
+                     write_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastddpm.kernels.q_sample import launch_q_sample
 
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_data(NAME, "noise", noise, x_start)
+    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
     check_triton_device(NAME, x_start)
     x = dense(x_start)
     out = torch.empty_like(x)
+    writes_noise = write_noise and noise is None
+    noise_out = torch.empty_like(x) if writes_noise else x.new_empty(0)
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
-                    noise=as_layout_of(noise.to(x.dtype), x), wrap=launcher(x))
-    return out
+                    noise=None if noise is None else as_layout_of(noise.to(x.dtype), x), seed=seed,
+                    offset=offset, noise_out=noise_out if writes_noise else None, wrap=launcher(x))
+    return out, noise_out
 
 
-def _q_sample_philox_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
-                           sqrt_one_minus_alphas_cumprod: torch.Tensor, seed: torch.Tensor, offset: int,
-                           write_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastddpm.kernels.q_sample import launch_q_sample
-
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_seed(NAME, seed, x_start)
-    check_triton_device(NAME, x_start)
+# ----------------------------------------------------------------------------- the reference backend
+def _q_sample_reference(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed, offset,
+                        write_noise):
+    """fastddpm.reference's math; a drawn ε is the kernels' Philox stream (reference.philox_normal), and the
+    outputs have the op's layout."""
+    tables = _Tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    if noise is not None:
+        return reference.q_sample(tables, x_start, t, noise), None
+    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
     x = dense(x_start)
-    out = torch.empty_like(x)
-    noise = torch.empty_like(x) if write_noise else x.new_empty(0)
-    launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out, seed=seed, offset=offset,
-                    noise_out=noise if write_noise else None, wrap=launcher(x))
-    return out, noise
-
-
-q_sample_triton = triton_op("fastddpm::q_sample_triton", _q_sample_triton, mutates_args=())
-q_sample_philox_triton = triton_op("fastddpm::q_sample_philox_triton", _q_sample_philox_triton, mutates_args=())
-
-
-# ----------------------------------------------------------------------------- CPU (reference math)
-def q_sample_philox_cpu(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset, write_noise):
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_seed(NAME, seed, x_start)
-    x = dense(x_start)
-    batch = x.shape[0]
     eps = philox_noise_like(x, seed, offset)
-    out = torch.empty_like(x).copy_(reference.q_sample(_Tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod),
-                                                       x, t, eps))
+    out = torch.empty_like(x).copy_(reference.q_sample(tables, x, t, eps))
     return out, (torch.empty_like(x).copy_(eps) if write_noise else x.new_empty(0))
 
 
@@ -92,34 +94,8 @@ class _Tables:
         self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = sqrt_ac, sqrt_1m_ac
 
 
-# ----------------------------------------------------------------------------- fake impls and autograd
-def _fake_q_sample(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_data(NAME, "noise", noise, x_start)
-    return torch.empty_like(dense(x_start))
-
-
-def _q_sample_cuda(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
-    """The C++ op on CUDA tensors: the Triton kernel, returned in empty_like(x_start)'s layout as on the CPU."""
-    out = _q_sample_triton(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    like = torch.empty_like(x_start)
-    return out if like.stride() == out.stride() else like.copy_(out)
-
-
-def _fake_q_sample_cpp(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_data(NAME, "noise", noise, x_start)
-    return torch.empty_like(x_start)  # what csrc/cpu/q_sample.cpp allocates, for any dense layout
-
-
-def _fake_q_sample_philox(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset, write_noise):
-    _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
-    check_seed(NAME, seed, x_start)
-    x = dense(x_start)
-    return torch.empty_like(x), (torch.empty_like(x) if write_noise else x.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
+# ----------------------------------------------------------------------------- autograd: one, two ways in
+def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
 
 
@@ -128,32 +104,19 @@ def _grad(ctx, index, table, grad):
     return (reference.extract(table, t, grad) * grad).to(grad.dtype) if ctx.needs_input_grad[index] else None
 
 
-def _backward_q_sample(ctx, grad):
-    # ∂x_t/∂x_0 = √ᾱ_t, ∂x_t/∂ε = √(1 − ᾱ_t); the tables and t get no gradient.
+def _backward(ctx, grad, _grad_noise):
+    # ∂x_t/∂x_0 = √ᾱ_t, ∂x_t/∂ε = √(1 − ᾱ_t) for a given ε; t, the tables, the key and a drawn ε get none.
     _, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
-    return _grad(ctx, 0, sqrt_ac, grad), None, None, None, _grad(ctx, 4, sqrt_1m_ac, grad)
+    return _grad(ctx, 0, sqrt_ac, grad), None, None, None, _grad(ctx, 4, sqrt_1m_ac, grad), None, None, None
 
 
-def _backward_q_sample_philox(ctx, grad, _grad_noise):
-    return _grad(ctx, 0, ctx.saved_tensors[1], grad), None, None, None, None, None, None
+# The Triton implementation under the op's autograd, for calls that skip the dispatcher.
+_QSampleTriton = autograd_function("QSampleTriton", _q_sample_triton, _setup_context, _backward)
 
-
-def _register() -> None:
-    ops = [("fastddpm::q_sample_triton", _fake_q_sample, _backward_q_sample),
-           ("fastddpm::q_sample_philox_triton", _fake_q_sample_philox, _backward_q_sample_philox)]
-    if _extension.load() is not None:
-        ops += [("fastddpm::q_sample", _fake_q_sample_cpp, _backward_q_sample),
-                ("fastddpm::q_sample_philox", _fake_q_sample_philox, _backward_q_sample_philox)]
-        torch.library.register_kernel("fastddpm::q_sample", "cuda", _q_sample_cuda)
-        torch.library.register_kernel("fastddpm::q_sample_philox", "cuda", _q_sample_philox_triton)
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::q_sample_philox", "CPU"):
-            torch.library.register_kernel("fastddpm::q_sample_philox", "cpu", q_sample_philox_cpu)
-    for name, fake, backward in ops:
-        register_fake(name, fake)
-        torch.library.register_autograd(name, backward, setup_context=_setup)
-
-
-_register()
+if _extension.load() is not None:
+    register_fake("fastddpm::q_sample", _fake)
+    torch.library.register_autograd("fastddpm::q_sample", _backward, setup_context=_setup_context)
+    torch.library.register_kernel("fastddpm::q_sample", "cuda", _q_sample_triton)
 
 
 # ----------------------------------------------------------------------------- the Python entry point
@@ -167,24 +130,24 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     result is (x_t, ε) with ε written only when ``write_noise`` (else an empty tensor). The reference backend
     draws the same stream with fastddpm.reference.philox_normal.
     """
+    sqrt_ac, sqrt_1m_ac = buffers(schedule, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
     if check:
-        check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
+        check_timesteps(NAME, t, sqrt_ac.shape[0])
     backend = choose_backend(NAME, x_start.device, backend)
-    tables = (schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
     if noise is not None:
-        if backend == "triton":
-            if runs_eagerly(x_start, noise):
-                return _q_sample_triton(x_start, t, *tables, noise)
-            return torch.ops.fastddpm.q_sample_triton(x_start, t, *tables, noise)
-        if backend == "cpp":
-            return call_op(torch.ops.fastddpm.q_sample.default, x_start, t, *tables, noise)
-        return reference.q_sample(schedule, x_start, t, noise)
-    if seed is None:
+        seed, write_noise = None, False  # (a key or write_noise with a given ε has nothing to do)
+    elif seed is None:
         seed = new_seed(x_start.device, generator)
-    if backend == "triton":
-        if runs_eagerly(x_start):
-            return _q_sample_philox_triton(x_start, t, *tables, seed, offset, write_noise)
-        return torch.ops.fastddpm.q_sample_philox_triton(x_start, t, *tables, seed, offset, write_noise)
-    if backend == "cpp" and _extension.cpu_built():
-        return call_op(torch.ops.fastddpm.q_sample_philox.default, x_start, t, *tables, seed, offset, write_noise)
-    return q_sample_philox_cpu(x_start, t, *tables, seed, offset, write_noise)
+    args = (x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, write_noise)
+    if backend == "cpp":
+        out = call_op(torch.ops.fastddpm.q_sample.default, *args)
+    elif backend == "triton":
+        if runs_eagerly(x_start, noise):
+            out = _q_sample_triton(*args)
+        elif x_start.is_cuda and _extension.load() is not None:
+            out = call_op(torch.ops.fastddpm.q_sample.default, *args)  # its CUDA kernel is _q_sample_triton
+        else:
+            out = _QSampleTriton.apply(*args)
+    else:
+        out = _q_sample_reference(*args)
+    return out[0] if noise is not None else out
