@@ -1,4 +1,5 @@
-# make build | make test | make demo | make bench | make cuda-check | make test-oldest-torch | make clean
+# make build | make test | make lint | make demo | make bench | make cuda-check | make test-oldest-torch
+# make clean
 #
 # Each target creates .venv when it is absent, installs the tools, torch and triton into it once, and
 # (re)builds fastddpm into it, in place, whenever setup.py, pyproject.toml or a file under csrc/ changes.
@@ -27,20 +28,31 @@ CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/
 
 DEPS := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
+NO_TEST_EXTRAS := $(VENV)/.no-test-extras
 # tools/check_cuda_build.sh (`make cuda-check`, which CI runs after `make test`): nvcc compiles csrc/cuda/*.cu,
 # and the whole extension builds against a CUDA torch (about 5.5 GB) in its own venv; no GPU needed. The stamp
 # skips it while nothing it reads has changed.
 CUDA_VENV ?= .venv-cuda
 CUDA_CHECKED := $(CUDA_VENV)/.checked
 
-.PHONY: build test test-oldest-torch demo bench cuda-check clean distclean
+.PHONY: build test lint test-oldest-torch demo bench cuda-check clean distclean
 
 build: $(INSTALLED)
 
-# The benchmarks run too, each case once (--benchmark-disable), so that they never rot.
-test: $(INSTALLED)
+# The lint first; the benchmarks run too, each case once (--benchmark-disable), so that they never rot.
+test: lint $(INSTALLED)
 	$(PY) -m pytest benchmarks/ -q --benchmark-disable
 	$(PY) -m pytest -q
+
+# ruff (rules and line length in pyproject.toml) comes with the test extras. Where they did not install (an
+# offline GPU machine, see $(INSTALLED)), the lint is skipped with one line saying so; anywhere else (CI) a
+# missing ruff is an error.
+lint: $(INSTALLED)
+	@if $(PY) -m ruff --version >/dev/null 2>&1; then echo '$(PY) -m ruff check .'; $(PY) -m ruff check .; \
+	elif [ -n '$(HAVE_NVIDIA_GPU)' ] && [ -e $(NO_TEST_EXTRAS) ]; then \
+	  echo "make lint: skipped: ruff is not installed (the test extras did not install: offline?)"; \
+	else echo "make lint: ruff is not installed in $(VENV) (it comes with the test extras:" \
+	  "$(PIP) install -e '.[test]' --no-build-isolation)" >&2; exit 1; fi
 
 test-oldest-torch:
 	OLDEST_TORCH=$(OLDEST_TORCH) bash tools/test_oldest_torch.sh
@@ -79,11 +91,13 @@ $(DEPS): | $(PY)
 	elif ! $(PY) -c 'import triton' 2>/dev/null; then $(PIP) install triton; fi
 	echo '$(TORCH) $(TRITON)' > $@
 
-# Offline (a GPU machine), the test extras may not install: then fastddpm alone, and the tests that need a
-# missing package (diffusers) skip.
+# Offline (a GPU machine), the test extras may not install: then fastddpm alone, the tests that need a
+# missing package (diffusers) skip, and $(NO_TEST_EXTRAS) tells `make lint` why ruff is missing.
 $(INSTALLED): $(DEPS) setup.py pyproject.toml $(CSRC)
+	rm -f $(NO_TEST_EXTRAS)
 	$(PIP) install -e '.[test]' --no-build-isolation || { echo "make: the test extras did not install" \
-	  "(offline?): installing fastddpm without them"; $(PIP) install -e . --no-build-isolation --no-deps; }
+	  "(offline?): installing fastddpm without them"; touch $(NO_TEST_EXTRAS); \
+	  $(PIP) install -e . --no-build-isolation --no-deps; }
 	touch $@
 
 clean:

@@ -67,13 +67,15 @@ def main():
                         help="wall clock, or CPU time of this thread (needs --threads 1, CPU)")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocation thresholds")
     parser.add_argument("--train-pair", action="store_true",
-                        help="also time the CPU training pair (group_norm_silu_train, whose forward saves SiLU'; "
-                             "what float32 ran before group_norm_silu_output_backward) as a fourth provider")
+                        help="also time the CPU training pair (group_norm_silu_train, whose forward saves "
+                             "SiLU'; what float32 ran before group_norm_silu_output_backward) as a fourth "
+                             "provider")
     parser.add_argument("--scrub", action="store_true",
-                        help="before every timed call, write a 64 MB buffer: each call then starts from the same "
-                             "cache state (full of another layer's dirty lines) whatever ran before it")
+                        help="before every timed call, write a 64 MB buffer: each call then starts from the "
+                             "same cache state (full of another layer's dirty lines) whatever ran before it")
     args = parser.parse_args()
-    malloc = "glibc defaults" if args.system_malloc else ("steady malloc" if steady_malloc() else "mallopt failed")
+    malloc = ("glibc defaults" if args.system_malloc
+              else ("steady malloc" if steady_malloc() else "mallopt failed"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
@@ -112,7 +114,8 @@ def main():
             scrub = torch.zeros(16 << 20) if args.scrub else None  # 64 MB of float32, 2× this L3
             names = list(fns)
             for r in range(args.reps):
-                for name in names[r % len(names):] + names[:r % len(names)]:  # each follows each equally often
+                # a rotating order: each provider follows each other equally often
+                for name in names[r % len(names):] + names[:r % len(names)]:
                     if scrub is not None:
                         scrub.add_(1.0)
                     start = clock()

@@ -34,8 +34,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Diffusion", "Trainer", "UNet", "GroupNormSiLU", "NoiseSchedule", "get_beta_schedule", "build_info",
-           "DDPMScheduler", "DDIMScheduler", "patch", "functional", "nn", "reference", "schedules", "__version__"]
+__all__ = ["Diffusion", "Trainer", "UNet", "GroupNormSiLU", "NoiseSchedule", "get_beta_schedule",
+           "build_info", "DDPMScheduler", "DDIMScheduler", "patch", "functional", "nn", "reference",
+           "schedules", "__version__"]
 
 
 def build_info() -> dict:

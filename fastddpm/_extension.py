@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import warnings
 from types import ModuleType
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # for the annotations only: torch is imported where it is used
+    import torch
 
 _UNLOADED = object()
 _ext = _UNLOADED  # the loaded module, None when it failed; a plain global (not functools.cache) so that

@@ -14,7 +14,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 def load_digits(image_size: int = 8) -> torch.Tensor:
-    """The 1,797 handwritten 8×8 digits of scikit-learn (UCI; bundled, no download): [N, 1, S, S] in [0, 1]."""
+    """The 1,797 handwritten 8×8 digits of scikit-learn (UCI; bundled, no download): [N, 1, S, S] in
+    [0, 1]."""
     from sklearn.datasets import load_digits as _load
 
     images = torch.from_numpy(_load().images).float().div_(16.0).unsqueeze(1)  # pixel values 0…16
@@ -34,9 +35,11 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {str(root)!r}")
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                                    f"found under {str(root)!r}")
         for path in self.files:  # reading the headers is cheap, and names a bad file before any worker starts
             try:
                 with Image.open(path):
@@ -55,8 +58,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 im = im.convert("L" if self.channels == 1 else "RGB")
                 w, h = im.size
                 scale = self.image_size / min(w, h)
-                im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
-                               Image.Resampling.BICUBIC)
+                size = (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale)))
+                im = im.resize(size, Image.Resampling.BICUBIC)
                 w, h = im.size
                 left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
                 im = im.crop((left, top, left + self.image_size, top + self.image_size))
@@ -74,7 +77,8 @@ def get_dataset(data: str, image_size: int | None = None, channels: int = 3):
     return ImageFolder(data, image_size or 32, channels)
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> Image.Image:
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
+               scale: int = 1) -> Image.Image:
     """A PIL image of a batch [B, C, H, W] in [0, 1] laid out in a grid (nearest-neighbour upscaled)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be [B, 1 or 3, H, W], got {list(images.shape)}")

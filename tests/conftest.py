@@ -6,15 +6,16 @@ import torch  # (imports no triton)
 from .isolation import register as _register_isolation
 
 os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
-# Without a GPU, the Triton kernels run on CPU tensors through the interpreter (set before triton is imported).
-# With one, they compile for it: the interpreter would replace the compiler for CUDA tensors too, and the tests
-# of Triton on CPU tensors skip (CI runs them).
+# Without a GPU, the Triton kernels run on CPU tensors through the interpreter (set before triton is
+# imported). With one, they compile for it: the interpreter would replace the compiler for CUDA tensors too,
+# and the tests of Triton on CPU tensors skip (CI runs them).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 needs_triton_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set on machines without a GPU; CI runs this)")
+    reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set on machines without a GPU; "
+           "CI runs this)")
 
 
 def _round_bf16_to_nearest_in_the_interpreter():

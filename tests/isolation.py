@@ -31,7 +31,8 @@ def register(config: pytest.Config) -> None:
 
 
 class _Child:
-    """Writes a line per test start and per report, flushed at once: a crash loses nothing written before it."""
+    """Writes a line per test start and per report, flushed at once: a crash loses nothing written before
+    it."""
 
     def __init__(self, config: pytest.Config, path: str):
         self.config = config
@@ -45,7 +46,8 @@ class _Child:
         self._write({"start": nodeid})
 
     def pytest_runtest_logreport(self, report):
-        self._write({"report": self.config.hook.pytest_report_to_serializable(config=self.config, report=report)})
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self._write({"report": data})
 
 
 def _signal_name(returncode: int) -> str:
@@ -86,7 +88,8 @@ class _Parent:
         """item and the isolated tests of its module after it (as this process will run them)."""
         items = item.session.items
         start = items.index(item)
-        return [i for i in items[start:] if i.path == item.path and self._isolated(i) and i.nodeid not in self.done]
+        return [i for i in items[start:]
+                if i.path == item.path and self._isolated(i) and i.nodeid not in self.done]
 
     def _run_batch(self, item) -> None:
         pending = {i.nodeid: i for i in self._batch(item)}
@@ -97,7 +100,8 @@ class _Parent:
                 if "start" in record:
                     started = record["start"]
                     continue
-                report = self.config.hook.pytest_report_from_serializable(config=self.config, data=record["report"])
+                report = self.config.hook.pytest_report_from_serializable(config=self.config,
+                                                                          data=record["report"])
                 self.done.setdefault(report.nodeid, []).append(report)
                 if report.when == "teardown":
                     pending.pop(report.nodeid, None)
@@ -121,7 +125,8 @@ class _Parent:
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                    "-o", "addopts=", "--rootdir", str(self.config.rootpath), *nodeids]
             proc = subprocess.run(cmd, cwd=self.config.rootpath, env={**os.environ, CHILD_ENV: path},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace")
             with open(path, encoding="utf-8") as f:
                 records = [json.loads(line) for line in f if line.endswith("\n")]
         return records, proc.returncode, proc.stdout
@@ -134,4 +139,5 @@ class _Parent:
         shown = lines[fatal:fatal + 16] if fatal is not None else lines[-30:]
         longrepr = (f"{item.nodeid}: the child process running it ended with {_signal_name(returncode)} "
                     "before the test finished. Its output:\n" + "\n".join(shown))
-        return TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", longrepr, "call")
+        keywords = {k: 1 for k in item.keywords}
+        return TestReport(item.nodeid, item.location, keywords, "failed", longrepr, "call")

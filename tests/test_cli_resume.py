@@ -180,5 +180,6 @@ def test_disk_full_while_writing_the_run_settings(tmp_path, capsys):
     out.mkdir()
     (out / "run.json.tmp").symlink_to("/dev/full")
     assert main(["train", *SMALL, "--out", str(out), "--steps", "2", "--save-every", "0"]) == 2
-    assert capsys.readouterr().err == f"fastddpm: error: cannot write {out / 'run.json'}: No space left on device\n"
+    assert (capsys.readouterr().err
+            == f"fastddpm: error: cannot write {out / 'run.json'}: No space left on device\n")
     assert not (out / "run.json.tmp").is_symlink() and not (out / "run.json").exists()

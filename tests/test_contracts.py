@@ -33,7 +33,8 @@ def test_unknown_names_raise(bad, fn):
 
 @pytest.mark.parametrize("per_sample", [1, 3, 4, 5, 3072])
 def test_philox_counters_tile_the_call(per_sample):
-    """Every (sample, element) gets a distinct (counter, lane), and one call uses exactly counters_per_call."""
+    """Every (sample, element) gets a distinct (counter, lane), and one call uses exactly
+    counters_per_call."""
     batch, offset = 3, 11
     seen = {(contracts.philox_counter(offset, b, per_sample, i), i % contracts.PHILOX_LANES)
             for b in range(batch) for i in range(per_sample)}

@@ -59,15 +59,16 @@ def test_help_lists_commands():
 def test_train_then_sample_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDDPM_NO_PROGRESS", "1")
     out = tmp_path / "run"
-    main(["train", "--data", "digits", "--out", str(out), "--steps", "3", "--batch-size", "8", "--timesteps", "10",
-          "--beta-schedule", "cosine", "--num-samples", "4"])
+    main(["train", "--data", "digits", "--out", str(out), "--steps", "3", "--batch-size", "8",
+          "--timesteps", "10", "--beta-schedule", "cosine", "--num-samples", "4"])
     assert (out / "samples.png").is_file() and Image.open(out / "samples.png").size[0] > 32
     d = Diffusion.from_pretrained(out)
     assert d.num_timesteps == 10 and d.image_size == (8, 8) and d.channels == 1
     png = tmp_path / "s.png"
     main(["sample", "--checkpoint", str(out), "--num", "3", "--out", str(png), "--ddim", "5"])
     assert Image.open(png).mode == "L"
-    main(["sample", "--checkpoint", str(out), "--num", "2", "--out", str(tmp_path / "single"), "--steps", "4"])
+    main(["sample", "--checkpoint", str(out), "--num", "2", "--out", str(tmp_path / "single"),
+          "--steps", "4"])
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["000000.png", "000001.png"]
     assert Image.open(tmp_path / "single" / "000000.png").size == (8, 8)
 
@@ -114,4 +115,5 @@ def test_demo_runs_twice_in_the_same_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDDPM_NO_PROGRESS", "1")
     for _ in range(2):
         assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--num-samples", "2"]) == 0
-    assert (tmp_path / "demo" / "samples.png").is_file() and (tmp_path / "demo" / "model" / "config.json").is_file()
+    assert (tmp_path / "demo" / "samples.png").is_file()
+    assert (tmp_path / "demo" / "model" / "config.json").is_file()

@@ -1,5 +1,6 @@
-"""fastddpm.UNet ↔ diffusers' UNet2DModel (the DDPM configs), and diffusers folders in Diffusion.from_pretrained
-and `fastddpm sample`. Every folder is written by diffusers' own save_pretrained from random weights."""
+"""fastddpm.UNet ↔ diffusers' UNet2DModel (the DDPM configs), and diffusers folders in
+Diffusion.from_pretrained and `fastddpm sample`. Every folder is written by diffusers' own save_pretrained
+from random weights."""
 
 import json
 
@@ -13,14 +14,16 @@ from tests.conftest import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
-DDPM_FIELDS = dict(attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
-# The UNet2DModel configs of google/ddpm-cifar10-32 and of ddpm-celebahq-256 / ddpm-church-256 / ddpm-bedroom-256
-# (the three 256 models share one).
+DDPM_FIELDS = dict(attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
+                   freq_shift=1)
+# The UNet2DModel configs of google/ddpm-cifar10-32 and of ddpm-celebahq-256 / ddpm-church-256 /
+# ddpm-bedroom-256 (the three 256 models share one).
 CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], norm_num_groups=32, act_fn="silu",
-    center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional", **DDPM_FIELDS,
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
+    layers_per_block=2, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], norm_num_groups=32,
+    act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional",
+    **DDPM_FIELDS,
 )  # fmt: skip
 LSUN_256 = dict(
     CIFAR10, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
@@ -31,7 +34,8 @@ LSUN_256 = dict(
 NARROW_256 = dict(LSUN_256, block_out_channels=[16, 16, 32, 32, 64, 64], norm_num_groups=16)
 SMALL = dict(
     sample_size=16, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"], **DDPM_FIELDS,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    **DDPM_FIELDS,
 )  # fmt: skip
 CONFIGS = {"small": SMALL, "cifar10": CIFAR10, "narrow_256": NARROW_256}
 
@@ -146,8 +150,9 @@ def test_early_attention_names(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("freq_shift", 0), ("flip_sin_to_cos", True), ("downsample_padding", 1), ("norm_eps", 1e-5),
-    ("attention_head_dim", 8), ("time_embedding_type", "fourier"), ("resnet_time_scale_shift", "scale_shift"),
-    ("center_input_sample", True), ("mid_block_scale_factor", 2), ("act_fn", "gelu"), ("num_class_embeds", 10),
+    ("attention_head_dim", 8), ("time_embedding_type", "fourier"),
+    ("resnet_time_scale_shift", "scale_shift"), ("center_input_sample", True), ("mid_block_scale_factor", 2),
+    ("act_fn", "gelu"), ("num_class_embeds", 10),
     ("block_out_channels", [16, 24]), ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
     ("down_block_types", ["DownBlock2D", "SkipDownBlock2D"]), ("attn_norm_num_groups", 4),
     ("sample_size", None), ("time_embedding_dim", 32),
@@ -184,7 +189,8 @@ def write_pipeline(path, scheduler=None, seed=0, layout="pipeline"):
     else:
         scheduler = scheduler or diffusers.DDPMScheduler()
         diffusers.DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(path)
-        if layout == "flat":  # the released DDPM repositories also hold the unet's and scheduler's files on top
+        # the released DDPM repositories also hold the unet's and scheduler's files on top
+        if layout == "flat":
             for sub in ("unet", "scheduler"):
                 for f in (path / sub).iterdir():
                     f.rename(path / f.name)
@@ -208,7 +214,8 @@ def test_from_pretrained_pipeline_folder(tmp_path, layout):
     diffusion = Diffusion.from_pretrained(tmp_path)
     assert isinstance(diffusion.model, UNet) and same_network(diffusion, model)
     assert diffusion.num_timesteps == 200 and diffusion.image_size == (16, 16) and diffusion.channels == 3
-    assert (diffusion.objective, diffusion.variance, diffusion.clip_denoised) == ("pred_v", "fixed_large", False)
+    assert ((diffusion.objective, diffusion.variance, diffusion.clip_denoised)
+            == ("pred_v", "fixed_large", False))
     assert torch.allclose(diffusion.schedule.alphas_cumprod.double(), scheduler.alphas_cumprod.double(),
                           rtol=1e-6, atol=0)
     assert Diffusion.from_pretrained(tmp_path, sampling_timesteps=10).sampling_timesteps == 10
@@ -220,7 +227,8 @@ def test_from_pretrained_bare_unet_takes_ddpm_defaults(tmp_path):
     assert same_network(diffusion, model)
     reference = diffusers.DDPMScheduler()
     assert diffusion.num_timesteps == 1000
-    assert (diffusion.objective, diffusion.variance, diffusion.clip_denoised) == ("pred_noise", "fixed_small", True)
+    assert ((diffusion.objective, diffusion.variance, diffusion.clip_denoised)
+            == ("pred_noise", "fixed_small", True))
     assert torch.allclose(diffusion.schedule.alphas_cumprod.double(), reference.alphas_cumprod.double(),
                           rtol=1e-6, atol=0)
 
@@ -249,7 +257,8 @@ def test_from_pretrained_refuses_a_pipeline_without_unet2d(tmp_path):
     with pytest.raises(ValueError, match="leave out model="):
         Diffusion.from_pretrained(tmp_path, model=UNet.small())
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
-    (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "unet" / "config.json").write_text(
+        json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         Diffusion.from_pretrained(tmp_path)
 
@@ -265,11 +274,11 @@ def test_cli_samples_a_diffusers_folder(tmp_path, layout, capsys):
     assert f"wrote 2 samples to {out}" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- a converted model in DDPMPipeline
+# -------------------------------------------------------------------------- a converted model in DDPMPipeline
 @pytest.mark.parametrize("name, steps, batch", [("small", 10, 2), ("cifar10", 2, 1)])
 def test_converted_model_in_ddpm_pipeline_gives_the_same_images(name, steps, batch):
-    """diffusers' DDPMPipeline with the converted UNet and fastddpm's scheduler, against the original UNet2DModel
-    with diffusers' scheduler, the same generator seed: the same images to float32 rounding."""
+    """diffusers' DDPMPipeline with the converted UNet and fastddpm's scheduler, against the original
+    UNet2DModel with diffusers' scheduler, the same generator seed: the same images to float32 rounding."""
     from fastddpm import DDPMScheduler
 
     model = random_unet2d(CONFIGS[name], seed=5)

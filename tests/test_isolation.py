@@ -3,8 +3,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 CRASHING_MODULE = '''
 import ctypes
 import os
@@ -68,8 +66,8 @@ def test_a_crash_fails_one_test_and_the_rest_run(tmp_path):
     ''' % str(__import__("pathlib").Path(__file__).resolve().parents[1])))
     (tmp_path / "test_crash.py").write_text(CRASHING_MODULE)
     (tmp_path / "test_next_module.py").write_text("def test_in_the_next_module():\n    pass\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", "test_crash.py",
-                           "test_next_module.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+                           "test_crash.py", "test_next_module.py"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
@@ -77,5 +75,6 @@ def test_a_crash_fails_one_test_and_the_rest_run(tmp_path):
     assert "FAILED test_crash.py::test_crashes[2]" in out and "SIGSEGV" in out, out
     assert "FAILED test_crash.py::test_fails_after" in out and "assert 1 == 2" in out, out
     assert "PASSED test_next_module.py::test_in_the_next_module" in out, out
-    for name in ("test_not_isolated_first", "test_passes_before", "test_crashes[1]", "test_passes_after", "test_not_isolated"):
+    for name in ("test_not_isolated_first", "test_passes_before", "test_crashes[1]", "test_passes_after",
+                 "test_not_isolated"):
         assert f"PASSED test_crash.py::{name}" in out, out

@@ -75,7 +75,8 @@ def test_gradients_unchanged():
         model(x, t).sample.square().mean().backward()
     scale = torch.cat([q.grad.flatten() for q in reference.parameters()]).norm()
     for (name, p), q in zip(unet.named_parameters(), reference.parameters()):
-        if q.grad.norm() < 1e-6 * scale:  # zero in exact arithmetic (attention's key bias): both are round-off
+        # zero in exact arithmetic (attention's key bias): both are round-off
+        if q.grad.norm() < 1e-6 * scale:
             assert p.grad.norm() < 1e-5 * scale, name
         else:
             assert rel_err(p.grad, q.grad) < 1e-4, name
@@ -202,7 +203,8 @@ def test_attribute_pairs(block, expected):
 def test_resnet_block_variants(variant):
     torch.manual_seed(0)
     kw = {"scale_shift": dict(temb_channels=16, time_embedding_norm="scale_shift"),
-          "no_temb": dict(temb_channels=None), "skip_time_act": dict(temb_channels=16, skip_time_act=True)}[variant]
+          "no_temb": dict(temb_channels=None),
+          "skip_time_act": dict(temb_channels=16, skip_time_act=True)}[variant]
     block = ResnetBlock2D(in_channels=8, out_channels=16, groups=4, groups_out=8, **kw).eval()
     randomize_norms(block)
     reference = copy.deepcopy(block)

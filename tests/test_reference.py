@@ -99,7 +99,8 @@ def test_loss_against_direct_formula(sched64, objective):
     per = ((out - target) ** 2).mean(dim=(1, 2, 3))
     got = reference.diffusion_loss(sched64, out, x0, t, eps, objective, reduction="none")
     assert rel_err(got, per) < 1e-12
-    assert reference.diffusion_loss(sched64, out, x0, t, eps, objective).item() == pytest.approx(per.mean().item())
+    loss = reference.diffusion_loss(sched64, out, x0, t, eps, objective)
+    assert loss.item() == pytest.approx(per.mean().item())
     with pytest.raises(ValueError, match="reduction"):
         reference.diffusion_loss(sched64, out, x0, t, eps, objective, reduction="sum")
 
@@ -126,7 +127,8 @@ def test_ancestral_step_formula(sched64):
     xt, out, z = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([0, 1, 500, 999])
     for variance in ["fixed_small", "fixed_large"]:
-        x_prev, x0 = reference.p_sample_step(sched64, out, xt, t, z, "pred_noise", variance, clip_denoised=False)
+        x_prev, x0 = reference.p_sample_step(sched64, out, xt, t, z, "pred_noise", variance,
+                                             clip_denoised=False)
         ab = sched64.alphas_cumprod[t].view(-1, 1, 1, 1)
         ab_prev = sched64.alphas_cumprod_prev[t].view(-1, 1, 1, 1)
         beta = sched64.betas[t].view(-1, 1, 1, 1)
@@ -136,7 +138,8 @@ def test_ancestral_step_formula(sched64):
         sigma2 = sigma2 * (t > 0).view(-1, 1, 1, 1)
         assert rel_err(x_prev, mean + sigma2.sqrt() * z) < 1e-10, variance
         assert rel_err(x0, (xt - (1 - ab).sqrt() * out) / ab.sqrt()) < 1e-10
-    clipped_prev, clipped_x0 = reference.p_sample_step(sched64, out, xt, t, z, "pred_noise", "fixed_small", True)
+    clipped_prev, clipped_x0 = reference.p_sample_step(sched64, out, xt, t, z, "pred_noise", "fixed_small",
+                                                       True)
     assert clipped_x0.abs().max() <= 1 and not torch.equal(clipped_prev, x_prev)
 
 
@@ -160,8 +163,10 @@ def test_ddim_eta1_full_chain_equals_ancestral_fixed_small(clip, objective):
 def test_ddim_eta0_is_deterministic_and_ends_at_x0(sched64):
     xt, out = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
     t = torch.tensor([999, 10])
-    a, x0 = reference.ddim_step(sched64, out, xt, t, t - 100, torch.randn_like(xt), eta=0.0, clip_denoised=False)
-    b, _ = reference.ddim_step(sched64, out, xt, t, t - 100, torch.randn_like(xt), eta=0.0, clip_denoised=False)
+    a, x0 = reference.ddim_step(sched64, out, xt, t, t - 100, torch.randn_like(xt), eta=0.0,
+                                clip_denoised=False)
+    b, _ = reference.ddim_step(sched64, out, xt, t, t - 100, torch.randn_like(xt), eta=0.0,
+                               clip_denoised=False)
     assert torch.equal(a, b)
     end, x0 = reference.ddim_step(sched64, out, xt, t, torch.full_like(t, -1), torch.randn_like(xt), eta=1.0,
                                   clip_denoised=False)

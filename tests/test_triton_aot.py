@@ -15,8 +15,8 @@ KERNELS = {"q_sample_kernel", "loss_partial_kernel", "loss_finalize_kernel", "lo
 def test_every_kernel_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--arch", "80", "--arch", "90"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    cmd = [sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--arch", "80", "--arch", "90"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     out = ROOT / "build" / "triton_aot.jsonl"
     out.parent.mkdir(exist_ok=True)
@@ -27,7 +27,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         compiled = {rec["kernel"] for rec in records if rec["arch"] == arch}
         assert compiled == KERNELS, (arch, compiled)
         for dtype in ("fp32", "fp16", "bf16", "fp64"):
-            assert {rec["kernel"] for rec in records if rec["arch"] == arch and rec["data"] == dtype} == KERNELS
+            of_dtype = {rec["kernel"] for rec in records if rec["arch"] == arch and rec["data"] == dtype}
+            assert of_dtype == KERNELS, (arch, dtype, of_dtype)
     # the property the streaming design relies on: 16-byte vector loads for aligned fp32 data
     q = [rec for rec in records if rec["kernel"] == "q_sample_kernel" and rec["data"] == "fp32"
          and rec["config"]["ROWS"] == 1024]

@@ -2,11 +2,11 @@
 
     python tools/bad_input_probe.py          # tools/device_check.sh runs it right after the build
 
-Each case runs in a fresh `python -c`; a case that ends by a signal instead of its exception is run again under
-gdb (or cuda-gdb, which also debugs host code) in batch mode, and the innermost frames of the crash are printed.
-The cases separate the explanations of a crash on bad input: an error of torch's own (is every C++ exception
-fatal in this environment?), fastddpm's C++ errors with and without optional tensors, on the CPU and on CUDA.
-Exit status 1 when any case crashed.
+Each case runs in a fresh `python -c`; a case that ends by a signal instead of its exception is run again
+under gdb (or cuda-gdb, which also debugs host code) in batch mode, and the innermost frames of the crash are
+printed. The cases separate the explanations of a crash on bad input: an error of torch's own (is every C++
+exception fatal in this environment?), fastddpm's C++ errors with and without optional tensors, on the CPU and
+on CUDA. Exit status 1 when any case crashed.
 """
 
 from __future__ import annotations
@@ -21,19 +21,23 @@ SETUP = "import torch, fastddpm; ops = torch.ops.fastddpm; cuda = torch.cuda.is_
 CASES = {
     "torch's own error": "torch.ones(2) + torch.ones(3)",
     "gn+silu cpu, no weight": "ops.group_norm_silu(torch.randn(2, 6, 4, 4), 4, None, None, 1e-5)",
-    "gn+silu cpu, weight": "ops.group_norm_silu(torch.randn(2, 6, 4, 4), 4, torch.ones(6), torch.ones(6), 1e-5)",
+    "gn+silu cpu, weight": ("ops.group_norm_silu(torch.randn(2, 6, 4, 4), 4, torch.ones(6), torch.ones(6), "
+                            "1e-5)"),
     "gn+silu cpu, int dtype": "ops.group_norm_silu(torch.randn(2, 6, 4, 4).int(), 3, None, None, 1e-5)",
     "q_sample cpu, bad t": ("x = torch.randn(2, 3); a = torch.rand(10)\n"
                             "ops.q_sample(x, torch.tensor([0, 10]), a, a, torch.randn(2, 3), None, 0,"
                             " False)"),
     "functional cpu": "fastddpm.functional.group_norm_silu(torch.randn(2, 6, 4, 4), 4)",
-    "gn+silu cuda, no weight": "ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda'), 4, None, None, 1e-5)",
+    "gn+silu cuda, no weight": ("ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda'), 4, None, None, "
+                                "1e-5)"),
     "gn+silu cuda, weight": ("w = torch.ones(6, device='cuda')\n"
                              "ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda'), 4, w, w, 1e-5)"),
-    "gn+silu cuda, float64": "ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda').double(), 3, None, None, 1e-5)",
+    "gn+silu cuda, float64": ("ops.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda').double(), 3, None, "
+                              "None, 1e-5)"),
     "functional cuda": "fastddpm.functional.group_norm_silu(torch.randn(2, 6, 4, 4, device='cuda'), 4)",
 }
-WRAP = "try:\n{body}\nexcept (RuntimeError, ValueError, TypeError) as e:\n    print('raised', type(e).__name__)\n"
+WRAP = ("try:\n{body}\nexcept (RuntimeError, ValueError, TypeError) as e:\n"
+        "    print('raised', type(e).__name__)\n")
 
 
 def program(case: str) -> str:
@@ -60,7 +64,8 @@ def backtrace(code: str) -> str:
 def environment() -> str:
     """What a crash on raising could depend on: the compilers that built the extension, torch's backtrace
     settings."""
-    gcc = subprocess.run(["sh", "-c", "${CXX:-c++} --version | head -n 1"], capture_output=True, text=True).stdout
+    gcc = subprocess.run(["sh", "-c", "${CXX:-c++} --version | head -n 1"], capture_output=True,
+                         text=True).stdout
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCH_", "LD_", "PYTORCH_"))}
     return f"python {sys.version.split()[0]}; c++: {gcc.strip()}; env: {settings}"
 

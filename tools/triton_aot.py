@@ -5,8 +5,9 @@ kernel for sm_80 and sm_90 with triton.compile(ASTSource(...), target=GPUTarget(
 constexpr configuration the launchers use, and checks the PTX for what the design relies on:
   * 128-bit global loads (ld.global.v4) in the streaming kernels for fp32 data, when compiled with the 16-byte
     divisibility the JIT specialises on for aligned tensors and sizes;
-  * no register spills (cuobjdump -res-usage: LOCAL:0). The noise kernels keep a small stack frame (STACK:8–16):
-    that is libdevice's sinf/cosf slow path for huge arguments (Box–Muller's angle never takes it), not a spill.
+  * no register spills (cuobjdump -res-usage: LOCAL:0). The noise kernels keep a small stack frame
+    (STACK:8–16): that is libdevice's sinf/cosf slow path for huge arguments (Box–Muller's angle never takes
+    it), not a spill.
 It prints one JSON line per compiled kernel (arch, kernel, config, registers, spills, shared memory, v4 loads)
 and a summary; the exit status is non-zero on any failure. Run it without TRITON_INTERPRET.
 
@@ -15,7 +16,6 @@ and a summary; the exit status is non-zero on any failure. Run it without TRITON
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -69,7 +69,8 @@ def aligned(kernel, sig) -> dict:
 
 
 def variations(base: dict, **choices) -> list[dict]:
-    """The base configuration and, for each constexpr, every other value it takes with the rest at the base."""
+    """The base configuration and, for each constexpr, every other value it takes with the rest at the
+    base."""
     out = [dict(base)]
     for name, values in choices.items():
         out += [{**base, name: v} for v in values if v != base[name]]
@@ -87,7 +88,8 @@ def configs(quick: bool):
          dict(HAS_NOISE=flags, WRITE_NOISE=flags, ROWS=ROWS)),
         (loss.loss_partial_kernel, dict(OBJECTIVE=0, HAS_NOISE=False, ROWS=1024),
          dict(OBJECTIVE=objectives, HAS_NOISE=flags, ROWS=ROWS)),
-        (loss.loss_backward_kernel, dict(OBJECTIVE=0, HAS_NOISE=False, HAS_GAMMA=False, REDUCTION=1, ROWS=1024),
+        (loss.loss_backward_kernel,
+         dict(OBJECTIVE=0, HAS_NOISE=False, HAS_GAMMA=False, REDUCTION=1, ROWS=1024),
          dict(OBJECTIVE=objectives, HAS_NOISE=flags, HAS_GAMMA=flags, REDUCTION=[0, 1], ROWS=ROWS)),
         (loss.loss_finalize_kernel, dict(OBJECTIVE=0, HAS_GAMMA=True, BLOCK_B=1024),
          dict(OBJECTIVE=objectives, HAS_GAMMA=flags, BLOCK_B=[1024, 16, 1])),
@@ -108,16 +110,19 @@ def configs(quick: bool):
                 yield kernel, data, {**config, "CD": cd}
 
 
-STREAMING = {"q_sample_kernel", "loss_partial_kernel", "loss_backward_kernel", "p_sample_kernel", "ddim_kernel"}
+STREAMING = {"q_sample_kernel", "loss_partial_kernel", "loss_backward_kernel", "p_sample_kernel",
+             "ddim_kernel"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def resources(cubin: bytes) -> dict:
-    """Registers, local memory (spills) and shared memory of the compiled kernel, from cuobjdump -res-usage."""
+    """Registers, local memory (spills) and shared memory of the compiled kernel, from cuobjdump
+    -res-usage."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
     finally:
         os.unlink(f.name)
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
@@ -127,7 +132,8 @@ def resources(cubin: bytes) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, action="append", help="compute capability ×10 (default: 80 and 90)")
+    parser.add_argument("--arch", type=int, action="append",
+                        help="compute capability ×10 (default: 80 and 90)")
     parser.add_argument("--quick", action="store_true", help="fp32 and bf16 only")
     args = parser.parse_args()
     archs = args.arch or [80, 90]

@@ -1,8 +1,8 @@
 """fastddpm's UNet ↔ diffusers' ``UNet2DModel`` of the DDPM family (google/ddpm-cifar10-32, ddpm-celebahq-256,
 ddpm-church-256, ddpm-bedroom-256).
 
-Both are the network of the paper's TensorFlow code, layer for layer; only the names differ (and diffusers keeps
-the attention's 1×1 convolutions as ``nn.Linear``). A config is converted field by field: every
+Both are the network of the paper's TensorFlow code, layer for layer; only the names differ (and diffusers
+keeps the attention's 1×1 convolutions as ``nn.Linear``). A config is converted field by field: every
 ``UNet2DModel`` argument either maps onto a ``UNet`` argument or must hold the one value the DDPM network has,
 and a config that differs gets a ``ValueError`` naming the field. Reading a saved ``UNet2DModel`` folder needs
 only safetensors (or torch for ``.bin`` files); building a ``UNet2DModel`` (``to_diffusers``) needs diffusers.
@@ -24,12 +24,14 @@ UNET2D_WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorc
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the fields a saved config may leave out.
 UNET2D_DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D", up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
-    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
+    downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu",
+    attention_head_dim=8,
     norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
     add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
 )  # fmt: skip
@@ -47,10 +49,11 @@ _ACTIVATIONS = ("silu", "swish")  # diffusers' names of SiLU
 _DOWN, _ATTN_DOWN, _UP, _ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 
 # fastddpm name → diffusers name of the layers inside a residual block and an attention block.
-_RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
-              "shortcut": "conv_shortcut"}
+_RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+              "conv2": "conv2", "shortcut": "conv_shortcut"}
 _ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-# The attention names of diffusers' early checkpoints (the released DDPM weights), read as diffusers reads them.
+# The attention names of diffusers' early checkpoints (the released DDPM weights), read as diffusers reads
+# them.
 _OLD_ATTN_NAMES = {"norm": "group_norm", "q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"}
 
 
@@ -73,8 +76,8 @@ def unet_config_from_diffusers(config) -> dict:
         raise _bad("act_fn", c["act_fn"], "fastddpm's UNet uses SiLU ('silu')")
     boc = [int(ch) for ch in c["block_out_channels"]]
     if not boc or boc[0] < 1 or any(ch % boc[0] for ch in boc):
-        raise _bad("block_out_channels", c["block_out_channels"],
-                   "every entry must be a multiple of the first (fastddpm's UNet has model_channels × channel_mult)")
+        raise _bad("block_out_channels", c["block_out_channels"], "every entry must be a multiple of the "
+                   "first (fastddpm's UNet has model_channels × channel_mult)")
     if c["time_embedding_dim"] not in (None, 4 * boc[0]):
         raise _bad("time_embedding_dim", c["time_embedding_dim"],
                    f"fastddpm's UNet has 4 × block_out_channels[0] = {4 * boc[0]}")
@@ -91,36 +94,39 @@ def unet_config_from_diffusers(config) -> dict:
                    f"(fastddpm's UNet mirrors them)")
     head_dim = c["attention_head_dim"]
     if head_dim is not None and any(boc[level] != head_dim for level in [*attn_levels, len(boc) - 1]):
-        raise _bad("attention_head_dim", head_dim, "fastddpm's UNet has single-head attention: use None (or the "
-                   "channel count of every attention block, middle block included)")
+        raise _bad("attention_head_dim", head_dim, "fastddpm's UNet has single-head attention: use None (or "
+                   "the channel count of every attention block, middle block included)")
     groups = c["norm_num_groups"]
     if c["attn_norm_num_groups"] not in (None, groups):
-        raise _bad("attn_norm_num_groups", c["attn_norm_num_groups"], f"fastddpm's UNet has norm_num_groups={groups}"
-                   f" in attention too (None)")
+        raise _bad("attn_norm_num_groups", c["attn_norm_num_groups"],
+                   f"fastddpm's UNet has norm_num_groups={groups} in attention too (None)")
     size = c["sample_size"]
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
             raise _bad("sample_size", size, "fastddpm's UNet needs square images")
         size = size[0]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise _bad("sample_size", size, "fastddpm's UNet needs the image size (it places attention by resolution)")
+        raise _bad("sample_size", size,
+                   "fastddpm's UNet needs the image size (it places attention by resolution)")
     if size % 2 ** (len(boc) - 1):
         raise _bad("sample_size", size, f"must be divisible by 2^(levels − 1) = {2 ** (len(boc) - 1)}")
     if c["layers_per_block"] < 1:
         raise _bad("layers_per_block", c["layers_per_block"], "must be >= 1")
     return dict(
         in_channels=int(c["in_channels"]), model_channels=boc[0], channel_mult=[ch // boc[0] for ch in boc],
-        num_res_blocks=int(c["layers_per_block"]), attn_resolutions=[size // 2**level for level in attn_levels],
-        dropout=float(c["dropout"]), image_size=size, out_channels=int(c["out_channels"]), num_groups=int(groups),
+        num_res_blocks=int(c["layers_per_block"]),
+        attn_resolutions=[size // 2**level for level in attn_levels], dropout=float(c["dropout"]),
+        image_size=size, out_channels=int(c["out_channels"]), num_groups=int(groups),
     )  # fmt: skip
 
 
 def diffusers_config_from_unet(unet: UNet) -> dict:
-    """The ``UNet2DModel`` arguments of a :class:`UNet` (the DDPM configuration of diffusers' released models)."""
+    """The ``UNet2DModel`` arguments of a :class:`UNet` (the DDPM configuration of diffusers' released
+    models)."""
     c = unet.config
     if c["channel_mult"][0] != 1:
-        raise ValueError(f"UNet channel_mult={c['channel_mult']}: UNet2DModel's first level has conv_in's channels, "
-                         f"so channel_mult[0] must be 1")
+        raise ValueError(f"UNet channel_mult={c['channel_mult']}: UNet2DModel's first level has conv_in's "
+                         f"channels, so channel_mult[0] must be 1")
     levels = range(len(c["channel_mult"]))
     attn = [c["image_size"] // 2**level in c["attn_resolutions"] for level in levels]
     return dict(
@@ -128,9 +134,10 @@ def diffusers_config_from_unet(unet: UNet) -> dict:
         center_input_sample=False, time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
         down_block_types=[_ATTN_DOWN if a else _DOWN for a in attn],
         up_block_types=[_ATTN_UP if a else _UP for a in reversed(attn)],
-        block_out_channels=[c["model_channels"] * m for m in c["channel_mult"]], layers_per_block=c["num_res_blocks"],
-        mid_block_scale_factor=1, downsample_padding=0, dropout=c["dropout"], act_fn="silu", attention_head_dim=None,
-        norm_num_groups=c["num_groups"], norm_eps=GROUP_NORM_EPS,
+        block_out_channels=[c["model_channels"] * m for m in c["channel_mult"]],
+        layers_per_block=c["num_res_blocks"], mid_block_scale_factor=1, downsample_padding=0,
+        dropout=c["dropout"], act_fn="silu", attention_head_dim=None, norm_num_groups=c["num_groups"],
+        norm_eps=GROUP_NORM_EPS,
     )  # fmt: skip
 
 
@@ -163,8 +170,8 @@ def diffusers_key(key: str, attn_names: dict = _ATTN_NAMES) -> str:
 
 
 def state_dict_from_diffusers(unet: UNet, state: dict) -> dict:
-    """A ``UNet2DModel`` state dict (current or early attention names) as ``unet``'s state dict; a ``ValueError``
-    names a missing, surplus or misshapen tensor."""
+    """A ``UNet2DModel`` state dict (current or early attention names) as ``unet``'s state dict; a
+    ``ValueError`` names a missing, surplus or misshapen tensor."""
     ours = unet.state_dict()
     state = dict(state)
     out = {}
@@ -176,11 +183,12 @@ def state_dict_from_diffusers(unet: UNet, state: dict) -> dict:
             raise ValueError(f"the UNet2DModel weights lack {theirs!r} (for fastddpm's {key!r})")
         value = state.pop(theirs)
         if value.numel() != like.numel() or value.shape[:2] != like.shape[:2]:
-            raise ValueError(f"UNet2DModel weight {theirs!r} has shape {list(value.shape)}; fastddpm's {key!r} "
-                             f"needs {list(like.shape)}")
+            raise ValueError(f"UNet2DModel weight {theirs!r} has shape {list(value.shape)}; "
+                             f"fastddpm's {key!r} needs {list(like.shape)}")
         out[key] = value.reshape(like.shape)  # nn.Linear [C, C] ↔ 1×1 nn.Conv2d [C, C, 1, 1] in attention
     if state:
-        raise ValueError(f"the UNet2DModel weights hold tensors fastddpm's UNet has no place for: {sorted(state)[:5]}")
+        raise ValueError(f"the UNet2DModel weights hold tensors fastddpm's UNet has no place for: "
+                         f"{sorted(state)[:5]}")
     return out
 
 
@@ -219,7 +227,8 @@ def read_unet2d_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
         raise ValueError(f"{config_path} describes a {got!r}, not a {UNET2D_CLASS}")
     weights = next((folder / n for n in UNET2D_WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"no UNet2DModel weights in {folder}: expected {' or '.join(UNET2D_WEIGHTS_NAMES)}")
+        raise FileNotFoundError(f"no UNet2DModel weights in {folder}: "
+                                f"expected {' or '.join(UNET2D_WEIGHTS_NAMES)}")
     try:
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -235,9 +244,10 @@ def read_unet2d_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def from_diffusers(model_or_folder) -> UNet:
-    """:meth:`UNet.from_diffusers`: a ``UNet2DModel`` (object, or a folder saved by it) as a :class:`UNet` on the
-    model's device and in its train/eval mode (a folder: on the CPU, in eval mode)."""
-    if isinstance(model_or_folder, (str, os.PathLike)):  # in eval mode, as diffusers' from_pretrained loads it
+    """:meth:`UNet.from_diffusers`: a ``UNet2DModel`` (object, or a folder saved by it) as a :class:`UNet` on
+    the model's device and in its train/eval mode (a folder: on the CPU, in eval mode)."""
+    # A folder loads in eval mode, as diffusers' from_pretrained loads it.
+    if isinstance(model_or_folder, (str, os.PathLike)):
         return from_config_and_state(*read_unet2d_folder(model_or_folder)).eval()
     config = getattr(model_or_folder, "config", None)
     if not isinstance(model_or_folder, torch.nn.Module) or config is None:
@@ -249,7 +259,8 @@ def from_diffusers(model_or_folder) -> UNet:
 
 
 def to_diffusers(unet: UNet):
-    """:meth:`UNet.to_diffusers`: a diffusers ``UNet2DModel`` with ``unet``'s weights (same dtype and device)."""
+    """:meth:`UNet.to_diffusers`: a diffusers ``UNet2DModel`` with ``unet``'s weights (same dtype and
+    device)."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
@@ -265,10 +276,10 @@ def to_diffusers(unet: UNet):
 
 
 class PipelineUNet(torch.nn.Module):
-    """fastddpm's :class:`UNet` behind ``UNet2DModel``'s interface, so that diffusers' pipelines (``DDPMPipeline``,
-    ``DDIMPipeline``) run it: ``config`` (the ``UNet2DModel`` config), ``dtype``, ``device``, and
-    ``forward(sample, timestep, return_dict=True)`` returning an output with ``.sample``. Its state dict is the
-    UNet's, under ``unet.``. Build it with :meth:`UNet.for_diffusers_pipeline`."""
+    """fastddpm's :class:`UNet` behind ``UNet2DModel``'s interface, so that diffusers' pipelines
+    (``DDPMPipeline``, ``DDIMPipeline``) run it: ``config`` (the ``UNet2DModel`` config), ``dtype``,
+    ``device``, and ``forward(sample, timestep, return_dict=True)`` returning an output with ``.sample``. Its
+    state dict is the UNet's, under ``unet.``. Build it with :meth:`UNet.for_diffusers_pipeline`."""
 
     def __init__(self, unet: UNet):
         super().__init__()

@@ -1,11 +1,12 @@
-"""fastddpm.patch(model): fuse every GroupNorm that is immediately followed by SiLU into GroupNormSiLU, in place.
+"""fastddpm.patch(model): fuse every GroupNorm that is immediately followed by SiLU into GroupNormSiLU, in
+place.
 
 Three patterns are recognised:
 
 1. ``nn.Sequential(..., nn.GroupNorm, nn.SiLU, ...)``: the GroupNorm becomes a GroupNormSiLU and the SiLU an
    ``nn.Identity`` at the same index, so the state_dict keys stay the same.
-2. Attribute pairs in a module's ``forward``: ``x = self.norm(x); x = self.act(x)`` or ``self.act(self.norm(x))``
-   (UNet2DModel's ``conv_norm_out``/``conv_act``, ``norm``/``act`` blocks).
+2. Attribute pairs in a module's ``forward``: ``x = self.norm(x); x = self.act(x)`` or
+   ``self.act(self.norm(x))`` (UNet2DModel's ``conv_norm_out``/``conv_act``, ``norm``/``act`` blocks).
 3. Blocks that call one activation module after several norms and on other inputs as well, such as diffusers'
    ResnetBlock2D (``norm1``→``nonlinearity``, ``norm2``→``nonlinearity``, and ``nonlinearity(temb)`` feeding
    ``time_emb_proj``): both norms are fused, the activation of ``temb`` moves into the Linear that consumes it
@@ -13,16 +14,16 @@ Three patterns are recognised:
 
 Patterns 2 and 3 read the source of the module's ``forward`` (``ast``; nothing is compiled or executed):
 branches whose condition depends only on the module's own attributes (``self.time_embedding_norm ==
-"default"``, ``self.time_emb_proj is not None``) are resolved with the instance's values, then every call of an
-activation module must either directly follow a fusable GroupNorm (the statement just before it, in every
+"default"``, ``self.time_emb_proj is not None``) are resolved with the instance's values, then every call of
+an activation module must either directly follow a fusable GroupNorm (the statement just before it, in every
 branch that leads there) or feed a single Linear whose input it is. A module with any other use of the
 activation, or of the norm, is left as it is: a structure that is not recognised is never patched.
 
-Only exact ``nn.GroupNorm`` and ``nn.SiLU`` instances are fused (diffusers' ``get_activation("silu")`` returns
-an ``nn.SiLU``), only modules referenced once in the model, and only where the module's class ``forward`` is used.
-Modules are changed by swapping their class (``GroupNorm`` → ``GroupNormSiLU``, ``Linear`` → ``SiLULinear``), so
-parameters, buffers, hooks and devices stay the very same objects. Patch after configuring a model: a branch
-resolved at patch time is not re-checked later.
+Only exact ``nn.GroupNorm`` and ``nn.SiLU`` instances are fused (diffusers' ``get_activation("silu")``
+returns an ``nn.SiLU``), only modules referenced once in the model, and only where the module's class
+``forward`` is used. Modules are changed by swapping their class (``GroupNorm`` → ``GroupNormSiLU``,
+``Linear`` → ``SiLULinear``), so parameters, buffers, hooks and devices stay the very same objects. Patch
+after configuring a model: a branch resolved at patch time is not re-checked later.
 """
 
 from __future__ import annotations
@@ -311,8 +312,8 @@ def _plan(module, references):
                 if not isinstance(arg, ast.Name):
                     raise _Unrecognised(f"self.{act} is applied to an expression")
                 var = arg.id
-                whole = (isinstance(stmt, ast.Assign) and stmt.value is n and _assigned_name(stmt) == var) or \
-                        (isinstance(stmt, ast.Return) and stmt.value is n)
+                whole = ((isinstance(stmt, ast.Assign) and stmt.value is n and _assigned_name(stmt) == var)
+                         or (isinstance(stmt, ast.Return) and stmt.value is n))
                 if not whole:
                     raise _Unrecognised(f"self.{act}({var}) is part of a larger statement")
                 # (b) var = self.norm(...) just before, on every path
@@ -320,7 +321,8 @@ def _plan(module, references):
                 producers = []
                 for p in previous or ():
                     name, _ = _call_of(p.value, self_name) if isinstance(p, ast.Assign) else (None, None)
-                    if _assigned_name(p) == var and name is not None and _is_norm(children.get(name), references):
+                    if (_assigned_name(p) == var and name is not None
+                            and _is_norm(children.get(name), references)):
                         producers.append((name, p.value))
                     else:
                         producers = None
@@ -330,7 +332,8 @@ def _plan(module, references):
                         fused_norm_calls.add(id(call))
                         norms.add(name)
                     continue
-                # (c) the activated input feeds one Linear only: var = self.act(var); y = ...self.linear(var)...
+                # (c) the activated input feeds one Linear only:
+                #     var = self.act(var); y = ...self.linear(var)...
                 following = block[index + 1] if index + 1 < len(block) else None
                 linear = _feeding_linear(following, var, children, references, uses, self_name)
                 if linear is None or not isinstance(stmt, ast.Assign):

@@ -3,7 +3,6 @@ the C++ kernels (CPU, where built), Triton (CUDA tensors on a GPU machine; CPU t
 elsewhere). The float64 oracle every backend is held to is fastddpm.reference run on float64 inputs."""
 import os
 
-import pytest
 import torch
 
 from fastddpm import _extension
@@ -24,7 +23,8 @@ def backends_present(op: str) -> list[str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     present = ["reference"]
     impls = IMPLEMENTATIONS[op]
-    if device in impls.get("cpp", ()) and (_extension.cuda_built() if device == "cuda" else _extension.cpu_built()):
+    built = _extension.cuda_built if device == "cuda" else _extension.cpu_built
+    if device in impls.get("cpp", ()) and built():
         present.append("cpp")
     if device in impls.get("triton", ()) and _triton_present():
         present.append("triton")
