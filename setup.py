@@ -114,8 +114,8 @@ setup(
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     install_requires=["numpy", "tqdm", "safetensors", "pillow", "scikit-learn", "matplotlib"],
-    # diffusers: tests/test_schedulers.py and tests/test_patch.py compare against the release the schedulers
-    # follow; ruff: `make lint` (pinned: a new release may add checks to the selected rule sets)
+    # diffusers: tests/test_diffusers_schedulers.py and tests/test_patch.py compare against the release the
+    # schedulers follow; ruff: `make lint` (pinned: a new release may add checks to the selected rule sets)
     extras_require={"test": ["pytest", "pytest-benchmark", "diffusers>=0.42,<0.43", "ruff==0.16.9"]},
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )
