@@ -116,25 +116,6 @@ def test_noise_statistics_and_streams(sched):
     assert torch.equal(half.flatten(), a[n // 2:])
 
 
-def test_loss_regenerates_the_noise_q_sample_drew(sched):
-    grid.check_loss_regenerates_the_noise_q_sample_drew(sched, BACKEND, DEVICE)
-
-
-# ----------------------------------------------------------------------------- loss
-@grid.on_grid
-def test_loss_shapes_dtypes_layouts(sched, shape, dtype):
-    grid.check_loss_shapes_dtypes_layouts(sched, shape, dtype, BACKEND, DEVICE)
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_loss_objectives_weights_reductions(sched, objective):
-    grid.check_loss_objectives_weights_reductions(sched, objective, BACKEND, DEVICE)
-
-
-def test_loss_gradients_reach_x_start_and_noise(sched):
-    grid.check_loss_float64_and_gradients(sched, BACKEND, DEVICE)
-
-
 # ----------------------------------------------------------------------------- reverse steps
 @grid.on_grid
 def test_p_sample_step_shapes_dtypes_layouts(sched, shape, dtype):
@@ -197,8 +178,6 @@ def test_opcheck_triton_ops(sched):
     ops = torch.ops.fastddpm
     cases = [(ops.q_sample_triton.default, (x.requires_grad_(True), t, *tables, n)),
              (ops.q_sample_philox_triton.default, (x, t, *tables, seed, 0, True)),
-             (ops.diffusion_loss_triton.default, (p, x.detach(), t, *tables, None, seed, 0, 2, 5.0, 1)),
-             (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
              (ops.p_sample_step_triton.default, (n, x.detach(), t, sched.reverse_table(), None, seed, 0, 0, 1.0,
                                                  None, True, True)),
              (ops.ddim_step_triton.default, (n, x.detach(), t, t - 1, sched.reverse_table(), sched.alphas_cumprod,
@@ -214,8 +193,8 @@ def test_opcheck_cpu_registrations(sched):
     seed, tables = torch.tensor([3]), (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     ops = torch.ops.fastddpm
     for op, args in [(ops.q_sample_philox.default, (x, t, *tables, seed, 0, True)),
-                     (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
-                     (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
+                     (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1, False)),
+                     (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0, True)),
                      (ops.p_sample_step.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None,
                                                   True, True)),
                      (ops.ddim_step.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None,
@@ -232,7 +211,7 @@ def test_compile_fullgraph_training_step_through_the_ops(sched):
 
     def step(x, t, seed):
         x_t, _ = ops.q_sample_philox(x, t, *tables, seed, 0, False)
-        return ops.diffusion_loss(net(x_t), x, t, *tables, None, seed, 0, 2, None, 1)
+        return ops.diffusion_loss(net(x_t), x, t, *tables, None, seed, 0, 2, None, 1, True)[0]
 
     x, t, seed = torch.randn(2, 3, 6, 6), timesteps(2), torch.tensor([5])
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
