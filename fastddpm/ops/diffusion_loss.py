@@ -167,14 +167,19 @@ def _fake_backward(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, s
 
 # ----------------------------------------------------------------------------- the autograd
 def _setup_context(ctx, inputs, output):
-    """Saves the inputs and, with keep_grad, the gradient the forward wrote (a constant of the node)."""
+    """Saves what the backward reads: the inputs; or, with keep_grad, the gradient the forward wrote (a
+    constant of the node) and what ∂L/∂x_0 and ∂L/∂ε are formed from (t and the tables)."""
     model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, *_ = inputs
     ctx.args = inputs[7:]  # offset, objective, min_snr_gamma, reduction, keep_grad
+    ctx.dtypes = (model_output.dtype, None if x_start is None else x_start.dtype,
+                  None if noise is None else noise.dtype)
     kept = output[1]
     ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
-                          kept if inputs[11] else None)
+    if inputs[11]:
+        ctx.save_for_backward(kept, t, sqrt_ac, sqrt_1m_ac)
+    else:
+        ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
 
 DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward (a backward with "
@@ -201,14 +206,16 @@ def _make_backward(backward_impl):
         if grad is None:  # only the kept gradient (a constant) reached the output
             return (None,) * 12
         _refuse_double_backward()
-        model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, kept = ctx.saved_tensors
         offset, objective, min_snr_gamma, reduction, keep_grad = ctx.args
+        pred_dtype, x_start_dtype, noise_dtype = ctx.dtypes
         if keep_grad:  # ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
+            kept, t, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
             if reduction == contracts.REDUCTION_NONE:
                 grad_pred = kept * grad.to(kept.dtype).reshape((-1,) + (1,) * (kept.dim() - 1))
             else:
                 grad_pred = kept if _is_one_on_host(grad) else kept * grad.to(kept.dtype)
         else:
+            model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
             grad_pred = backward_impl(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
                                       offset, objective, min_snr_gamma, reduction)
         # The target depends on ε and x_0: ∂L/∂target = −∂L/∂pred; ε (ε objective) or x_0 (x_0 objective)
@@ -218,12 +225,12 @@ def _make_backward(backward_impl):
         if ctx.needs_input_grad[1] and objective != contracts.PRED_NOISE:
             grad_x0 = (-grad_pred if objective == contracts.PRED_X0
                        else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred)
-            grad_x0 = grad_x0.to(x_start.dtype)
+            grad_x0 = grad_x0.to(x_start_dtype)
         if ctx.needs_input_grad[5] and objective != contracts.PRED_X0:
             grad_noise = (-grad_pred if objective == contracts.PRED_NOISE
                           else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred)
-            grad_noise = grad_noise.to(noise.dtype)
-        return (grad_pred.to(model_output.dtype), grad_x0, None, None, None, grad_noise) + (None,) * 6
+            grad_noise = grad_noise.to(noise_dtype)
+        return (grad_pred.to(pred_dtype), grad_x0, None, None, None, grad_noise) + (None,) * 6
     return backward
 
 
@@ -283,6 +290,13 @@ def _keep_grad(model_output, x_start, noise) -> bool:
             and not (noise is not None and noise.requires_grad))
 
 
+def _eager(model_output, x_start, noise) -> bool:
+    """Whether the call may skip the dispatcher (ops.runs_eagerly; model_output may need grad: the
+    autograd.Function's). Nothing to ask while torch.compile traces (the op must be seen)."""
+    return (not torch.compiler.is_compiling() and type(model_output) is torch.Tensor
+            and runs_eagerly(x_start, noise))
+
+
 def _run_directly(function, args, model_output, x_start, noise) -> torch.Tensor:
     """The loss from ``function.forward_impl`` called directly, through ``function`` (the autograd.Function of
     ``_autograd_function``) when a gradient must flow."""
@@ -312,17 +326,16 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     args = (model_output, x_start, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
             noise, seed, offset, objective_code, min_snr_gamma, reduction_code)
     backend = choose_backend(NAME, model_output.device, backend)
-    # The eager paths (plain tensors, nothing tracing; model_output may need grad: the autograd.Function's)
-    # call the implementation directly; otherwise the op, whose kernel the dispatcher picks by device.
+    # The eager paths call the implementation directly; otherwise the op, whose kernel the dispatcher picks by
+    # device.
     if backend == "triton":
         # (CPU tensors: the interpreter, as the op's CPU kernel is C++; a build without the op: no other way)
-        if (model_output.device.type != "cuda" or _CppLoss is None
-                or (type(model_output) is torch.Tensor and runs_eagerly(x_start, noise))):
+        if model_output.device.type != "cuda" or _CppLoss is None or _eager(model_output, x_start, noise):
             return _run_directly(_TritonLoss, (*args, False), model_output, x_start, noise)
         return call_op(torch.ops.fastddpm.diffusion_loss.default, *args, False)[0]
     if backend == "cpp" and _extension.cpu_built():
         args = (*args, _keep_grad(model_output, x_start, noise))
-        if type(model_output) is torch.Tensor and runs_eagerly(x_start, noise):
+        if _eager(model_output, x_start, noise):
             return _run_directly(_CppLoss, args, model_output, x_start, noise)
         return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)[0]
     if seed is not None:

@@ -52,7 +52,9 @@ def loss_case(sched, shape, dtype, cl, objective, gamma, reduction, drawn, backe
     g = torch.rand_like(ref)
     (grad,) = torch.autograd.grad(loss, pred, g.float())
     (grad_ref,) = torch.autograd.grad(ref, pred64, g)
-    assert grad.dtype == dtype and grad.stride() == pred.stride()
+    assert grad.dtype == dtype
+    if backend != "reference":  # the kernels write the gradient in the prediction's layout
+        assert grad.stride() == pred.stride()
     native = None
     if dtype != torch.float32:
         pred_lp = pred.detach().clone().requires_grad_(True)
