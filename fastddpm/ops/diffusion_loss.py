@@ -177,7 +177,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
     if inputs[11]:
-        ctx.save_for_backward(kept, t, sqrt_ac, sqrt_1m_ac)
+        # (attributes: kept is a non-differentiable output, with no grad_fn that would hold ctx in a cycle, and
+        # t and the tables are no differentiable inputs; save_for_backward's bookkeeping costs more than the
+        # small op's backward)
+        ctx.kept = (kept, t, sqrt_ac, sqrt_1m_ac)
     else:
         ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
@@ -189,7 +192,8 @@ DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward 
 def _refuse_double_backward() -> None:
     """Inside a backward, grad mode is on only with create_graph=True: the fused backward is not differentiable,
     and its result would be a constant (silently wrong second derivatives)."""
-    torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 def _is_one_on_host(grad: torch.Tensor) -> bool:
@@ -209,7 +213,7 @@ def _make_backward(backward_impl):
         offset, objective, min_snr_gamma, reduction, keep_grad = ctx.args
         pred_dtype, x_start_dtype, noise_dtype = ctx.dtypes
         if keep_grad:  # ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
-            kept, t, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
+            kept, t, sqrt_ac, sqrt_1m_ac = ctx.kept
             if reduction == contracts.REDUCTION_NONE:
                 grad_pred = kept * grad.to(kept.dtype).reshape((-1,) + (1,) * (kept.dim() - 1))
             else:
@@ -230,26 +234,37 @@ def _make_backward(backward_impl):
             grad_noise = (-grad_pred if objective == contracts.PRED_NOISE
                           else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred)
             grad_noise = grad_noise.to(noise_dtype)
-        return (grad_pred.to(pred_dtype), grad_x0, None, None, None, grad_noise) + (None,) * 6
+        if grad_pred.dtype != pred_dtype:
+            grad_pred = grad_pred.to(pred_dtype)
+        return (grad_pred, grad_x0, None, None, None, grad_noise) + (None,) * 6
     return backward
 
 
-def _autograd_function(name: str, forward_impl, setup_context, backward):
+def _autograd_function(name: str, forward_impl, setup_context, backward, tensor_args: int):
     """A torch.autograd.Function that runs ``forward_impl`` with an op's ``setup_context`` and ``backward``
     (those given to register_autograd): the op's autograd without the dispatcher and torch.library's layers,
-    for the eager paths. Old-style (forward calls setup_context): its apply binds no signature per call."""
+    for the eager paths. ``apply(*args)`` takes the op's arguments; the first ``tensor_args`` (those that may
+    be tensors) reach autograd as they are, the rest as one tuple (each argument costs apply). Old-style
+    (forward calls setup_context): its apply binds no signature per call."""
     def forward(ctx, *args):
+        args = args[:-1] + args[-1]
         output = forward_impl(*args)
         setup_context(ctx, args, output)
         return output
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward),
-                                                   "forward_impl": staticmethod(forward_impl)})
+    def backward_packed(ctx, *grads):
+        return backward(ctx, *grads)[:tensor_args] + (None,)
+
+    function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                       "backward": staticmethod(backward_packed),
+                                                       "forward_impl": staticmethod(forward_impl)})
+    apply = function.apply
+    function.run = staticmethod(lambda *args: apply(*args[:tensor_args], args[tensor_args:]))
+    return function
 
 
 _TritonLoss = _autograd_function("_TritonLoss", _diffusion_loss_triton, _setup_context,
-                                 _make_backward(_diffusion_loss_backward_triton))
+                                 _make_backward(_diffusion_loss_backward_triton), tensor_args=7)
 
 
 def _register() -> None:
@@ -269,9 +284,16 @@ def _register() -> None:
     register_fake("fastddpm::diffusion_loss_backward", _fake_backward)
     torch.library.register_autograd("fastddpm::diffusion_loss", _make_backward(backward_op),
                                     setup_context=_setup_context)
-    # the op's kernel for the device (call_op goes below autograd: grad mode is off in a forward or backward)
-    _CppLoss = _autograd_function("_CppLoss", lambda *args: call_op(op, *args), _setup_context,
-                                  _make_backward(lambda *args: call_op(backward_op, *args)))
+    # the op's kernel for the device, below autograd (the eager paths: nothing traces)
+    _CppLoss = _autograd_function("_CppLoss", _below_autograd(op), _setup_context,
+                                  _make_backward(_below_autograd(backward_op)), tensor_args=7)
+
+
+def _below_autograd(op):
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return run
 
 
 _CppLoss = None
@@ -279,6 +301,10 @@ _register()
 
 
 # ----------------------------------------------------------------------------- the Python entry point
+# contracts' codes by name, looked up on every call
+_OBJECTIVE_CODES = {name: contracts.objective_code(name) for name in contracts.OBJECTIVES}
+_REDUCTION_CODES = {name: contracts.reduction_code(name) for name in contracts.REDUCTIONS}
+
 def _keep_grad(model_output, x_start, noise) -> bool:
     """Whether the forward writes ∂loss/∂pred too: a CPU loss whose gradient flows to the prediction alone, in
     float32/64. On a CPU this replaces the backward's whole pass over the prediction, x_0 and ε by nothing;
@@ -303,7 +329,7 @@ def _run_directly(function, args, model_output, x_start, noise) -> torch.Tensor:
     if torch.is_grad_enabled() and (model_output.requires_grad
                                     or (x_start is not None and x_start.requires_grad)
                                     or (noise is not None and noise.requires_grad)):
-        return function.apply(*args)[0]
+        return function.run(*args)[0]
     return function.forward_impl(*args)[0]
 
 
@@ -316,7 +342,9 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     Returns the mean loss, or per-sample losses [B] with ``reduction='none'``; float32 (float64 for float64
     inputs). Differentiable in model_output (and x_start / noise where the target uses them).
     """
-    objective_code, reduction_code = contracts.objective_code(objective), contracts.reduction_code(reduction)
+    objective_code, reduction_code = _OBJECTIVE_CODES.get(objective), _REDUCTION_CODES.get(reduction)
+    if objective_code is None or reduction_code is None:  # (raises, naming the choices)
+        objective_code, reduction_code = contracts.objective_code(objective), contracts.reduction_code(reduction)
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     if check:
