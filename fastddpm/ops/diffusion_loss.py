@@ -177,9 +177,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
     if inputs[11]:
-        # (attributes: kept is a non-differentiable output, with no grad_fn that would hold ctx in a cycle, and
-        # t and the tables are no differentiable inputs; save_for_backward's bookkeeping costs more than the
-        # small op's backward)
+        # (an attribute, not save_for_backward, whose bookkeeping costs more than this backward's work: kept
+        # is a non-differentiable output, with no grad_fn that would hold ctx in a cycle; the backward drops it)
         ctx.kept = (kept, t, sqrt_ac, sqrt_1m_ac)
     else:
         ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
@@ -213,7 +212,7 @@ def _make_backward(backward_impl):
         offset, objective, min_snr_gamma, reduction, keep_grad = ctx.args
         pred_dtype, x_start_dtype, noise_dtype = ctx.dtypes
         if keep_grad:  # ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
-            kept, t, sqrt_ac, sqrt_1m_ac = ctx.kept
+            (kept, t, sqrt_ac, sqrt_1m_ac), ctx.kept = ctx.kept, None
             if reduction == contracts.REDUCTION_NONE:
                 grad_pred = kept * grad.to(kept.dtype).reshape((-1,) + (1,) * (kept.dim() - 1))
             else:
