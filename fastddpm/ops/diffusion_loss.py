@@ -178,7 +178,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     if inputs[11]:
         # (an attribute, not save_for_backward, whose bookkeeping costs more than this backward's work: kept
-        # is a non-differentiable output, with no grad_fn that would hold ctx in a cycle; the backward drops it)
+        # is a non-differentiable output, with no grad_fn to hold ctx in a cycle; the backward drops it)
         ctx.kept = (kept, t, sqrt_ac, sqrt_1m_ac)
     else:
         ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
