@@ -343,7 +343,7 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     """
     objective_code, reduction_code = _OBJECTIVE_CODES.get(objective), _REDUCTION_CODES.get(reduction)
     if objective_code is None or reduction_code is None:  # (raises, naming the choices)
-        objective_code, reduction_code = contracts.objective_code(objective), contracts.reduction_code(reduction)
+        contracts.objective_code(objective), contracts.reduction_code(reduction)
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     if check:
