@@ -1,5 +1,4 @@
-// The C++ autograd of the CPU training ops (the Autograd dispatch key): group_norm_silu (any device) and its
-// CPU training pair, and the CPU loss training op diffusion_loss_train.
+// The C++ autograd of group_norm_silu (the Autograd dispatch key, any device) and its CPU training pair.
 //
 // C++ rather than torch.library.register_autograd: that Python layer cost more per forward + backward than
 // group_norm_silu's kernels at the small U-Net's 4×4 and 8×8 maps (benchmarks/RESULTS.md). Here the graph node
@@ -12,9 +11,8 @@
 //   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward, or on
 //                          the CPU for float32/float64 x saves y too; backward = ..._output_backward
 //   group_norm_silu_train  saves (x, mean, rstd, silu_grad, weight, bias); backward = ..._train_backward
-//   diffusion_loss_train   saves g = ∂loss/∂model_output for an incoming gradient of one; backward = g scaled
-// mean, rstd, silu_grad and g are not differentiable: they leave the node detached; gradients are not
-// materialised, so a graph that uses y (or the loss) alone never builds an x-sized zero gradient for them.
+// mean, rstd and silu_grad are not differentiable: they leave the node detached; gradients are not
+// materialised, so a graph that uses y alone never builds an x-sized zero gradient for them.
 // torch.func transforms refuse C++ Functions: under them, fastddpm.ops.choose_backend picks the reference.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -197,86 +195,11 @@ Out autograd_kernel(const Tensor& x, int64_t num_groups, const OptTensor& weight
   }
 }
 
-// ---------------------------------------------------------------- diffusion_loss_train
-using LossSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                           const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
-                                           std::optional<double>, int64_t);
-
-const c10::TypedOperatorHandle<LossSig>& loss_train_op() {
-  static const auto handle = op<LossSig>("fastddpm::diffusion_loss_train");
-  return handle;
-}
-
-// Whether an incoming gradient is an ordinary CPU tensor, whose value can be read here: not a fake or
-// functional tensor of a torch.compile trace, nor a functorch wrapper.
-bool readable_on_host(const Tensor& grad) {
-  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                    c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
-                                    c10::DispatchKey::FuncTorchGradWrapper});
-  return grad.device().is_cpu() && grad.layout() == at::kStrided && !grad.key_set().has_any(traced);
-}
-
-// The loss forward writes g = ∂loss/∂model_output for an incoming gradient of one in the pass that sums the
-// loss; the backward scales it by the incoming gradient (row b by grad[b] for per-sample losses), or returns
-// g itself for the usual loss.backward() of a mean loss (grad exactly 1, read on the host: free on a CPU).
-struct DiffusionLossTrain : torch::autograd::Function<DiffusionLossTrain> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& model_output, const OptTensor& x_start,
-                               const Tensor& t, const Tensor& sqrt_ac, const Tensor& sqrt_1m_ac,
-                               const OptTensor& noise, const OptTensor& seed, int64_t offset, int64_t objective,
-                               std::optional<double> min_snr_gamma, int64_t reduction) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, grad] = loss_train_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
-                                             objective, min_snr_gamma, reduction);
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["reduction"] = reduction;
-    ctx->save_for_backward({grad});
-    return {loss, grad};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(11);  // one per forward argument; only model_output (tensor input 0) gets one
-    const Tensor& grad = grads[0];
-    if (!grad.defined() || !ctx->needs_input_grad(0)) {
-      return out;
-    }
-    // g is a constant of the node: a backward that is differentiated again would get wrong second derivatives
-    TORCH_CHECK(!at::GradMode::is_enabled(), "diffusion_loss: the fused loss has no double backward (a backward "
-                "with create_graph=True); use backend='reference' for higher-order gradients");
-    const Tensor g = ctx->get_saved_variables()[0];
-    if (ctx->saved_data["reduction"].toInt() == 0) {  // per-sample losses [B]: row b of g times grad[b]
-      std::vector<int64_t> shape(g.dim(), 1);
-      shape[0] = -1;
-      out[0] = g.mul(grad.to(g.scalar_type()).reshape(shape));
-    } else if (readable_on_host(grad) && grad.item<double>() == 1.0) {
-      out[0] = g;
-    } else {
-      out[0] = g.mul(grad.to(g.scalar_type()));
-    }
-    return out;
-  }
-};
-
-std::tuple<Tensor, Tensor> diffusion_loss_train_autograd(const Tensor& model_output, const OptTensor& x_start,
-                                                         const Tensor& t, const Tensor& sqrt_ac,
-                                                         const Tensor& sqrt_1m_ac, const OptTensor& noise,
-                                                         const OptTensor& seed, int64_t offset, int64_t objective,
-                                                         std::optional<double> min_snr_gamma, int64_t reduction) {
-  if (!(at::GradMode::is_enabled() && model_output.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return loss_train_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
-                                min_snr_gamma, reduction);
-  }
-  const variable_list out = DiffusionLossTrain::apply(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
-                                                      offset, objective, min_snr_gamma, reduction);
-  return {out[0], out[1].detach()};  // g: a constant (see autograd_kernel)
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
   m.impl("group_norm_silu", &autograd_kernel<false>);
   m.impl("group_norm_silu_train", &autograd_kernel<true>);
-  m.impl("diffusion_loss_train", &diffusion_loss_train_autograd);
 }
 
 }  // namespace fastddpm

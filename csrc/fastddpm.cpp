@@ -52,18 +52,14 @@ TORCH_LIBRARY(fastddpm, m) {
 
   // Training loss (eq. 14), target formed in-kernel: objective 0 = ε, 1 = x_0, 2 = v = sqrt_ac*ε - sqrt_1m_ac*x_0;
   // ε given (noise) or regenerated from (seed, offset) as q_sample drew it; optional min-SNR-γ weight;
-  // reduction 0 = per-sample [B], 1 = mean. The loss is float32 (float64 for float64 model_output).
+  // reduction 0 = per-sample [B], 1 = mean (codes: fastddpm/contracts.py). Returns (loss, grad): the loss is
+  // float32 (float64 for float64 model_output); grad is empty, or with keep_grad (the training forward: one
+  // pass instead of a forward and a backward that each read the prediction and draw or read ε)
+  // d(loss)/d(model_output) for an incoming gradient of one (the scalar 1 for mean, ones [B] for none).
   m.def(
       "diffusion_loss(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, int offset, int objective, "
-      "float? min_snr_gamma, int reduction) -> Tensor");
-  // The training forward (CPU): (loss, d(loss)/d(model_output) for an incoming gradient of one — the scalar 1
-  // for mean, ones [B] for none), both from one pass; the backward then only scales that gradient. Drawing or
-  // reading ε and the prediction twice (forward, backward) costs more on a CPU than keeping the gradient.
-  m.def(
-      "diffusion_loss_train(Tensor model_output, Tensor? x_start, Tensor t, Tensor sqrt_alphas_cumprod, "
-      "Tensor sqrt_one_minus_alphas_cumprod, Tensor? noise, Tensor? seed, int offset, int objective, "
-      "float? min_snr_gamma, int reduction) -> (Tensor, Tensor)");
+      "float? min_snr_gamma, int reduction, bool keep_grad) -> (Tensor, Tensor)");
   // d(loss)/d(model_output) for the incoming gradient `grad` of the loss (a scalar or [B]).
   m.def(
       "diffusion_loss_backward(Tensor grad, Tensor model_output, Tensor? x_start, Tensor t, "

@@ -13,27 +13,32 @@ storing ∂L/∂pred in the forward (which costs a write there plus a read-scale
 import triton
 import triton.language as tl
 
+from fastddpm import contracts
+
 from .common import compute_dtype, grid, num_warps, pow2_at_least, sample_tile, tile_rows
 from .noise import normal_rows
 
-PRED_NOISE, PRED_X0, PRED_V = 0, 1, 2
-OBJECTIVES = {"pred_noise": PRED_NOISE, "pred_x0": PRED_X0, "pred_v": PRED_V}
-REDUCTION_NONE, REDUCTION_MEAN = 0, 1
+PRED_NOISE = tl.constexpr(contracts.PRED_NOISE)
+PRED_X0 = tl.constexpr(contracts.PRED_X0)
+REDUCTION_NONE = tl.constexpr(contracts.REDUCTION_NONE)
+PHILOX_LANES = tl.constexpr(contracts.PHILOX_LANES)
 
 
 @triton.jit
 def _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N,
             OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, CD: tl.constexpr):
-    if OBJECTIVE != 1:  # ε is part of the target (pred_noise, pred_v)
+    if OBJECTIVE != PRED_X0:  # ε is part of the target (pred_noise, pred_v)
         if HAS_NOISE:
             eps = tl.load(noise_ptr + base + i, mask=mask).to(CD)
         else:
-            eps = normal_rows(tl.load(seed_ptr), offset + b * ((N + 3) // 4) + rows).to(CD)
-    if OBJECTIVE == 0:
+            # contracts.philox_counter: row r of sample b is counter offset + b·⌈N/PHILOX_LANES⌉ + r
+            counter = offset + b * ((N + PHILOX_LANES - 1) // PHILOX_LANES) + rows
+            eps = normal_rows(tl.load(seed_ptr), counter).to(CD)
+    if OBJECTIVE == PRED_NOISE:
         target = eps
     else:
         x0 = tl.load(x0_ptr + base + i, mask=mask).to(CD)
-        if OBJECTIVE == 1:
+        if OBJECTIVE == PRED_X0:
             target = x0
         else:
             target = a * eps - s * x0
@@ -46,9 +51,9 @@ def _weight(a, s, gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr):
     if HAS_GAMMA:
         snr = (a * a) / (s * s)
         clipped = tl.minimum(snr, gamma)
-        if OBJECTIVE == 0:
+        if OBJECTIVE == PRED_NOISE:
             w = clipped / snr
-        elif OBJECTIVE == 1:
+        elif OBJECTIVE == PRED_X0:
             w = clipped
         else:
             w = clipped / (snr + 1.0)
@@ -102,7 +107,7 @@ def loss_backward_kernel(grad_ptr, pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_p
     b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     a = tl.load(sqrt_ac_ptr + t).to(CD)
     s = tl.load(sqrt_1m_ac_ptr + t).to(CD)
-    if REDUCTION == 0:
+    if REDUCTION == REDUCTION_NONE:
         g = tl.load(grad_ptr + b).to(CD)
     else:
         g = tl.load(grad_ptr).to(CD) / B

@@ -85,9 +85,9 @@ def _op_cases():
     ops = torch.ops.fastddpm
     return [(ops.q_sample.default, (x.clone().requires_grad_(True), t, *tables, n, None, 0, False)),
             (ops.q_sample.default, (x, t, *tables, None, seed, 0, True)),
-            (ops.diffusion_loss_triton.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1)),
-            (ops.diffusion_loss_triton.default, (p, None, t, *tables, n, None, 0, 0, None, 0)),
-            # (the steps' one op each, its CUDA kernel the Triton implementation)
+            (ops.diffusion_loss.default, (p, x, t, *tables, None, seed, 0, 2, 5.0, 1, False)),
+            (ops.diffusion_loss.default, (p, None, t, *tables, n, None, 0, 0, None, 0, True)),
+            # (one op per operation, its CUDA kernel the Triton implementation)
             (ops.p_sample_step.default, (n, x, t, sched.reverse_table(), None, seed, 0, 0, 1.0, None, True,
                                          True)),
             (ops.ddim_step.default, (n, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, n, None, 0,

@@ -1,9 +1,10 @@
 // diffusion_loss on the CPU: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
 //
-//   loss[b] = w_b · mean_i (pred[b, i] − target[b, i])²,  target = ε (objective 0), x_0 (1) or
-//   v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (2), ε given or regenerated from the Philox (seed, offset) q_sample_philox
+//   loss[b] = w_b · mean_i (pred[b, i] − target[b, i])²,  target = ε (PRED_NOISE), x_0 (PRED_X0) or
+//   v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (PRED_V), ε given or regenerated from the Philox (seed, offset) q_sample
 //   drew it with; w_b = 1, or min-SNR-γ from SNR_t = ᾱ_t / (1 − ᾱ_t) on the objective's scale
-//   (ε → min(SNR, γ)/SNR, x_0 → min(SNR, γ), v → min(SNR, γ)/(SNR + 1)); reduction 0 → [B], 1 → the mean.
+//   (ε → min(SNR, γ)/SNR, x_0 → min(SNR, γ), v → min(SNR, γ)/(SNR + 1)); REDUCTION_NONE → [B],
+//   REDUCTION_MEAN → the mean (the codes of contracts.h).
 //   Backward: ∂L/∂pred = g_b · w_b · 2 (pred − target) / N, g_b = grad[b] (none) or grad / B (mean).
 //
 // The loss is float32 (float64 for float64 pred); per-task partial sums are combined in a fixed order.
@@ -17,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../contracts.h"
 #include "common.h"
 
 namespace fastddpm {
@@ -33,16 +35,18 @@ cpu::LossArgs prepare(const at::Tensor& model_output, const std::optional<at::Te
   cpu::check_table(kOp, sqrt_1m_ac, "sqrt_one_minus_alphas_cumprod");
   TORCH_CHECK(sqrt_ac.size(0) == sqrt_1m_ac.size(0), kOp,
               ": sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod must have the same length");
-  TORCH_CHECK(0 <= objective && objective <= 2, kOp, ": objective must be 0 (ε), 1 (x_0) or 2 (v), got ", objective);
-  TORCH_CHECK(reduction == 0 || reduction == 1, kOp, ": reduction must be 0 (none) or 1 (mean), got ", reduction);
+  TORCH_CHECK(contracts::PRED_NOISE <= objective && objective <= contracts::PRED_V, kOp,
+              ": objective must be 0 (ε), 1 (x_0) or 2 (v), got ", objective);
+  TORCH_CHECK(reduction == contracts::REDUCTION_NONE || reduction == contracts::REDUCTION_MEAN, kOp,
+              ": reduction must be 0 (none) or 1 (mean), got ", reduction);
   TORCH_CHECK(model_output.size(0) > 0, kOp, ": empty batch");
-  if (objective != 0) {
+  if (objective != contracts::PRED_NOISE) {
     TORCH_CHECK(x_start.has_value(), kOp, ": the x_0 and v objectives need x_start");
   }
   if (x_start.has_value()) {
     cpu::check_data(kOp, *x_start, "x_start", &model_output);
   }
-  if (objective != 1) {
+  if (objective != contracts::PRED_X0) {
     TORCH_CHECK(noise.has_value() != seed.has_value(), kOp, ": give exactly one of noise and seed");
   }
   if (noise.has_value()) {
@@ -57,14 +61,14 @@ cpu::LossArgs prepare(const at::Tensor& model_output, const std::optional<at::Te
   args.a = cpu::gather(sqrt_ac, 0, ts);
   args.s = cpu::gather(sqrt_1m_ac, 0, ts);
   // (x_0 and ε only where the objective reads them)
-  const at::Tensor* x0_in = x_start.has_value() && objective != 0 ? &*x_start : nullptr;
-  const at::Tensor* noise_in = noise.has_value() && objective != 1 ? &*noise : nullptr;
+  const at::Tensor* x0_in = x_start.has_value() && objective != contracts::PRED_NOISE ? &*x_start : nullptr;
+  const at::Tensor* noise_in = noise.has_value() && objective != contracts::PRED_X0 ? &*noise : nullptr;
   args.pred = cpu::dense(model_output);
   args.pred = args.pred.to(cpu::work_dtype(args.pred.scalar_type(), {x0_in, noise_in}));
-  if (x_start.has_value() && objective != 0) {
+  if (x_start.has_value() && objective != contracts::PRED_NOISE) {
     args.x0 = cpu::as_layout_of(*x_start, args.pred);
   }
-  if (objective != 1) {
+  if (objective != contracts::PRED_X0) {
     args.noise.drawn = !noise.has_value();
     args.noise.offset = offset;
     if (noise.has_value()) {
@@ -84,7 +88,9 @@ std::vector<double> weights(const cpu::LossArgs& args, std::optional<double> gam
   for (size_t b = 0; b < w.size(); ++b) {
     const double snr = (args.a[b] * args.a[b]) / (args.s[b] * args.s[b]);
     const double clipped = std::min(snr, *gamma);
-    w[b] = args.objective == 0 ? clipped / snr : args.objective == 1 ? clipped : clipped / (snr + 1.0);
+    w[b] = args.objective == contracts::PRED_NOISE ? clipped / snr
+           : args.objective == contracts::PRED_X0  ? clipped
+                                                   : clipped / (snr + 1.0);
   }
   return w;
 }
@@ -100,7 +106,7 @@ at::Tensor reduce(std::vector<double> per_sample, const std::vector<double>& w, 
     per_sample[b] = w[b] * per_sample[b] / static_cast<double>(N);
     total += per_sample[b];
   }
-  if (reduction == 1) {
+  if (reduction == contracts::REDUCTION_MEAN) {
     return at::empty({}, options).fill_(total / static_cast<double>(B));
   }
   at::Tensor out = at::empty({B}, options.dtype(at::kDouble));
@@ -113,7 +119,7 @@ std::vector<double> grad_scales(const double* g, const std::vector<double>& w, i
   const int64_t B = static_cast<int64_t>(w.size());
   std::vector<double> out(B);
   for (int64_t b = 0; b < B; ++b) {
-    const double gb = reduction == 1 ? g[0] / static_cast<double>(B) : g[b];
+    const double gb = reduction == contracts::REDUCTION_MEAN ? g[0] / static_cast<double>(B) : g[b];
     out[b] = gb * w[b] * 2.0 / static_cast<double>(N);
   }
   return out;
@@ -132,30 +138,24 @@ at::Tensor with_grad_output(cpu::LossArgs& args, const at::Tensor& model_output,
   return grad_pred;
 }
 
-at::Tensor diffusion_loss_cpu(const at::Tensor& model_output, const std::optional<at::Tensor>& x_start,
-                              const at::Tensor& t, const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac,
-                              const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
-                              int64_t offset, int64_t objective, std::optional<double> min_snr_gamma,
-                              int64_t reduction) {
-  const cpu::LossArgs args =
-      prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
-  const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
-  std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
-  return reduce(std::move(per_sample), weights(args, min_snr_gamma), N, reduction, model_output,
-                args.pred.options().dtype(loss_dtype(model_output)));
-}
-
-// The training forward: the loss and, in the same pass, its gradient for an incoming gradient of one (the
-// scalar 1 for mean, ones [B] for none), so that the backward only scales it (or, for the usual 1, returns it).
-std::tuple<at::Tensor, at::Tensor> diffusion_loss_train_cpu(
+// The forward: (loss, empty), or with keep_grad (the training forward) (loss, g), g = ∂loss/∂model_output
+// for an incoming gradient of one (the scalar 1 for mean, ones [B] for none) written by the pass that sums
+// the loss, so that the backward only scales it (or, for the usual 1, returns it).
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_cpu(
     const at::Tensor& model_output, const std::optional<at::Tensor>& x_start, const at::Tensor& t,
     const at::Tensor& sqrt_ac, const at::Tensor& sqrt_1m_ac, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& seed, int64_t offset, int64_t objective, std::optional<double> min_snr_gamma,
-    int64_t reduction) {
+    int64_t reduction, bool keep_grad) {
   cpu::LossArgs args = prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, reduction);
   const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   const std::vector<double> w = weights(args, min_snr_gamma);
-  const std::vector<double> ones(reduction == 1 ? 1 : B, 1.0);
+  const at::TensorOptions loss_options = args.pred.options().dtype(loss_dtype(model_output));
+  if (!keep_grad) {
+    std::vector<double> per_sample = N == 0 ? std::vector<double>(B, 0.0) : cpu::kernels().loss_forward(args);
+    return {reduce(std::move(per_sample), w, N, reduction, model_output, loss_options),
+            model_output.new_empty({0})};
+  }
+  const std::vector<double> ones(reduction == contracts::REDUCTION_MEAN ? 1 : B, 1.0);
   args.grad_scale = grad_scales(ones.data(), w, N, reduction);
   std::vector<double> per_sample(B, 0.0);
   at::Tensor grad_pred = with_grad_output(args, model_output, [&] {
@@ -163,9 +163,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_train_cpu(
       per_sample = cpu::kernels().loss_forward(args);
     }
   });
-  return {reduce(std::move(per_sample), w, N, reduction, model_output,
-                 args.pred.options().dtype(loss_dtype(model_output))),
-          grad_pred};
+  return {reduce(std::move(per_sample), w, N, reduction, model_output, loss_options), grad_pred};
 }
 
 at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& model_output,
@@ -178,8 +176,9 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const int64_t B = args.pred.size(0), N = args.pred.numel() / B;
   cpu::check_cpu(kOp, grad, "grad");
   TORCH_CHECK(grad.is_floating_point(), kOp, ": grad must be a floating tensor, got ", grad.scalar_type());
-  TORCH_CHECK(reduction == 1 ? grad.numel() == 1 : (grad.dim() == 1 && grad.size(0) == B), kOp,
-              ": grad must have the loss's shape (", reduction == 1 ? "[]" : "[B]", "), got ", grad.sizes());
+  const bool mean = reduction == contracts::REDUCTION_MEAN;
+  TORCH_CHECK(mean ? grad.numel() == 1 : (grad.dim() == 1 && grad.size(0) == B), kOp,
+              ": grad must have the loss's shape (", mean ? "[]" : "[B]", "), got ", grad.sizes());
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const double* gp = g.const_data_ptr<double>();
   args.grad_scale = grad_scales(gp, weights(args, min_snr_gamma), N, reduction);
@@ -195,7 +194,6 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("diffusion_loss", &diffusion_loss_cpu);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
-  m.impl("diffusion_loss_train", &diffusion_loss_train_cpu);
 }
 
 }  // namespace fastddpm

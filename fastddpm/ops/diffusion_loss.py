@@ -1,28 +1,26 @@
 """diffusion_loss: L_simple (DDPM eq. 14) with the target formed in-kernel, forward and backward.
 
-Op ``fastddpm::diffusion_loss`` (C++ schema in csrc/fastddpm.cpp; CPU impl csrc/cpu/diffusion_loss.cpp, or the
-reference math here in a build without it; CUDA impl = the Triton kernels) and its Triton twin
-``fastddpm::diffusion_loss_triton`` (kernels/loss.py; CUDA, or CPU through the interpreter). Both take ε
-given (``noise``) or regenerate it from the (``seed``, ``offset``) q_sample_philox drew it with (``noised`` below
-decides which, per backend). The backward is one sweep (``diffusion_loss_backward``) that recomputes the target;
-on the CPU, a loss whose gradient goes to the prediction alone runs the training pair instead
-(``diffusion_loss_train``: the forward writes the gradient in the same pass, the backward scales or returns it).
+Op ``fastddpm::diffusion_loss`` (schema in csrc/fastddpm.cpp; CPU kernel csrc/cpu/diffusion_loss.cpp, or the
+reference math here in a build without it; CUDA kernel = the Triton implementation here, kernels/loss.py)
+and its backward op ``fastddpm::diffusion_loss_backward``, one sweep that recomputes the target. Both take ε
+given (``noise``) or regenerated from the (``seed``, ``offset``) q_sample drew it with (``noised`` below
+decides which). With ``keep_grad`` (a CPU loss whose gradient goes to the prediction alone) the forward also
+returns ∂loss/∂pred for an incoming gradient of one, written by the pass that sums the loss; the backward
+then scales or returns it. One autograd (``_setup_context``, ``_make_backward``): registered on the op, and
+reached without the dispatcher by the eager paths (``_autograd_function``).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
 
-from fastddpm import _extension, reference
+from fastddpm import _extension, contracts, reference
 from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
                           check_triton_device, choose_backend, dense, launcher, new_seed, register_fake, require,
                           runs_eagerly)
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
-OBJECTIVES = {"pred_noise": 0, "pred_x0": 1, "pred_v": 2}
-REDUCTIONS = {"none": 0, "mean": 1}
 
 
 def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction, min_snr_gamma):
@@ -31,16 +29,18 @@ def _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objecti
     check_index(NAME, "t", t, model_output)
     check_table(NAME, "sqrt_alphas_cumprod", sqrt_ac, model_output)
     check_table(NAME, "sqrt_one_minus_alphas_cumprod", sqrt_1m_ac, model_output)
-    require(objective in (0, 1, 2), lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
-    require(reduction in (0, 1), lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
+    require(objective in (contracts.PRED_NOISE, contracts.PRED_X0, contracts.PRED_V),
+            lambda: f"{NAME}: objective must be 0 (ε), 1 (x_0) or 2 (v), got {objective}")
+    require(reduction in (contracts.REDUCTION_NONE, contracts.REDUCTION_MEAN),
+            lambda: f"{NAME}: reduction must be 0 (none) or 1 (mean), got {reduction}")
     require(model_output.shape[0] > 0, lambda: f"{NAME}: empty batch")
     require(min_snr_gamma is None or min_snr_gamma > 0,
             lambda: f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
-    if objective != 0:
+    if objective != contracts.PRED_NOISE:
         require(x_start is not None, lambda: f"{NAME}: the x_0 and v objectives need x_start")
     if x_start is not None:
         check_data(NAME, "x_start", x_start, model_output)
-    if objective != 1:
+    if objective != contracts.PRED_X0:
         require((noise is None) != (seed is None), lambda: f"{NAME}: give exactly one of noise and seed")
     if noise is not None:
         check_data(NAME, "noise", noise, model_output)
@@ -54,11 +54,18 @@ def _loss_dtype(pred):
     return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
-# ----------------------------------------------------------------------------- Triton
+def _ones_like_loss(pred, reduction):
+    """The incoming gradient of one (the scalar for mean, [B] for none) that keep_grad's gradient is for."""
+    shape = () if reduction == contracts.REDUCTION_MEAN else (pred.shape[0],)
+    return torch.ones(shape, dtype=_loss_dtype(pred), device=pred.device)
+
+
+# ----------------------------------------------------------------------------- Triton (the CUDA kernels)
 def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | None, t: torch.Tensor,
                            sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
                            noise: torch.Tensor | None, seed: torch.Tensor | None, offset: int, objective: int,
-                           min_snr_gamma: float | None, reduction: int) -> torch.Tensor:
+                           min_snr_gamma: float | None, reduction: int,
+                           keep_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastddpm.kernels.loss import chunks, launch_loss
 
     pred, x0, eps = _prepare(model_output, x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
@@ -71,7 +78,14 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     launch_loss(pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
                 objective=objective, noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
                 wrap=launcher(pred))
-    return mean if reduction == 1 else per_sample
+    loss = mean if reduction == contracts.REDUCTION_MEAN else per_sample
+    if not keep_grad:
+        return loss, model_output.new_empty(0)
+    # (the eager paths never ask it here: a GPU recomputes the target in the backward, fewer bytes moved)
+    grad = _diffusion_loss_backward_triton(_ones_like_loss(pred, reduction), model_output, x_start, t,
+                                           sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed,
+                                           offset, objective, min_snr_gamma, reduction)
+    return loss, grad
 
 
 def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tensor, x_start: torch.Tensor | None,
@@ -91,35 +105,7 @@ def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tens
     return grad_pred
 
 
-diffusion_loss_triton = triton_op("fastddpm::diffusion_loss_triton", _diffusion_loss_triton, mutates_args=())
-diffusion_loss_backward_triton = triton_op("fastddpm::diffusion_loss_backward_triton",
-                                           _diffusion_loss_backward_triton, mutates_args=())
-
-
-class _EagerTritonLoss(torch.autograd.Function):
-    """The Triton loss in eager mode with its gradient to model_output alone (x_start and noise need none): the
-    same implementations as diffusion_loss_triton's forward and backward, without the dispatcher and
-    torch.library's Python autograd layers around each."""
-
-    @staticmethod
-    def forward(ctx, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma,
-                reduction):
-        ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
-        ctx.args = (offset, objective, min_snr_gamma, reduction)
-        return _diffusion_loss_triton(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
-                                      min_snr_gamma, reduction)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _refuse_double_backward()
-        grad_pred = _diffusion_loss_backward_triton(grad, *ctx.saved_tensors, *ctx.args)
-        return (grad_pred.to(ctx.saved_tensors[0].dtype),) + (None,) * 10
-
-
 # ----------------------------------------------------------------------------- CPU (reference math)
-_OBJECTIVE_NAMES = {v: k for k, v in OBJECTIVES.items()}
-
-
 def _reference_noise(pred, noise, seed, offset):
     if noise is not None or seed is None:
         return noise
@@ -127,11 +113,17 @@ def _reference_noise(pred, noise, seed, offset):
 
 
 def _diffusion_loss_cpu(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
-                        min_snr_gamma, reduction):
+                        min_snr_gamma, reduction, keep_grad):
+    """The CPU kernel of a build whose extension has the schema but no C++ CPU kernels."""
     pred, x0, eps = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
                              min_snr_gamma)
     eps = _reference_noise(pred, eps, seed, offset)
-    return _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction)
+    loss = _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction)
+    if not keep_grad:
+        return loss, model_output.new_empty(0)
+    grad = _diffusion_loss_backward_cpu(_ones_like_loss(pred, reduction), model_output, x_start, t, sqrt_ac,
+                                        sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma, reduction)
+    return loss, grad
 
 
 def _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_gamma, reduction):
@@ -139,8 +131,8 @@ def _reference_loss(pred, x0, t, sqrt_ac, sqrt_1m_ac, eps, objective, min_snr_ga
     tables.snr = sqrt_ac.double().square() / sqrt_1m_ac.double().square()
     x0 = x0 if x0 is not None else pred  # unused by the ε objective
     eps = eps if eps is not None else pred  # unused by the x_0 objective
-    out = reference.diffusion_loss(tables, pred, x0, t, eps, _OBJECTIVE_NAMES[objective], min_snr_gamma,
-                                   "mean" if reduction == 1 else "none")
+    out = reference.diffusion_loss(tables, pred, x0, t, eps, contracts.OBJECTIVES[objective], min_snr_gamma,
+                                   contracts.REDUCTIONS[reduction])
     return out.to(_loss_dtype(pred))
 
 
@@ -156,13 +148,14 @@ def _diffusion_loss_backward_cpu(grad, model_output, x_start, t, sqrt_ac, sqrt_1
     return torch.empty_like(pred).copy_(g)
 
 
-# ----------------------------------------------------------------------------- fake impls and autograd
+# ----------------------------------------------------------------------------- fake impls
 def _fake_loss(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective, min_snr_gamma,
-               reduction):
+               reduction, keep_grad):
     pred, _, _ = _prepare(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, objective, reduction,
                           min_snr_gamma)
-    shape = () if reduction == 1 else (pred.shape[0],)
-    return pred.new_empty(shape, dtype=_loss_dtype(pred))
+    shape = () if reduction == contracts.REDUCTION_MEAN else (pred.shape[0],)
+    grad = torch.empty_like(pred) if keep_grad else model_output.new_empty(0)
+    return pred.new_empty(shape, dtype=_loss_dtype(pred)), grad
 
 
 def _fake_backward(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
@@ -172,10 +165,23 @@ def _fake_backward(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, s
     return torch.empty_like(pred)
 
 
-def _setup(ctx, inputs, output):
+# ----------------------------------------------------------------------------- the autograd
+def _setup_context(ctx, inputs, output):
+    """Saves what the backward reads: the inputs; or, with keep_grad, the gradient the forward wrote (a
+    constant of the node) and what ∂L/∂x_0 and ∂L/∂ε are formed from (t and the tables)."""
     model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, *_ = inputs
-    ctx.args = inputs[7:]  # offset, objective, min_snr_gamma, reduction
-    ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
+    ctx.args = inputs[7:]  # offset, objective, min_snr_gamma, reduction, keep_grad
+    ctx.dtypes = (model_output.dtype, None if x_start is None else x_start.dtype,
+                  None if noise is None else noise.dtype)
+    kept = output[1]
+    ctx.mark_non_differentiable(kept)
+    ctx.set_materialize_grads(False)
+    if inputs[11]:
+        # (an attribute, not save_for_backward, whose bookkeeping costs more than this backward's work: kept
+        # is a non-differentiable output, with no grad_fn to hold ctx in a cycle; the backward drops it)
+        ctx.kept = (kept, t, sqrt_ac, sqrt_1m_ac)
+    else:
+        ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
 
 DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward (a backward with "
@@ -185,74 +191,147 @@ DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward 
 def _refuse_double_backward() -> None:
     """Inside a backward, grad mode is on only with create_graph=True: the fused backward is not differentiable,
     and its result would be a constant (silently wrong second derivatives)."""
-    torch._check(not torch.is_grad_enabled() or torch.compiler.is_compiling(), lambda: DOUBLE_BACKWARD_ERROR)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad):
+def _is_one_on_host(grad: torch.Tensor) -> bool:
+    """Whether grad is a plain CPU tensor equal to 1 (the usual ``loss.backward()`` of a mean loss): read on
+    the host, which is free for a CPU tensor; never for a fake, functional or functorch tensor of a trace."""
+    return (type(grad) is torch.Tensor and grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None and grad.item() == 1.0)
+
+
+def _make_backward(backward_impl):
+    """The backward of the loss, with ``backward_impl`` (the backward op, or an implementation of it) forming
+    ∂L/∂pred where the forward did not keep it."""
+    def backward(ctx, grad, _grad_kept=None):
+        if grad is None:  # only the kept gradient (a constant) reached the output
+            return (None,) * 12
         _refuse_double_backward()
-        model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
-        offset, objective, min_snr_gamma, reduction = ctx.args
-        grad_pred = backward_op(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
-                                objective, min_snr_gamma, reduction)
+        offset, objective, min_snr_gamma, reduction, keep_grad = ctx.args
+        pred_dtype, x_start_dtype, noise_dtype = ctx.dtypes
+        if keep_grad:  # ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
+            (kept, t, sqrt_ac, sqrt_1m_ac), ctx.kept = ctx.kept, None
+            if reduction == contracts.REDUCTION_NONE:
+                grad_pred = kept * grad.to(kept.dtype).reshape((-1,) + (1,) * (kept.dim() - 1))
+            else:
+                grad_pred = kept if _is_one_on_host(grad) else kept * grad.to(kept.dtype)
+        else:
+            model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed = ctx.saved_tensors
+            grad_pred = backward_impl(grad, model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
+                                      offset, objective, min_snr_gamma, reduction)
         # The target depends on ε and x_0: ∂L/∂target = −∂L/∂pred; ε (ε objective) or x_0 (x_0 objective)
         # directly, v = √ᾱ ε − √(1 − ᾱ) x_0 through its coefficients.
         # (−∂L/∂pred is formed only where an input needs it: a full pass over the data.)
         grad_x0 = grad_noise = None
-        if ctx.needs_input_grad[1] and objective in (1, 2):
-            grad_x0 = -grad_pred if objective == 1 else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred
-            grad_x0 = grad_x0.to(x_start.dtype)
-        if ctx.needs_input_grad[5] and objective in (0, 2):
-            grad_noise = -grad_pred if objective == 0 else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred
-            grad_noise = grad_noise.to(noise.dtype)
-        return (grad_pred.to(model_output.dtype), grad_x0, None, None, None, grad_noise) + (None,) * 5
+        if ctx.needs_input_grad[1] and objective != contracts.PRED_NOISE:
+            grad_x0 = (-grad_pred if objective == contracts.PRED_X0
+                       else reference.extract(sqrt_1m_ac, t, grad_pred) * grad_pred)
+            grad_x0 = grad_x0.to(x_start_dtype)
+        if ctx.needs_input_grad[5] and objective != contracts.PRED_X0:
+            grad_noise = (-grad_pred if objective == contracts.PRED_NOISE
+                          else -reference.extract(sqrt_ac, t, grad_pred) * grad_pred)
+            grad_noise = grad_noise.to(noise_dtype)
+        if grad_pred.dtype != pred_dtype:
+            grad_pred = grad_pred.to(pred_dtype)
+        return (grad_pred, grad_x0, None, None, None, grad_noise) + (None,) * 6
     return backward
 
 
-# ----------------------------------------------------------------------------- the CPU training pair
-# diffusion_loss_train(...) -> (loss, g): g = ∂loss/∂model_output for an incoming gradient of one, written by
-# the same pass that sums the loss. Its autograd is C++ (csrc/autograd.cpp): the backward scales g by the
-# incoming gradient, or returns g itself for the usual `loss.backward()` (a mean loss, gradient exactly 1, read
-# on the host: free for a CPU tensor). On a CPU this replaces the backward's whole pass over the prediction,
-# x_0 and ε by nothing; it holds g (the prediction's size) from forward to backward, as eager autograd of an
-# MSE holds its input and target. (C++ rather than register_autograd: the Python layer cost more than the
-# backward's own work; benchmarks/RESULTS.md.)
-def _fake_loss_train(*args):
-    loss = _fake_loss(*args)
-    return loss, torch.empty_like(dense(args[0]))
+def _autograd_function(name: str, forward_impl, setup_context, backward, tensor_args: int):
+    """A torch.autograd.Function that runs ``forward_impl`` with an op's ``setup_context`` and ``backward``
+    (those given to register_autograd): the op's autograd without the dispatcher and torch.library's layers,
+    for the eager paths. ``apply(*args)`` takes the op's arguments; the first ``tensor_args`` (those that may
+    be tensors) reach autograd as they are, the rest as one tuple (each argument costs apply). Old-style
+    (forward calls setup_context): its apply binds no signature per call."""
+    def forward(ctx, *args):
+        args = args[:-1] + args[-1]
+        output = forward_impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_packed(ctx, *grads):
+        return backward(ctx, *grads)[:tensor_args] + (None,)
+
+    function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                       "backward": staticmethod(backward_packed),
+                                                       "forward_impl": staticmethod(forward_impl)})
+    apply = function.apply
+    function.run = staticmethod(lambda *args: apply(*args[:tensor_args], args[tensor_args:]))
+    return function
 
 
-def _use_train_op(model_output, x_start, noise) -> bool:
-    """The training pair serves a CPU loss whose gradient flows to the prediction alone, in float32/64."""
+_TritonLoss = _autograd_function("_TritonLoss", _diffusion_loss_triton, _setup_context,
+                                 _make_backward(_diffusion_loss_backward_triton), tensor_args=7)
+
+
+def _register() -> None:
+    """Without the extension the ops do not exist: CUDA tensors take the Triton implementation directly."""
+    global _CppLoss
+    if _extension.load() is None:
+        return
+    op = torch.ops.fastddpm.diffusion_loss.default
+    backward_op = torch.ops.fastddpm.diffusion_loss_backward.default
+    for name, triton_fn, cpu_fn in (("diffusion_loss", _diffusion_loss_triton, _diffusion_loss_cpu),
+                                    ("diffusion_loss_backward", _diffusion_loss_backward_triton,
+                                     _diffusion_loss_backward_cpu)):
+        torch.library.register_kernel(f"fastddpm::{name}", "cuda", triton_fn)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{name}", "CPU"):
+            torch.library.register_kernel(f"fastddpm::{name}", "cpu", cpu_fn)
+    register_fake("fastddpm::diffusion_loss", _fake_loss)
+    register_fake("fastddpm::diffusion_loss_backward", _fake_backward)
+    torch.library.register_autograd("fastddpm::diffusion_loss", _make_backward(backward_op),
+                                    setup_context=_setup_context)
+    # the op's kernel for the device, below autograd (the eager paths: nothing traces)
+    _CppLoss = _autograd_function("_CppLoss", _below_autograd(op), _setup_context,
+                                  _make_backward(_below_autograd(backward_op)), tensor_args=7)
+
+
+def _below_autograd(op):
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return run
+
+
+_CppLoss = None
+_register()
+
+
+# ----------------------------------------------------------------------------- the Python entry point
+# contracts' codes by name, looked up on every call
+_OBJECTIVE_CODES = {name: contracts.objective_code(name) for name in contracts.OBJECTIVES}
+_REDUCTION_CODES = {name: contracts.reduction_code(name) for name in contracts.REDUCTIONS}
+
+def _keep_grad(model_output, x_start, noise) -> bool:
+    """Whether the forward writes ∂loss/∂pred too: a CPU loss whose gradient flows to the prediction alone, in
+    float32/64. On a CPU this replaces the backward's whole pass over the prediction, x_0 and ε by nothing;
+    it holds that gradient (the prediction's size) from forward to backward, as eager autograd of an MSE
+    holds its input and target."""
     return (torch.is_grad_enabled() and model_output.requires_grad and model_output.device.type == "cpu"
             and model_output.dtype in (torch.float32, torch.float64)
             and not (x_start is not None and x_start.requires_grad)
             and not (noise is not None and noise.requires_grad))
 
 
-def _register() -> None:
-    ops = [("fastddpm::diffusion_loss_triton", torch.ops.fastddpm.diffusion_loss_backward_triton)]
-    register_fake("fastddpm::diffusion_loss_backward_triton", _fake_backward)
-    if _extension.load() is not None:
-        ops.append(("fastddpm::diffusion_loss", torch.ops.fastddpm.diffusion_loss_backward))
-        for op, triton_fn, cpu_fn in (("diffusion_loss", _diffusion_loss_triton, _diffusion_loss_cpu),
-                                      ("diffusion_loss_backward", _diffusion_loss_backward_triton,
-                                       _diffusion_loss_backward_cpu)):
-            torch.library.register_kernel(f"fastddpm::{op}", "cuda", triton_fn)
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastddpm::{op}", "CPU"):
-                torch.library.register_kernel(f"fastddpm::{op}", "cpu", cpu_fn)
-        register_fake("fastddpm::diffusion_loss_backward", _fake_backward)
-    for name, backward_op in ops:
-        register_fake(name, _fake_loss)
-        torch.library.register_autograd(name, _make_backward(backward_op), setup_context=_setup)
-    if _extension.cpu_built():
-        register_fake("fastddpm::diffusion_loss_train", _fake_loss_train)
+def _eager(model_output, x_start, noise) -> bool:
+    """Whether the call may skip the dispatcher (ops.runs_eagerly; model_output may need grad: the
+    autograd.Function's). Nothing to ask while torch.compile traces (the op must be seen)."""
+    return (not torch.compiler.is_compiling() and type(model_output) is torch.Tensor
+            and runs_eagerly(x_start, noise))
 
 
-_register()
+def _run_directly(function, args, model_output, x_start, noise) -> torch.Tensor:
+    """The loss from ``function.forward_impl`` called directly, through ``function`` (the autograd.Function of
+    ``_autograd_function``) when a gradient must flow."""
+    if torch.is_grad_enabled() and (model_output.requires_grad
+                                    or (x_start is not None and x_start.requires_grad)
+                                    or (noise is not None and noise.requires_grad)):
+        return function.run(*args)[0]
+    return function.forward_impl(*args)[0]
 
 
-# ----------------------------------------------------------------------------- the Python entry point
 def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor | None, t: torch.Tensor,
                    noise: torch.Tensor | None = None, *, seed: torch.Tensor | None = None, offset: int = 0,
                    objective: str = "pred_noise", min_snr_gamma: float | None = None, reduction: str = "mean",
@@ -262,29 +341,30 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     Returns the mean loss, or per-sample losses [B] with ``reduction='none'``; float32 (float64 for float64
     inputs). Differentiable in model_output (and x_start / noise where the target uses them).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    objective_code, reduction_code = _OBJECTIVE_CODES.get(objective), _REDUCTION_CODES.get(reduction)
+    if objective_code is None or reduction_code is None:  # (raises, naming the choices)
+        contracts.objective_code(objective), contracts.reduction_code(reduction)
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
     if check:
         check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
-    if objective == "pred_x0":
+    if objective_code == contracts.PRED_X0:
         noise = seed = None  # the target is x_0 alone
     args = (model_output, x_start, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-            noise, seed, offset, OBJECTIVES[objective], min_snr_gamma, REDUCTIONS[reduction])
+            noise, seed, offset, objective_code, min_snr_gamma, reduction_code)
     backend = choose_backend(NAME, model_output.device, backend)
+    # The eager paths call the implementation directly; otherwise the op, whose kernel the dispatcher picks by
+    # device.
     if backend == "triton":
-        if type(model_output) is torch.Tensor and runs_eagerly(x_start, noise):  # (model_output may need grad)
-            if torch.is_grad_enabled() and model_output.requires_grad:
-                return _EagerTritonLoss.apply(*args)
-            return _diffusion_loss_triton(*args)
-        return torch.ops.fastddpm.diffusion_loss_triton(*args)
+        # (CPU tensors: the interpreter, as the op's CPU kernel is C++; a build without the op: no other way)
+        if model_output.device.type != "cuda" or _CppLoss is None or _eager(model_output, x_start, noise):
+            return _run_directly(_TritonLoss, (*args, False), model_output, x_start, noise)
+        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args, False)[0]
     if backend == "cpp" and _extension.cpu_built():
-        if _use_train_op(model_output, x_start, noise):
-            return torch.ops.fastddpm.diffusion_loss_train.default(*args)[0]
-        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)
+        args = (*args, _keep_grad(model_output, x_start, noise))
+        if _eager(model_output, x_start, noise):
+            return _run_directly(_CppLoss, args, model_output, x_start, noise)
+        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)[0]
     if seed is not None:
         check_seed(NAME, seed, model_output)
         noise = philox_noise_like(dense(model_output), seed, offset)
