@@ -1,9 +1,6 @@
-"""The Triton kernels (kernels/), run on CPU tensors by the Triton interpreter, against the float64 reference.
-
-Every op is called through its Triton twin op (fastddpm::<op>_triton) by forcing backend='triton'; the checks
-tests/test_cpu_kernels.py runs too are in tests/kernel_grid.py. The last test checks that each kernel was really
-launched in this module. On a GPU machine (no interpreter: tests/conftest.py) the same checks run compiled, on
-CUDA tensors; FASTDDPM_TEST_DEVICE=cpu|cuda chooses.
+"""What the Triton kernels (kernels/) share beyond one op, with backend='triton': CPU tensors under the Triton
+interpreter here, CUDA tensors compiled on a GPU machine (FASTDDPM_TEST_DEVICE=cpu|cuda chooses). Each op's own
+tests, over every backend, are tests/ops/test_<op>.py.
 """
 import collections
 import math
@@ -158,7 +155,17 @@ def test_launch_constants_are_plain_ints_under_symbolic_shapes():
 
 
 
-def test_every_kernel_was_launched():
-    """Runs last in this module: each Triton kernel ran at least once above (through the interpreter)."""
-    names = ["q_sample_kernel", "loss_partial_kernel", "loss_finalize_kernel", "loss_backward_kernel"]
+def test_the_triton_backend_launches_the_kernels(sched):
+    """backend='triton' runs the Triton kernels, not a fallback: q_sample (ε given and drawn) and the loss's
+    forward and backward each launch theirs (the steps' check: tests/ops/test_p_sample_step.py)."""
+    from fastddpm.ops.q_sample import q_sample
+
+    LAUNCHES.clear()
+    x, n, t = data((3, 2, 5, 5)), data((3, 2, 5, 5)), timesteps(3)
+    q_sample(sched, x, t, n, backend="triton")
+    q_sample(sched, x, t, seed=torch.tensor([5]), backend="triton")
+    p = data((3, 2, 5, 5)).requires_grad_(True)
+    diffusion_loss(sched, p, x, t, n, objective="pred_v", backend="triton").backward()
+    assert LAUNCHES["q_sample_kernel"] == 2, dict(LAUNCHES)
+    names = ["loss_partial_kernel", "loss_finalize_kernel", "loss_backward_kernel"]
     assert all(LAUNCHES[n] > 0 for n in names), dict(LAUNCHES)
