@@ -36,6 +36,22 @@ def ema_with_warmup(decay: float):
     return update
 
 
+@torch.no_grad()
+def ema_update_(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor,
+                decay: float, apply: torch.Tensor) -> None:
+    """One EMA update on the device: what ``AveragedModel.update_parameters`` does with
+    ``ema_with_warmup(decay)``, without reading ``n_averaged`` on the host. The first update copies the
+    weights (decay 0), later ones use d = min(decay, (1 + n)/(10 + n)) with the same arithmetic as
+    ema_with_warmup; where the 0-d bool ``apply`` is False the average and ``n_averaged`` stay as they are
+    (decay 1: ema·1 + θ·0, θ finite). Integer buffers are left as they are."""
+    n = n_averaged.to(torch.float32)
+    d = torch.clamp((1 + n) / (10 + n), max=decay)
+    d = torch.where(apply, torch.where(n_averaged == 0, 0.0, d), 1.0)
+    torch._foreach_mul_(averaged, d)
+    torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+    n_averaged.add_(apply)
+
+
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of indices as a pure function of (seed, step): epoch e is a permutation drawn from a generator
     seeded with (seed, e), and step s takes its (s mod steps-per-epoch)-th slice. Training resumed at any
@@ -139,13 +155,26 @@ class Trainer:
         self.seed, self.save_every, self.grad_accum = seed, save_every, grad_accum
         self.log_every, self.sample_every, self.num_samples = log_every, sample_every, num_samples
         self.amp, self.hflip = amp, hflip
-        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, foreach=True)
+        # The fused Adam kernel: one launch for all weights, and it skips its whole update (weights, moments,
+        # step count) on the device when the optimizer's found_inf is 1: a non-finite step needs no host sync.
+        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, **self._adam_flags())
         # Linear learning-rate warm-up over `warmup` steps, as in the DDPM paper's CIFAR-10 recipe.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        # The rate as a device tensor the kernel reads (and a CUDA graph replays with): the scheduler, created
+        # with a float so that its base rate and state stay floats, fills it before each step.
+        self._lr = torch.tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float32, device=self.device)
+        self.optimizer.param_groups[0]["lr"] = self._lr
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        # What ema_update_ averages: the floating-point parameters and buffers, paired as update_parameters
+        # pairs them.
+        ema_module, model = self.ema.module, self.diffusion.model
+        pairs = [(a.detach(), m.detach()) for a, m in zip([*ema_module.parameters(), *ema_module.buffers()],
+                                                         [*model.parameters(), *model.buffers()])
+                 if a.is_floating_point()]
+        self._ema_tensors, self._model_tensors = [a for a, _ in pairs], [m for _, m in pairs]
         # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally compiled.
         # Compiling the network alone (in place: state_dict keys unchanged) leaves the input checks, which
         # read values back to the host, outside the compiled graph.
@@ -159,7 +188,9 @@ class Trainer:
         self.lr, self.ema_decay = lr, ema_decay
         self.step = 0
         self.last_lr = lr
-        self.skipped = 0  # steps whose loss or gradient was not finite (never applied to the weights)
+        # Steps whose gradient norm was not finite (never applied to the weights): a device tensor, read when
+        # logging and saving.
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
         self.num_workers = num_workers
 
     # ------------------------------------------------------------------ data
@@ -226,7 +257,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema_n_averaged": self.ema.n_averaged.cpu(),
             "scaler": self.scaler.state_dict(),
-            "skipped": self.skipped,
+            "skipped": int(self.skipped),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "diffusion_config": self.diffusion.config,
@@ -291,11 +322,12 @@ class Trainer:
             self.diffusion.model.load_state_dict(model_state)
             self.ema.module.load_state_dict(ema_state)
             self.optimizer.load_state_dict(state["optimizer"])
+            self._restore_adam()
             self.scheduler.load_state_dict(state["scheduler"])
             self.ema.n_averaged.copy_(state["ema_n_averaged"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            self.skipped = int(state.get("skipped", 0))
+            self.skipped.fill_(int(state.get("skipped", 0)))
             torch.set_rng_state(state["rng_torch"])
             if state.get("rng_cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -327,21 +359,52 @@ class Trainer:
             self.scaler.scale(loss / self.grad_accum).backward()
         return loss.detach()
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Unscale, clip, and apply the update unless the gradient is not finite; returns the gradient norm."""
+    def _adam_flags(self) -> dict:
+        # capturable on a GPU: the step count stays on the device and the step can be captured in a CUDA graph
+        return dict(fused=True, foreach=None, capturable=self.device.type == "cuda")
+
+    def _restore_adam(self) -> None:
+        """After optimizer.load_state_dict: the saved param group replaced this one's, so the rate becomes the
+        device tensor again (holding the saved rate) and the fused, capturable settings come back; step counts
+        saved on the CPU (by a foreach Adam) move to the device."""
+        group = self.optimizer.param_groups[0]
+        saved_lr = group["lr"]
+        self._lr.fill_(float(saved_lr))  # a CPU tensor (map_location="cpu") or a float
+        group.update(self._adam_flags(), lr=self._lr)
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32, device=self.device)
+
+    def _update(self) -> torch.Tensor:
+        """Unscale, clip, and apply Adam and the EMA unless the gradient norm is not finite, all decided on
+        the device (no host sync): the fused Adam kernel skips its update where found_inf is 1, the EMA keeps
+        its average, and ``skipped`` counts the step. Returns the gradient norm."""
         self.scaler.unscale_(self.optimizer)
-        params = self.diffusion.model.parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
-        if torch.isfinite(grad_norm):  # one host sync per step: a NaN/Inf never reaches the weights
-            self.scaler.step(self.optimizer)
-            self.ema.update_parameters(self.diffusion.model)
-        else:
-            self.skipped += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(),
+                                                   self.grad_clip if self.grad_clip else float("inf"))
+        finite = torch.isfinite(grad_norm)  # a NaN/Inf never reaches the weights
+        self.optimizer.found_inf = finite.logical_not().float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        ema_update_(self._ema_tensors, self._model_tensors, self.ema.n_averaged, self.ema_decay, finite)
+        self.skipped.add_(finite.logical_not())
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.scheduler.step()
         return grad_norm.detach()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """The update (see _update), then the learning-rate schedule; returns the gradient norm."""
+        grad_norm = self._update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._schedule_lr()
+        return grad_norm
+
+    def _schedule_lr(self) -> None:
+        # The rate this step used, computed on the host as the scheduler does (its own record is the device
+        # tensor); then the scheduler fills the tensor with the next step's rate.
+        self.last_lr = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.step()
 
     def train(self, steps: int, progress: bool = True) -> list[float]:
         """Optimise until ``self.step == steps``; returns the losses of the steps run by this call."""
@@ -361,13 +424,15 @@ class Trainer:
                     bar.update(1)
                     window.append(torch.stack([loss, grad_norm]))
                     if self.step % self.log_every == 0 or self.step == steps:
-                        values = torch.stack(window).cpu()  # the one read-back per log interval
+                        # the one read-back per log interval: the window's losses and norms, and `skipped`
+                        values = torch.cat([torch.stack(window).flatten(), self.skipped.double()[None]]).cpu()
+                        skipped, values = int(values[-1]), values[:-1].float().reshape(-1, 2)
                         losses.extend(values[:, 0].tolist())
                         mean_loss, mean_norm = values.nanmean(0).tolist()
                         now = time.perf_counter()
                         record = {"step": self.step, "loss": mean_loss, "lr": self.last_lr, "grad_norm": mean_norm,
                                   "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
-                                  "skipped": self.skipped, "time": time.time()}
+                                  "skipped": skipped, "time": time.time()}
                         window, last_log = [], (now, self.step)
                         bar.set_postfix(loss=f"{mean_loss:.4f}")
                         if main:
