@@ -453,6 +453,9 @@ class Trainer:
                                               device=self.device)
             self._static_out = torch.zeros(2, device=self.device)
         for buffer, batch in zip(self._static_images, micro_batches):
+            if batch.shape != buffer.shape:
+                raise ValueError(f"the fast path's batches all have one shape: {list(buffer.shape)} (the first "
+                                 f"batch's), got {list(batch.shape)}")
             buffer.copy_(batch, non_blocking=True)
         if self._graph is None and self._wants_graph() and self._eager_fast_steps >= FAST_PATH_WARMUP:
             self._capture()
@@ -486,7 +489,7 @@ class Trainer:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) does not break it
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._fast_step_fn()
         except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
             torch.cuda.synchronize(self.device)

@@ -206,6 +206,13 @@ def test_channels_last_trains_the_same_model(tmp_path, data):
     assert again.resume() == 4
 
 
+def test_fast_path_names_a_batch_of_another_shape(tmp_path, data):
+    t = make_trainer(tmp_path, data, fast_path=True)
+    t._fast_step([data[:8]])
+    with pytest.raises(ValueError, match=r"batches all have one shape: \[8, 1, 8, 8\].*got \[4, 1, 8, 8\]"):
+        t._fast_step([data[:4]])
+
+
 def test_fast_path_refuses_several_processes(tmp_path, data, monkeypatch):
     import torch.distributed as dist
 
