@@ -495,7 +495,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
             self._graph_failed = True
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler._per_optimizer_states.clear()  # an unscale_ recorded by the aborted capture
+            if self.scaler.is_enabled():  # forget the unscale_ the aborted capture recorded
+                self.scaler._per_optimizer_states.clear()
             warnings.warn(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
                           f"the fast path runs it eagerly", RuntimeWarning, stacklevel=3)
             return
