@@ -10,21 +10,26 @@ changes between pytest-benchmark's one-provider-after-the-other runs.
 time other processes hold the core, so it stays readable on a busy machine.
 
 glibc's allocation thresholds are set first (benchmarks/steady_malloc.py) unless --system-malloc is given.
+
+    python benchmarks/e2e_ratios.py --table bench_sampling.json bench_training.json ...
+
+prints instead issue 18's table from pytest-benchmark files of benchmarks/test_end_to_end.py
+(tools/device_check.sh runs it on a GPU): per case the median of every provider, the fast path's per step for sampling, and the fast
+path's speed-up against eager PyTorch and against compiled diffusers. It imports no torch.
 """
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
+from collections import defaultdict
 
 os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
 
-import torch  # noqa: E402
-
-from fastddpm import Diffusion, UNet  # noqa: E402
-from steady_malloc import steady_malloc  # noqa: E402  (this folder, run as a script)
-
 STEPS = 10
 PROVIDERS = ("eager", "compile", "fastddpm")
+E2E_PROVIDERS = ("eager", "compile", "diffusers", "diffusers-compile", "fastddpm", "fast-path")
 
 
 def with_backend(provider, fn):
@@ -45,6 +50,10 @@ def with_backend(provider, fn):
 
 
 def diffusion(provider, sampling_timesteps=None):
+    import torch
+
+    from fastddpm import Diffusion, UNet
+
     torch.manual_seed(0)
     net = UNet.small()
     if provider == "compile":
@@ -54,6 +63,8 @@ def diffusion(provider, sampling_timesteps=None):
 
 
 def cases(batches):
+    import torch
+
     out = {}
     for batch in batches:
         fns = {}
@@ -77,7 +88,48 @@ def cases(batches):
     return out
 
 
+def e2e_table(paths: list[str]) -> str:
+    """Issue 18's table from benchmark files of benchmarks/test_end_to_end.py ("" when they hold none)."""
+    rows: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for bench in data.get("benchmarks", []):
+            name, params = bench["name"].split("[")[0], bench.get("params") or {}
+            if name not in ("test_training_step", "test_sampling_loop") or "net_name" not in params:
+                continue
+            per_step = STEPS if name == "test_sampling_loop" else 1
+            if name == "test_training_step":
+                order, what = (0, 0), f"training step, {params['amp']}"
+            else:
+                order, what = (1, params["batch"]), f"DDIM sampling, batch {params['batch']}, per step"
+            key = (params["device"], params["net_name"], order, what)
+            rows[key][params["provider"]] = bench["stats"]["median"] / per_step
+    if not rows:
+        return ""
+    lines = ["| device | U-Net | case | " + " | ".join(E2E_PROVIDERS) + " | fast path × eager | × diffusers "
+             "compiled |", "|---" * (len(E2E_PROVIDERS) + 5) + "|"]
+    for (device, net, _, what), times in sorted(rows.items()):
+        cells = " | ".join(f"{times[p] * 1e3:.2f} ms" if p in times else "—" for p in E2E_PROVIDERS)
+        fast = times.get("fast-path")
+        ratios = [f"{times[p] / fast:.2f}×" if fast and p in times else "—"
+                  for p in ("eager", "diffusers-compile")]
+        lines.append(f"| {device} | {net} | {what} | {cells} | {' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        table = e2e_table(sys.argv[2:])
+        if table:
+            print("\nissue 18's table (benchmarks/test_end_to_end.py; median per call, per step for "
+                  "sampling)\n")
+            print(table)
+        return
+    import torch
+
+    from steady_malloc import steady_malloc  # (this folder, run as a script)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", default="1,16,128")

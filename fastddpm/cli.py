@@ -74,7 +74,7 @@ FIXED_SETTINGS = ("data", "image_size", "channels", "batch_size", "lr", "warmup"
                   "attn_resolutions", "dropout", "num_groups", "timesteps", "beta_schedule", "objective")
 # CHANGEABLE ones may change on resume (with a notice); the new value is stored.
 CHANGEABLE_SETTINGS = ("steps", "save_every", "sample_every", "log_every", "num_samples")
-# Per invocation, never stored: --device, --compile, --num-workers.
+# Per invocation, never stored: --device, --compile, --num-workers, --fast-path, --channels-last.
 RUN_FILE = "run.json"
 MODEL_SETTINGS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout",
                   "num_groups")
@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the network (default: off)")
     train.add_argument("--num-workers", type=_non_negative,
                        help="DataLoader workers for folders (default: 0)")
+    train.add_argument("--fast-path", action=argparse.BooleanOptionalAction,
+                       help="run each training step as one CUDA graph (loss, backward, clipping, Adam, EMA; "
+                       "no host sync) (default: on with a GPU in one process; off on CPU, where there is no "
+                       "graph to capture, and under torchrun)")
+    train.add_argument("--channels-last", action="store_true", default=None,
+                       help="channels-last weights and activations, the fast layout on GPUs with --amp bf16 "
+                       "(default: off)")
     train.add_argument("--flip", action=argparse.BooleanOptionalAction,
                        help="random horizontal flips (default: on for folders, off for digits)")
     train.add_argument("--resume", action="store_true",
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the sampling noise; batch b of a folder draws from seed + b × batch size "
                              "(default: 0)")
     sample.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
+    graph_help = "replay each sampling step as one CUDA graph (default: on with a GPU; off on CPU)"
+    sample.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help=graph_help)
 
     evaluate = sub.add_parser("eval", help="FID of a trained model's samples against a folder of images")
     evaluate.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train`")
@@ -183,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sample with K DDIM steps (default: ancestral sampling)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     evaluate.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
+    evaluate.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                          help=graph_help)
 
     demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -350,7 +361,8 @@ def _train(args, out: Path) -> Path:
         grad_clip=s["grad_clip"], ema_decay=s["ema_decay"], seed=s["seed"], device=device,
         save_every=s["save_every"], grad_accum=s["grad_accum"], amp=s["amp"], log_every=s["log_every"],
         sample_every=s["sample_every"], num_samples=s["num_samples"], compile=bool(args.compile),
-        num_workers=args.num_workers or 0, hflip=s["flip"])
+        num_workers=args.num_workers or 0, hflip=s["flip"], fast_path=_fast_path(args, device),
+        channels_last=bool(args.channels_last))
     torch.manual_seed(derive_seed(s["seed"], SEED_NOISE, rank))  # each process draws its own t and ε
     if args.resume:
         step = trainer.resume()
@@ -380,6 +392,13 @@ def _train(args, out: Path) -> Path:
     return out
 
 
+def _fast_path(args, device) -> bool:
+    """--fast-path as given, else on for a GPU in one process."""
+    if args.fast_path is not None:
+        return args.fast_path
+    return device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
 def _load_for_sampling(args):
     from fastddpm import Diffusion
 
@@ -391,7 +410,8 @@ def _load_for_sampling(args):
     return diffusion, bool(k)  # with K steps asked for, the DDIM loop runs even for K = T
 
 
-def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int, progress: bool = True):
+def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int, progress: bool = True,
+          cuda_graph: bool = False):
     """``num`` images in [0, 1], drawn ``batch_size`` at a time from one seeded generator."""
     import torch
 
@@ -400,8 +420,15 @@ def _draw(diffusion, use_ddim: bool, num: int, batch_size: int, seed: int, progr
     out = []
     for start in range(0, num, batch_size):
         shape = (min(batch_size, num - start), diffusion.channels, *diffusion.image_size)
-        out.append(diffusion.unnormalize(loop(shape, generator=gen, progress=progress)).cpu())
+        out.append(diffusion.unnormalize(loop(shape, generator=gen, progress=progress,
+                                              cuda_graph=cuda_graph)).cpu())
     return torch.cat(out)
+
+
+def _cuda_graph(args, diffusion) -> bool:
+    """--cuda-graph as given, else on for a GPU (Diffusion.sample falls back to the eager loop, with one
+    warning, where a step cannot be captured)."""
+    return args.cuda_graph if args.cuda_graph is not None else diffusion.device.type == "cuda"
 
 
 def cmd_sample(args) -> Path:
@@ -412,16 +439,19 @@ def cmd_sample(args) -> Path:
         raise ValueError(f"--out {args.out!r}: give FILE.png for a grid or a folder for single images")
     diffusion, use_ddim = _load_for_sampling(args)
     if not out.suffix:
-        written = _sample_into_folder(diffusion, use_ddim, out, args.num, args.batch_size, args.seed)
+        written = _sample_into_folder(diffusion, use_ddim, out, args.num, args.batch_size, args.seed,
+                                      _cuda_graph(args, diffusion))
         print(f"wrote {written} samples to {out} ({args.num - written} were there already)")
         return out
-    images = _draw(diffusion, use_ddim, args.num, args.batch_size, args.seed)
+    images = _draw(diffusion, use_ddim, args.num, args.batch_size, args.seed,
+                   cuda_graph=_cuda_graph(args, diffusion))
     save_image_grid(images, out, scale=max(1, 512 // (8 * (images.shape[-1] + 2))))
     print(f"wrote {args.num} samples to {out}")
     return out
 
 
-def _sample_into_folder(diffusion, use_ddim: bool, out: Path, num: int, batch_size: int, seed: int) -> int:
+def _sample_into_folder(diffusion, use_ddim: bool, out: Path, num: int, batch_size: int, seed: int,
+                        cuda_graph: bool = False) -> int:
     """Images 000000.png … into ``out``, batch by batch, each batch b (images b·batch_size …) drawn from its own
     generator seeded with seed + b·batch_size: an image depends on (checkpoint, seed, batch size, its index)
     alone, so a run killed half-way and started again samples only the batches with a file missing and writes
@@ -443,7 +473,8 @@ def _sample_into_folder(diffusion, use_ddim: bool, out: Path, num: int, batch_si
     with tqdm(total=num, initial=done, desc="sampling", unit="img", disable=disable) as bar:
         for start in todo:
             batch = paths[start:start + batch_size]
-            images = _draw(diffusion, use_ddim, len(batch), len(batch), seed + start, progress=False)
+            images = _draw(diffusion, use_ddim, len(batch), len(batch), seed + start, progress=False,
+                           cuda_graph=cuda_graph)
             for path, image in zip(batch, images):
                 if path.is_file():
                     continue
@@ -480,7 +511,8 @@ def cmd_eval(args) -> float:
         fid.update(rgb(batch.to(diffusion.device)), real=True)
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
-        fid.update(rgb(_draw(diffusion, use_ddim, n, n, args.seed + start).to(diffusion.device)), real=False)
+        images = _draw(diffusion, use_ddim, n, n, args.seed + start, cuda_graph=_cuda_graph(args, diffusion))
+        fid.update(rgb(images.to(diffusion.device)), real=False)
     score = float(fid.compute())
     print(f"FID {score:.3f} ({args.num} samples vs {len(ref)} images in {args.fid})")
     return score

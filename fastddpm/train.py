@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,22 @@ def ema_with_warmup(decay: float):
         torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
 
     return update
+
+
+@torch.no_grad()
+def ema_update_(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor,
+                decay: float, apply: torch.Tensor) -> None:
+    """One EMA update on the device: what ``AveragedModel.update_parameters`` does with
+    ``ema_with_warmup(decay)``, without reading ``n_averaged`` on the host. The first update copies the
+    weights (decay 0), later ones use d = min(decay, (1 + n)/(10 + n)) with the same arithmetic as
+    ema_with_warmup; where the 0-d bool ``apply`` is False the average and ``n_averaged`` stay as they are
+    (decay 1: ema·1 + θ·0, θ finite). Integer buffers are left as they are."""
+    n = n_averaged.to(torch.float32)
+    d = torch.clamp((1 + n) / (10 + n), max=decay)
+    d = torch.where(apply, torch.where(n_averaged == 0, 0.0, d), 1.0)
+    torch._foreach_mul_(averaged, d)
+    torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+    n_averaged.add_(apply)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -105,6 +122,8 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 TRAINER_SETTINGS = ("batch_size", "lr", "warmup", "grad_clip", "ema_decay", "seed", "grad_accum", "amp",
                     "hflip")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Eager steps of the fast path before its CUDA graph is captured (allocations, autotuning, Adam's state).
+FAST_PATH_WARMUP = 3
 
 
 class Trainer:
@@ -112,13 +131,24 @@ class Trainer:
 
     ``train(steps)`` runs until ``self.step == steps``; with ``save_every`` it writes ``out/checkpoint/``
     (atomically) every that many steps and at the end, and ``resume()`` continues from it exactly.
+
+    ``fast_path=True`` runs each step as one function of static buffers (the batch is copied into a fixed
+    tensor; loss, backward, clipping, Adam, EMA and the skip decision all stay on the device) and, on a GPU
+    with ``cuda_graph=True``, captures that function in a CUDA graph after ``FAST_PATH_WARMUP`` eager steps
+    and replays it for every later step: the host then launches one graph per step instead of thousands of
+    kernels. The noise needs no host RNG inside the graph: t, the flips and the Philox key of the in-kernel ε
+    are drawn with torch's CUDA generator, whose state the graph replays with fresh values each step. A
+    capture that fails warns once and the step runs eagerly. On a CPU the same function runs eagerly and gives
+    the plain loop's losses exactly. One process only (no DDP). ``channels_last=True`` keeps the network's
+    weights and activations in channels-last layout (with ``amp='bf16'``, the fastest on GPUs).
     """
 
     def __init__(self, diffusion: Diffusion, data, *, out: str | os.PathLike, batch_size: int = 64,
                  lr: float = 2e-4, warmup: int = 5000, grad_clip: float = 1.0, ema_decay: float = 0.9999,
                  seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0, save_every: int = 0,
                  grad_accum: int = 1, amp: str = "off", log_every: int = 50, sample_every: int = 0,
-                 num_samples: int = 64, compile: bool = False, hflip: bool = False):
+                 num_samples: int = 64, compile: bool = False, hflip: bool = False, fast_path: bool = False,
+                 cuda_graph: bool = True, channels_last: bool = False):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if grad_accum < 1 or log_every < 1 or save_every < 0 or sample_every < 0:
@@ -131,21 +161,40 @@ class Trainer:
         if len(data) < batch_size * self.world_size:
             raise ValueError(f"batch_size {batch_size} × {self.world_size} processes is larger than the dataset "
                              f"({len(data)} images)")
+        if fast_path and self.world_size > 1:
+            raise ValueError("fast_path=True trains in one process (the step is one CUDA graph, without "
+                             "DDP's all-reduce); turn it off under torch.distributed")
         self.device = torch.device(device)
         self.diffusion = diffusion.to(self.device)
+        self.channels_last = channels_last
+        if channels_last:  # before the EMA copy and the optimizer, so that both share the layout
+            self.diffusion.model.to(memory_format=torch.channels_last)
         self.data = data
         self.out = Path(out)
         self.batch_size, self.grad_clip, self.warmup = batch_size, grad_clip, warmup
         self.seed, self.save_every, self.grad_accum = seed, save_every, grad_accum
         self.log_every, self.sample_every, self.num_samples = log_every, sample_every, num_samples
         self.amp, self.hflip = amp, hflip
-        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, foreach=True)
+        # The fused Adam kernel: one launch for all weights, and it skips its whole update (weights, moments,
+        # step count) on the device when the optimizer's found_inf is 1: a non-finite step needs no host sync.
+        self.optimizer = torch.optim.Adam(self.diffusion.model.parameters(), lr=lr, **self._adam_flags())
         # Linear learning-rate warm-up over `warmup` steps, as in the DDPM paper's CIFAR-10 recipe.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        # The rate as a device tensor the kernel reads (and a CUDA graph replays with): the scheduler, created
+        # with a float so that its base rate and state stay floats, fills it before each step.
+        self._lr = torch.tensor(self.optimizer.param_groups[0]["lr"], dtype=torch.float32, device=self.device)
+        self.optimizer.param_groups[0]["lr"] = self._lr
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        # What ema_update_ averages: the floating-point parameters and buffers, paired as update_parameters
+        # pairs them.
+        ema_module, model = self.ema.module, self.diffusion.model
+        pairs = [(a.detach(), m.detach()) for a, m in zip([*ema_module.parameters(), *ema_module.buffers()],
+                                                         [*model.parameters(), *model.buffers()])
+                 if a.is_floating_point()]
+        self._ema_tensors, self._model_tensors = [a for a, _ in pairs], [m for _, m in pairs]
         # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally compiled.
         # Compiling the network alone (in place: state_dict keys unchanged) leaves the input checks, which
         # read values back to the host, outside the compiled graph.
@@ -159,8 +208,14 @@ class Trainer:
         self.lr, self.ema_decay = lr, ema_decay
         self.step = 0
         self.last_lr = lr
-        self.skipped = 0  # steps whose loss or gradient was not finite (never applied to the weights)
+        # Steps whose gradient norm was not finite (never applied to the weights): a device tensor, read when
+        # logging and saving.
+        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
         self.num_workers = num_workers
+        self.fast_path, self.cuda_graph = fast_path, cuda_graph
+        self._static_images = self._static_out = self._graph = None  # the fast path's buffers and graph
+        self._graph_failed = False
+        self._eager_fast_steps = 0  # the warm-up before a capture
 
     # ------------------------------------------------------------------ data
     def _batches(self):
@@ -226,7 +281,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "ema_n_averaged": self.ema.n_averaged.cpu(),
             "scaler": self.scaler.state_dict(),
-            "skipped": self.skipped,
+            "skipped": int(self.skipped),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "diffusion_config": self.diffusion.config,
@@ -291,11 +346,12 @@ class Trainer:
             self.diffusion.model.load_state_dict(model_state)
             self.ema.module.load_state_dict(ema_state)
             self.optimizer.load_state_dict(state["optimizer"])
+            self._restore_adam()
             self.scheduler.load_state_dict(state["scheduler"])
             self.ema.n_averaged.copy_(state["ema_n_averaged"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            self.skipped = int(state.get("skipped", 0))
+            self.skipped.fill_(int(state.get("skipped", 0)))
             torch.set_rng_state(state["rng_torch"])
             if state.get("rng_cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
@@ -315,33 +371,136 @@ class Trainer:
         """A Diffusion that shares the schedule and settings but runs the EMA weights."""
         return Diffusion(self.ema.module, **self.diffusion.config, backend=self.diffusion.backend).to(self.device)
 
-    def _micro_step(self, images: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    def _micro_step(self, images: torch.Tensor, sync: bool = True,
+                    autocast_cache: bool = True) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.hflip:  # random horizontal flips, per image (the paper's CIFAR-10 augmentation)
             flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
             images = torch.where(flip, images.flip(-1), images)
         # Under DDP, only the last micro-batch of a step all-reduces the gradients.
         no_sync = self.loss_fn.no_sync() if not sync and self.world_size > 1 else contextlib.nullcontext()
         with no_sync:
-            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "off"):
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "off",
+                                cache_enabled=autocast_cache):
                 loss = self.loss_fn(images)  # Diffusion computes its loss in fp32 whatever the autocast dtype
             self.scaler.scale(loss / self.grad_accum).backward()
         return loss.detach()
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Unscale, clip, and apply the update unless the gradient is not finite; returns the gradient norm."""
+    def _adam_flags(self) -> dict:
+        # capturable on a GPU: the step count stays on the device and the step can be captured in a CUDA graph
+        return dict(fused=True, foreach=None, capturable=self.device.type == "cuda")
+
+    def _restore_adam(self) -> None:
+        """After optimizer.load_state_dict: the saved param group replaced this one's, so the rate becomes the
+        device tensor again (holding the saved rate) and the fused, capturable settings come back; step counts
+        saved on the CPU (by a foreach Adam) move to the device."""
+        group = self.optimizer.param_groups[0]
+        saved_lr = group["lr"]
+        self._lr.fill_(float(saved_lr))  # a CPU tensor (map_location="cpu") or a float
+        group.update(self._adam_flags(), lr=self._lr)
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32, device=self.device)
+
+    def _update(self) -> torch.Tensor:
+        """Unscale, clip, and apply Adam and the EMA unless the gradient norm is not finite, all decided on
+        the device (no host sync): the fused Adam kernel skips its update where found_inf is 1, the EMA keeps
+        its average, and ``skipped`` counts the step. Returns the gradient norm."""
         self.scaler.unscale_(self.optimizer)
-        params = self.diffusion.model.parameters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
-        if torch.isfinite(grad_norm):  # one host sync per step: a NaN/Inf never reaches the weights
-            self.scaler.step(self.optimizer)
-            self.ema.update_parameters(self.diffusion.model)
-        else:
-            self.skipped += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(),
+                                                   self.grad_clip if self.grad_clip else float("inf"))
+        finite = torch.isfinite(grad_norm)  # a NaN/Inf never reaches the weights
+        self.optimizer.found_inf = finite.logical_not().float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        ema_update_(self._ema_tensors, self._model_tensors, self.ema.n_averaged, self.ema_decay, finite)
+        self.skipped.add_(finite.logical_not())
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.scheduler.step()
         return grad_norm.detach()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """The update (see _update), then the learning-rate schedule; returns the gradient norm."""
+        grad_norm = self._update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._schedule_lr()
+        return grad_norm
+
+    def _schedule_lr(self) -> None:
+        # The rate this step used, computed on the host as the scheduler does (its own record is the device
+        # tensor); then the scheduler fills the tensor with the next step's rate.
+        self.last_lr = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.step()
+
+    # ------------------------------------------------------------------ the fast path
+    def _fast_step_fn(self) -> None:
+        """One whole step on the static buffers: reads ``_static_images`` [grad_accum, B, C, H, W] and writes
+        (loss, gradient norm) into ``_static_out``; no host sync, so it can be captured in a CUDA graph. The
+        weight casts of autocast are not cached: inside a graph each replay casts the current weights."""
+        loss = torch.stack([self._micro_step(self._static_images[i], autocast_cache=False)
+                            for i in range(self.grad_accum)]).mean()
+        grad_norm = self._update()
+        self._static_out.copy_(torch.stack([loss, grad_norm]))
+
+    def _fast_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path's step: the batch into the static buffers, then the graph's replay (or the step
+        function run eagerly: on a CPU, in the warm-up, after a failed capture); returns (loss, grad_norm)."""
+        if self._static_images is None:
+            first = micro_batches[0]
+            self._static_images = torch.empty((self.grad_accum, *first.shape), dtype=first.dtype,
+                                              device=self.device)
+            self._static_out = torch.zeros(2, device=self.device)
+        for buffer, batch in zip(self._static_images, micro_batches):
+            if batch.shape != buffer.shape:
+                raise ValueError(f"the fast path's batches all have one shape: {list(buffer.shape)} (the first "
+                                 f"batch's), got {list(batch.shape)}")
+            buffer.copy_(batch, non_blocking=True)
+        if self._graph is None and self._wants_graph() and self._eager_fast_steps >= FAST_PATH_WARMUP:
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            if self.device.type == "cuda":  # eager steps before a capture run on a side stream, as torch asks
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._fast_step_fn()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            else:
+                self._fast_step_fn()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._eager_fast_steps += 1
+        out = self._static_out.clone()
+        self._schedule_lr()
+        return out[0], out[1]
+
+    def _wants_graph(self) -> bool:
+        return self.cuda_graph and self.device.type == "cuda" and not self._graph_failed
+
+    def _capture(self) -> None:
+        """Capture _fast_step_fn in a CUDA graph. The gradients are unset first, so that the captured backward
+        allocates them in the graph's memory and every replay writes them afresh (no zeroing between replays).
+        torch's default CUDA generator (t, flips, dropout, the Philox key of ε) is registered with the graph
+        by the capture itself: each replay draws the numbers the next eager step would have drawn."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) does not break it
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._fast_step_fn()
+        except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
+            torch.cuda.synchronize(self.device)
+            self._graph_failed = True
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():  # forget the unscale_ the aborted capture recorded
+                self.scaler._per_optimizer_states.clear()
+            warnings.warn(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
+                          f"the fast path runs it eagerly", RuntimeWarning, stacklevel=3)
+            return
+        self._graph = graph
 
     def train(self, steps: int, progress: bool = True) -> list[float]:
         """Optimise until ``self.step == steps``; returns the losses of the steps run by this call."""
@@ -353,21 +512,27 @@ class Trainer:
         try:
             with tqdm(total=steps, initial=self.step, desc="training", unit="step", disable=disable) as bar:
                 while self.step < steps:
-                    loss = torch.stack([
-                        self._micro_step(next(batches).to(self.device, non_blocking=True), sync=i == self.grad_accum - 1)
-                        for i in range(self.grad_accum)]).mean()
-                    grad_norm = self._optimizer_step()
+                    if self.fast_path:
+                        loss, grad_norm = self._fast_step([next(batches) for _ in range(self.grad_accum)])
+                    else:
+                        loss = torch.stack([
+                            self._micro_step(next(batches).to(self.device, non_blocking=True),
+                                             sync=i == self.grad_accum - 1)
+                            for i in range(self.grad_accum)]).mean()
+                        grad_norm = self._optimizer_step()
                     self.step += 1
                     bar.update(1)
                     window.append(torch.stack([loss, grad_norm]))
                     if self.step % self.log_every == 0 or self.step == steps:
-                        values = torch.stack(window).cpu()  # the one read-back per log interval
+                        # the one read-back per log interval: the window's losses and norms, and `skipped`
+                        values = torch.cat([torch.stack(window).flatten(), self.skipped.double()[None]]).cpu()
+                        skipped, values = int(values[-1]), values[:-1].float().reshape(-1, 2)
                         losses.extend(values[:, 0].tolist())
                         mean_loss, mean_norm = values.nanmean(0).tolist()
                         now = time.perf_counter()
                         record = {"step": self.step, "loss": mean_loss, "lr": self.last_lr, "grad_norm": mean_norm,
                                   "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
-                                  "skipped": self.skipped, "time": time.time()}
+                                  "skipped": skipped, "time": time.time()}
                         window, last_log = [], (now, self.step)
                         bar.set_postfix(loss=f"{mean_loss:.4f}")
                         if main:

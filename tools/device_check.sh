@@ -103,16 +103,20 @@ if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
   step cuda_tests 150 "${pytest[@]}" "${parallel[@]}" -m cuda tests/
   # The Triton kernel tests of CI (interpreter on CPU tensors), here compiled for the GPU.
   step triton_kernels 150 env FASTDDPM_TEST_DEVICE=cuda "${pytest[@]}" tests/test_kernels.py
-  # The issue's targets: sampling (batch 1, 16, 128), then the training steps; torch.compile of the CIFAR-10
-  # U-Net's training step (the slowest compile by far) comes after the per-op benchmarks.
-  step bench_sampling 150 "${bench[@]}" "$e2e" -k "sampling and cuda" --benchmark-json "$OUT/bench_sampling.json"
+  # Issue 18's table (benchmarks/test_end_to_end.py; providers eager, compile, fastddpm, fast-path, diffusers
+  # and diffusers-compile where diffusers is installed): DDIM sampling per step (the small U-Net at batch 1, 16, 128;
+  # the CIFAR-10 U-Net at batch 1 and 64, the fast path with cuda_graph=True), then the training steps (the
+  # CIFAR-10 U-Net at batch 128 in fp32 and bf16 autocast; the fast path is the Trainer's captured step).
+  # torch.compile of the CIFAR-10 U-Net (the slowest compiles by far) comes after the per-op benchmarks.
+  step bench_sampling 150 "${bench[@]}" "$e2e" -k "sampling and cuda and not (cifar10 and compile)" \
+    --benchmark-json "$OUT/bench_sampling.json"
   step bench_training 150 "${bench[@]}" "$e2e" -k "(training or p_sample) and cuda and not (cifar10 and compile)" \
     --benchmark-json "$OUT/bench_training.json"
   # the per-op benchmarks in two steps, so that one cut short loses only its own numbers
   step bench_ops 150 "${bench[@]}" benchmarks/ --ignore "$e2e" --ignore benchmarks/test_group_norm_silu.py -k cuda \
     --benchmark-json "$OUT/bench_ops.json"
   step bench_gn 150 "${bench[@]}" benchmarks/test_group_norm_silu.py -k cuda --benchmark-json "$OUT/bench_gn.json"
-  step bench_cifar_compile 180 "${bench[@]}" "$e2e" -k "training and cuda and cifar10 and compile" \
+  step bench_cifar_compile 180 "${bench[@]}" "$e2e" -k "cuda and cifar10 and compile" \
     --benchmark-json "$OUT/bench_cifar_compile.json"
   # The GroupNorm+SiLU CUDA kernels under compute-sanitizer memcheck, on a subset of their tests (split and
   # unsplit statistics, odd sizes, 3-D, all layouts, fp32/fp16, misaligned views). Without the caching
@@ -149,5 +153,7 @@ done
 if [ "${#jsons[@]}" -gt 0 ]; then
   echo
   "$PY" tools/bench_table.py "${jsons[@]}" | tee "$OUT/bench_table.md"
+  # issue 18's table, with every provider of the end-to-end cases (nothing when no file holds one)
+  "$PY" benchmarks/e2e_ratios.py --table "${jsons[@]}" | tee -a "$OUT/bench_table.md"
 fi
 exit $failed
