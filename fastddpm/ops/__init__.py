@@ -18,8 +18,12 @@ import warnings
 import torch
 
 from fastddpm import _extension
-from fastddpm.ops._dispatch import (BelowAutograd, backend_environment, dispatch_mode_depth,
-                                    peek_interpreter_stack)
+from fastddpm.ops._dispatch import (
+    BelowAutograd,
+    backend_environment,
+    dispatch_mode_depth,
+    peek_interpreter_stack,
+)
 
 # ----------------------------------------------------------------------------- backends
 BACKENDS = ("auto", "reference", "triton", "cpp")

@@ -18,10 +18,25 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, reference
+from fastddpm.ops import (
+    as_layout_of,
+    autograd_function,
+    call_op,
+    check_data,
+    check_index,
+    check_seed,
+    check_table,
+    check_timesteps,
+    check_triton_device,
+    choose_backend,
+    dense,
+    launcher,
+    new_seed,
+    register_fake,
+    require,
+    runs_eagerly,
+)
 from fastddpm.ops._dispatch import buffers
-from fastddpm.ops import (as_layout_of, autograd_function, call_op, check_data, check_index, check_seed,
-                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
-                          new_seed, register_fake, require, runs_eagerly)
 
 NAME = "q_sample"
 

@@ -13,9 +13,23 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, contracts, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_positive_values, check_seed,
-                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
-                          new_seed, register_fake, require, runs_eagerly)
+from fastddpm.ops import (
+    as_layout_of,
+    check_data,
+    check_index,
+    check_positive_values,
+    check_seed,
+    check_table,
+    check_timesteps,
+    check_triton_device,
+    choose_backend,
+    dense,
+    launcher,
+    new_seed,
+    register_fake,
+    require,
+    runs_eagerly,
+)
 from fastddpm.ops.q_sample import philox_noise_like
 
 _OBJECTIVE_CODES = (contracts.PRED_NOISE, contracts.PRED_X0, contracts.PRED_V)
