@@ -99,23 +99,24 @@ class Diffusion(nn.Module):
 
     def __init__(self, model: nn.Module, *, image_size, timesteps: int | None = None, sampling_timesteps=None,
                  objective: str = "pred_noise", beta_schedule="linear", schedule_fn_kwargs=None,
-                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True, offset_noise_strength: float = 0.0,
-                 min_snr_loss_weight: bool = False, min_snr_gamma: float = 5, variance: str = "fixed_small",
-                 clip_denoised: bool = True, backend: str = "auto", channels: int | None = None,
-                 check_inputs: bool = True):
+                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True,
+                 offset_noise_strength: float = 0.0, min_snr_loss_weight: bool = False,
+                 min_snr_gamma: float = 5, variance: str = "fixed_small", clip_denoised: bool = True,
+                 backend: str = "auto", channels: int | None = None, check_inputs: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module called as model(x_t, t), got {type(model).__name__}")
         if objective not in reference.OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(reference.OBJECTIVES)}")
+            raise ValueError(f"unknown objective {objective!r}; choose one of "
+                             f"{', '.join(reference.OBJECTIVES)}")
         if variance not in reference.VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(reference.VARIANCES)}")
         self.model = model
         if channels is None:
             channels = getattr(model, "channels", getattr(model, "in_channels", None))
             if channels is None:
-                raise ValueError(f"cannot tell the image channels of {type(model).__name__} (it has no `channels` "
-                                 f"or `in_channels` attribute): pass channels=")
+                raise ValueError(f"cannot tell the image channels of {type(model).__name__} (it has no "
+                                 f"`channels` or `in_channels` attribute): pass channels=")
         self.channels = _positive_int(channels, "channels")
         if not isinstance(image_size, (tuple, list)):
             image_size = (image_size, image_size)
@@ -146,14 +147,16 @@ class Diffusion(nn.Module):
         self.schedule = NoiseSchedule(betas)
         self.num_timesteps = self.schedule.num_timesteps
         if self.schedule.zero_terminal_snr and objective == "pred_noise":
-            raise ValueError("this schedule reaches ᾱ = 0 at its last step (zero terminal SNR), where x_0 cannot "
-                             "be recovered from a noise prediction; use objective='pred_v' or 'pred_x0'")
+            raise ValueError("this schedule reaches ᾱ = 0 at its last step (zero terminal SNR), where x_0 "
+                             "cannot be recovered from a noise prediction; use objective='pred_v' or "
+                             "'pred_x0'")
         alpha_bar_T = float(self.schedule.alphas_cumprod[-1])
         if alpha_bar_T > 1e-2:
-            warnings.warn(f"the {'given' if not isinstance(beta_schedule, str) else beta_schedule!r} schedule ends "
-                          f"at ᾱ_T = {alpha_bar_T:.3g}: x_T is far from N(0, I), so samples started from pure noise "
-                          f"will be off. With few timesteps use schedule_fn_kwargs={{'scale_with_timesteps': "
-                          f"True}} (linear) or the cosine schedule", UserWarning, stacklevel=2)
+            warnings.warn(f"the {'given' if not isinstance(beta_schedule, str) else beta_schedule!r} "
+                          f"schedule ends at ᾱ_T = {alpha_bar_T:.3g}: x_T is far from N(0, I), so samples "
+                          f"started from pure noise will be off. With few timesteps use schedule_fn_kwargs="
+                          f"{{'scale_with_timesteps': True}} (linear) or the cosine schedule", UserWarning,
+                          stacklevel=2)
         self.sampling_timesteps = (self.num_timesteps if sampling_timesteps is None
                                    else _positive_int(sampling_timesteps, "sampling_timesteps"))
         if self.sampling_timesteps > self.num_timesteps:
@@ -207,7 +210,8 @@ class Diffusion(nn.Module):
                             f"img.float() / 255")
         expected = (self.channels, *self.image_size)
         if img.dim() != 4 or tuple(img.shape[1:]) != expected:
-            raise ValueError(f"{what} must have shape [B, {', '.join(map(str, expected))}], got {list(img.shape)}")
+            raise ValueError(f"{what} must have shape [B, {', '.join(map(str, expected))}], "
+                             f"got {list(img.shape)}")
         if img.shape[0] == 0:
             raise ValueError(f"{what} is an empty batch")
 
@@ -227,14 +231,15 @@ class Diffusion(nn.Module):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("training batch contains NaN or Inf")
         if self.auto_normalize and (lo < 0 or hi > 1):
-            raise ValueError(f"images must lie in [0, 1] with auto_normalize=True, got values in [{lo:.4g}, {hi:.4g}]; "
-                             f"pass auto_normalize=False for data already in [-1, 1]")
+            raise ValueError(f"images must lie in [0, 1] with auto_normalize=True, got values in [{lo:.4g}, "
+                             f"{hi:.4g}]; pass auto_normalize=False for data already in [-1, 1]")
 
     def _check_noise(self, noise, x: torch.Tensor) -> torch.Tensor:
         if noise is None:
             return torch.randn_like(x)
         if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or noise.dtype != x.dtype:
-            got = f"{list(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            got = (f"{list(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor)
+                   else type(noise).__name__)
             raise ValueError(f"noise must match x_start: {list(x.shape)} {x.dtype}, got {got}")
         return noise
 
@@ -268,18 +273,18 @@ class Diffusion(nn.Module):
         """x_t ~ q(x_t | x_0) (eq. 4); x_start in the model's range ([-1, 1] with auto_normalize)."""
         self._check_images(x_start, "x_start")
         t = self._check_t(t, x_start.shape[0])
-        return _q_sample_op(self.schedule, x_start, t, self._check_noise(noise, x_start), backend=self.backend,
-                            check=False)
+        return _q_sample_op(self.schedule, x_start, t, self._check_noise(noise, x_start),
+                            backend=self.backend, check=False)
 
     def _p_losses(self, x_start, t, noise=None, reduction="mean"):
         gamma = self.min_snr_gamma if self.min_snr_loss_weight else None
-        loss_args = dict(objective=self.objective, min_snr_gamma=gamma, reduction=reduction, backend=self.backend,
-                         check=False)
+        loss_args = dict(objective=self.objective, min_snr_gamma=gamma, reduction=reduction,
+                         backend=self.backend, check=False)
         if (noise is None and self.offset_noise_strength == 0
                 and draws_noise_in_kernel("diffusion_loss", x_start.device, self.backend)):
-            # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key; the loss
-            # regenerates it from that key (Triton; float16/bfloat16 data) or reads it as q_sample wrote it (C++
-            # CPU kernels), as fastddpm.ops.diffusion_loss.noised decides.
+            # Fused path (Triton, or the C++ CPU kernels): ε is drawn inside q_sample from a Philox key; the
+            # loss regenerates it from that key (Triton; float16/bfloat16 data) or reads it as q_sample wrote
+            # it (C++ CPU kernels), as fastddpm.ops.diffusion_loss.noised decides.
             x_t, noise_kwargs = _noised(self.schedule, x_start, t, backend=self.backend, check=False)
             out = sampling.model_output(self.model, x_t, t)
             return _diffusion_loss_op(self.schedule, out, x_start, t, **noise_kwargs, **loss_args)
@@ -324,8 +329,8 @@ class Diffusion(nn.Module):
     @staticmethod
     def _no_self_cond(x_self_cond) -> None:
         if x_self_cond is not None:
-            raise NotImplementedError("self-conditioning (x_self_cond) is not supported; the model is called as "
-                                      "model(x_t, t)")
+            raise NotImplementedError("self-conditioning (x_self_cond) is not supported; the model is "
+                                      "called as model(x_t, t)")
 
     def model_predictions(self, x, t, x_self_cond=None, clip_x_start=False, rederive_pred_noise=False):
         """(ε̂, x̂_0) from the network at (x_t, t), as a ModelPrediction(pred_noise, pred_x_start)."""
@@ -356,21 +361,23 @@ class Diffusion(nn.Module):
         noise, seed = sampling.step_noise(in_kernel, x.shape, x.device, generator)
         noise = noise.to(x.dtype) if noise is not None else None
         out = sampling.model_output(self.model, x.to(sampling.model_dtype(self.model, x.dtype)), tt)
-        x_prev, x0, _ = _p_sample_step_op(self.schedule, out, x, tt, noise, seed=seed, objective=self.objective,
-                                          variance=self.variance, clip_denoised=self.clip_denoised,
-                                          backend=self.backend, check=False)
+        x_prev, x0, _ = _p_sample_step_op(self.schedule, out, x, tt, noise, seed=seed,
+                                          objective=self.objective, variance=self.variance,
+                                          clip_denoised=self.clip_denoised, backend=self.backend,
+                                          check=False)
         return x_prev, x0
 
     @torch.no_grad()
     def p_sample_loop(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True,
                       cuda_graph: bool = False):
         """The T-step ancestral loop from x_T ~ N(0, I); returns x_0 in the model's range ([-1, 1])."""
-        return sampling.ancestral_loop(self, tuple(shape), generator, return_all_timesteps, progress, cuda_graph)
+        return sampling.ancestral_loop(self, tuple(shape), generator, return_all_timesteps, progress,
+                                       cuda_graph)
 
     @torch.no_grad()
     def ddim_sample(self, shape, return_all_timesteps: bool = False, generator=None, progress: bool = True,
                     cuda_graph: bool = False):
-        """DDIM over ``sampling_timesteps`` steps (η = ddim_sampling_eta); returns x_0 in the model's range."""
+        """DDIM in ``sampling_timesteps`` steps (η = ddim_sampling_eta); returns x_0 in the model's range."""
         return sampling.ddim_loop(self, tuple(shape), generator, return_all_timesteps, progress, cuda_graph)
 
     @torch.no_grad()
@@ -436,8 +443,8 @@ class Diffusion(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | None = None,
                         device: str | torch.device | None = None, **overrides) -> Diffusion:
-        """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``), or a
-        diffusers DDPM pipeline folder or ``UNet2DModel`` folder.
+        """Load what :meth:`save_pretrained` wrote (or a training output folder holding it in ``model/``), or
+        a diffusers DDPM pipeline folder or ``UNet2DModel`` folder.
 
         ``model`` is needed only for networks other than :class:`fastddpm.UNet`; ``overrides`` replace
         constructor arguments (e.g. ``sampling_timesteps=50``).
@@ -450,7 +457,7 @@ class Diffusion(nn.Module):
 
         if device is not None:  # a device this torch cannot use fails here, before any loading
             device = _extension.check_device(device)
-        # A diffusers pipeline or UNet2DModel folder: its U-Net converted, the settings from its scheduler config.
+        # A diffusers pipeline or UNet2DModel folder: its U-Net converted, settings from its scheduler config.
         if (found := diffusers_folders.find(directory)) is not None:
             return diffusers_folders.load(cls, found, model=model, device=device, **overrides)
         directory = Path(directory)
@@ -502,11 +509,13 @@ class Diffusion(nn.Module):
         except TypeError as e:
             raise ValueError(f"{config_path}: bad diffusion settings: {e}") from e
         if device is None:  # a model of the caller's stays where it is; a rebuilt one goes to the CPU
-            device = next(model.parameters()).device if own_model and any(True for _ in model.parameters()) else "cpu"
+            device = (next(model.parameters()).device if own_model and any(True for _ in model.parameters())
+                      else "cpu")
         return diffusion.to(device)
 
 
-# The schedule's tables, readable as attributes under the names GaussianDiffusion exposes (diffusion.betas, …).
+# The schedule's tables, readable as attributes under GaussianDiffusion's names (diffusion.betas, …).
 for _name in NoiseSchedule.TABLES:
-    setattr(Diffusion, _name, property(lambda self, _n=_name: getattr(self.schedule, _n), doc=f"schedule.{_name}"))
+    setattr(Diffusion, _name, property(lambda self, _n=_name: getattr(self.schedule, _n),
+                                       doc=f"schedule.{_name}"))
 del _name

@@ -52,7 +52,8 @@ def step_noise(in_kernel: bool, shape, device, generator):
     return torch.randn(shape, generator=generator, device=device), None
 
 
-def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, progress, desc, cuda_graph=False):
+def _run(diffusion, shape, steps, step_fn, op, generator, return_all_timesteps, progress, desc,
+         cuda_graph=False):
     # The chain x_T → x_0 is kept in float32 whatever the network's dtype; only its input is cast.
     device, net_dtype = diffusion.device, model_dtype(diffusion.model)
     x = torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, I)
@@ -104,8 +105,8 @@ class _GraphedStep:
         self.graph, self.x, self.t, self.t_prev, self.seed = graph, x, t, t_prev, seed
 
 
-# The captured steps, per Diffusion (weakly: a graph never keeps a Diffusion alive), outside the module itself so
-# that a Diffusion that has sampled with a graph still deep-copies and pickles (EMA copies, checkpoints).
+# The captured steps, per Diffusion (weakly: a graph never keeps a Diffusion alive), outside the module itself
+# so that a Diffusion that has sampled with a graph still deep-copies and pickles (EMA copies, checkpoints).
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -169,9 +170,9 @@ def _graph_step(diffusion, x0, step_fn, net_dtype):
         out = model_output(diffusion.model, x.to(net_dtype), t)
         x.copy_(step_fn(out, x, t, t_prev, None, seed=seed)[0])
 
-    # Under autocast, without autocast's cache of cast weights: a cached copy would be cast in the warm-up, only
-    # read by the graph, and freed when the caller's autocast block ends; the graph casts them itself instead
-    # (and so also sees in-place weight updates).
+    # Under autocast, without autocast's cache of cast weights: a cached copy would be cast in the warm-up,
+    # only read by the graph, and freed when the caller's autocast block ends; the graph casts them itself
+    # instead (and so also sees in-place weight updates).
     def uncached_autocast():
         return torch.autocast("cuda", enabled=torch.is_autocast_enabled("cuda"),
                               dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
@@ -185,7 +186,7 @@ def _graph_step(diffusion, x0, step_fn, net_dtype):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) does not break the capture
+        # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) cannot break the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"), uncached_autocast():
             step()
     except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
@@ -209,7 +210,8 @@ def _run_graphed(graphed, x_T, steps, generator, return_all_timesteps, progress,
     return torch.stack(trajectory, dim=1) if return_all_timesteps else graphed.x.clone()
 
 
-def ancestral_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True, cuda_graph=False):
+def ancestral_loop(diffusion, shape, generator=None, return_all_timesteps=False, progress=True,
+                   cuda_graph=False):
     """T ancestral steps x_T → x_0 with the diffusion's objective, variance and clipping."""
     def step(out, x, tt, t_prev, noise, seed):
         return reverse_step.p_sample_step(

@@ -39,8 +39,13 @@ import torch
 
 from fastddpm import contracts, reference
 from fastddpm.ops.reverse_step import p_sample_step
-from fastddpm.scheduler_config import DIFFUSERS_VERSION  # noqa: F401 (the diffusers release these follow)
-from fastddpm.scheduler_config import BaseOutput, ConfigMixin, FrozenDict, register_to_config
+from fastddpm.scheduler_config import (
+    DIFFUSERS_VERSION,  # noqa: F401 (the diffusers release these follow)
+    BaseOutput,
+    ConfigMixin,
+    FrozenDict,
+    register_to_config,
+)
 from fastddpm.schedules import reverse_table
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput", "FrozenDict"]

@@ -37,7 +37,8 @@ def _quad(timesteps, beta_start, beta_end):
 
 def _sigmoid(timesteps, beta_start, beta_end):
     # β-space sigmoid (GeoDiff; diffusers' 'sigmoid'): σ(linspace(−6, 6, T)) rescaled to [β_start, β_end].
-    return torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    return (torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64)) * (beta_end - beta_start)
+            + beta_start)
 
 
 def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ def get_beta_schedule(
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
     if not 0 < beta_start <= beta_end <= 1:
-        raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, beta_end={beta_end}")
+        raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, "
+                         f"beta_end={beta_end}")
     try:
         betas = BETA_SCHEDULES[name](timesteps, beta_start, beta_end, **options)
     except TypeError as e:

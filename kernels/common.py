@@ -70,7 +70,8 @@ def load_t(t_ptr, b, T):
 
 @triton.jit
 def sample_tile(t_ptr, N, T, ROWS: tl.constexpr):
-    """The program's sample b, its tile (rows [R], element indices [R, 4], mask), b's first element and t[b]."""
+    """The program's sample b, its tile (rows [R], element indices [R, 4], mask), b's first element and
+    t[b]."""
     b = tl.program_id(0).to(tl.int64)
     rows, i = tile(tl.program_id(1), ROWS)
     return b, rows, i, i < N, b * N, load_t(t_ptr, b, T)

@@ -35,7 +35,8 @@ def inputs(shape=(3, 3, 6, 5), seed=0, channels_out=None, dtype=torch.float32):
 
 
 def with_variance_channels(m, variance_type, seed=1):
-    """Append the model's variance channels: a positive variance ('learned') or v ∈ [−1, 1] ('learned_range')."""
+    """Append the model's variance channels: a positive variance ('learned') or v ∈ [−1, 1]
+    ('learned_range')."""
     g = torch.Generator().manual_seed(seed)
     v = torch.rand(m.shape, generator=g, dtype=m.dtype)
     v = 1e-4 + 0.02 * v if variance_type == "learned" else 2 * v - 1
@@ -43,7 +44,8 @@ def with_variance_channels(m, variance_type, seed=1):
 
 
 def as_float64(sched):
-    """diffusers' own formulas evaluated in float64 on the same alphas_cumprod (the exact value of its step)."""
+    """diffusers' own formulas evaluated in float64 on the same alphas_cumprod (the exact value of its
+    step)."""
     sched.alphas_cumprod = sched.alphas_cumprod.double()
     if hasattr(sched, "final_alpha_cumprod"):
         sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
@@ -72,7 +74,8 @@ def test_betas_and_alphas_cumprod_bit_identical(beta_schedule, rescale):
     if beta_schedule in DDIM_SCHEDULES:
         theirs, ours = diffusers.DDIMScheduler(**kw), DDIMScheduler(**kw)
         assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
-        assert torch.equal(torch.as_tensor(ours.final_alpha_cumprod), torch.as_tensor(theirs.final_alpha_cumprod))
+        assert torch.equal(torch.as_tensor(ours.final_alpha_cumprod),
+                           torch.as_tensor(theirs.final_alpha_cumprod))
 
 
 @pytest.mark.parametrize("diffusers_name, name", [("linear", "linear"), ("scaled_linear", "quad"),
@@ -148,7 +151,8 @@ def test_ddpm_custom_timesteps_and_previous_timestep():
     ours.set_timesteps(timesteps=custom)
     assert torch.equal(ours.timesteps, theirs.timesteps) and ours.custom_timesteps
     for spacing, n in itertools.product(SPACINGS, (3, 7, 10)):
-        theirs, ours = diffusers.DDPMScheduler(timestep_spacing=spacing), DDPMScheduler(timestep_spacing=spacing)
+        theirs, ours = (diffusers.DDPMScheduler(timestep_spacing=spacing),
+                        DDPMScheduler(timestep_spacing=spacing))
         theirs.set_timesteps(n)
         ours.set_timesteps(n)
         for t in ours.timesteps.tolist():
@@ -190,8 +194,8 @@ def test_ddpm_step_matches_diffusers(beta_schedule, variance_type, prediction_ty
                 c, d = step_both(ours, theirs, m, torch.tensor(t), x)
                 assert rel_err(d.prev_sample, c.prev_sample) < TOL
 
-    # 2) the 1000-step schedule at every kind of t, against diffusers' formulas evaluated in float64 (same seed;
-    #    float32 diffusers loses digits in 1 − ᾱ_t/ᾱ_{t−1} at small t, see test_ddpm_small_t_accuracy).
+    # 2) the 1000-step schedule at every kind of t, against diffusers' formulas evaluated in float64 (same
+    #    seed; float32 diffusers loses digits in 1 − ᾱ_t/ᾱ_{t−1} at small t, see test_ddpm_small_t_accuracy).
     theirs, ours = as_float64(diffusers.DDPMScheduler(**reference_kw)), DDPMScheduler(**kw)
     x64, m64 = x.double(), m.double()
     for t in (999, 998, 600, 100, 12, 2, 1, 0):
@@ -202,8 +206,8 @@ def test_ddpm_step_matches_diffusers(beta_schedule, variance_type, prediction_ty
 
 @pytest.fixture
 def diffusers_float32_noise(monkeypatch):
-    """diffusers' DDPM step draws its noise in float32 (then casts), as ours does for float32 samples, so that a
-    float64 evaluation of its formulas can be compared with our float32 step under the same seed."""
+    """diffusers' DDPM step draws its noise in float32 (then casts), as ours does for float32 samples, so that
+    a float64 evaluation of its formulas can be compared with our float32 step under the same seed."""
     import diffusers.schedulers.scheduling_ddpm as ddpm_module
 
     def randn_float32(shape, generator=None, device=None, dtype=None, layout=None):
@@ -215,8 +219,8 @@ def diffusers_float32_noise(monkeypatch):
 @pytest.mark.parametrize("beta_schedule", D_SCHEDULES)
 def test_ddpm_small_t_accuracy(beta_schedule, diffusers_float32_noise):
     """At small t of a 1000-step schedule β_t = 1 − ᾱ_t/ᾱ_{t−1} cancels. We compute it in float64: our float32
-    step stays within 1e-6 of diffusers' formula evaluated in float64, where diffusers' own float32 step is up to
-    ~1e-4 off."""
+    step stays within 1e-6 of diffusers' formula evaluated in float64, where diffusers' own float32 step is up
+    to ~1e-4 off."""
     exact = as_float64(diffusers.DDPMScheduler(beta_schedule=beta_schedule))
     ours = DDPMScheduler(beta_schedule=beta_schedule)
     x, m = inputs()
@@ -290,7 +294,8 @@ def test_ddpm_tuple_output_and_errors():
     x, m = inputs()
     prev, x0 = ours.step(m, 10, x, generator=gen(), return_dict=False)
     out = ours.step(m, 10, x, generator=gen())
-    assert torch.equal(prev, out.prev_sample) and torch.equal(out[1], x0) and torch.equal(out["prev_sample"], prev)
+    assert (torch.equal(prev, out.prev_sample) and torch.equal(out[1], x0)
+            and torch.equal(out["prev_sample"], prev))
     with pytest.raises(ValueError):
         ours.step(m[:, :2], 10, x)
     with pytest.raises(ValueError):
@@ -321,7 +326,8 @@ def test_half_precision_computes_in_fp32():
             ours_err = rel_err(a.pred_original_sample, ref.pred_original_sample)
             assert ours_err <= rel_err(low.pred_original_sample, ref.pred_original_sample) * 1.01 + 1e-7
             if t == 0:
-                assert rel_err(a.prev_sample, ref.prev_sample) <= rel_err(low.prev_sample, ref.prev_sample) * 1.01
+                assert (rel_err(a.prev_sample, ref.prev_sample)
+                        <= rel_err(low.prev_sample, ref.prev_sample) * 1.01)
         ddim, ddim_theirs = DDIMScheduler(), diffusers.DDIMScheduler()
         ddim.set_timesteps(10)
         ddim_theirs.set_timesteps(10)
@@ -329,7 +335,8 @@ def test_half_precision_computes_in_fp32():
         ref = ddim_theirs.step(m.float(), 500, x.float())
         low = ddim_theirs.step(m, 500, x)
         assert a.prev_sample.dtype == dtype
-        assert rel_err(a.prev_sample, ref.prev_sample) <= rel_err(low.prev_sample, ref.prev_sample) * 1.01 + 1e-7
+        assert (rel_err(a.prev_sample, ref.prev_sample)
+                <= rel_err(low.prev_sample, ref.prev_sample) * 1.01 + 1e-7)
 
 
 # ----------------------------------------------------------------------------- DDIM step
@@ -340,8 +347,9 @@ def test_ddim_step_matches_diffusers(beta_schedule, prediction_type):
     for set_alpha_to_one, spacing, n in itertools.product((True, False), ("leading", "trailing"), (10, 4)):
         if spacing == "trailing" and 1000 % n:
             continue  # diffusers steps between the schedule's timesteps there: test_ddim_non_uniform_spacing
-        kw = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one,
-                  timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+        kw = dict(beta_schedule=beta_schedule, prediction_type=prediction_type,
+                  set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing,
+                  steps_offset=1 if spacing == "leading" else 0)
         theirs, ours = diffusers.DDIMScheduler(**kw), DDIMScheduler(**kw)
         theirs.set_timesteps(n)
         ours.set_timesteps(n)
@@ -374,7 +382,8 @@ def test_ddim_non_uniform_spacing_steps_to_the_next_timestep():
             expected = a_prev.sqrt() * m.double() + (1 - a_prev).sqrt() * eps
             assert rel_err(out.prev_sample, expected) < TOL, (spacing, t)
     # a timestep off the schedule steps by T // N, as diffusers
-    ours, theirs = DDIMScheduler(timestep_spacing="linspace"), diffusers.DDIMScheduler(timestep_spacing="linspace")
+    ours, theirs = (DDIMScheduler(timestep_spacing="linspace"),
+                    diffusers.DDIMScheduler(timestep_spacing="linspace"))
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
     a, b = step_both(ours, theirs, m, 505, x)
@@ -473,21 +482,24 @@ def test_step_does_not_sync_on_gpu():
             torch.cuda.set_sync_debug_mode(0)
         theirs = getattr(diffusers, cls)(thresholding=True)
         theirs.set_timesteps(50)
-        a = theirs.step(m, int(ours.timesteps[3]), x, generator=torch.Generator(device).manual_seed(1), **extra)
+        a = theirs.step(m, int(ours.timesteps[3]), x, generator=torch.Generator(device).manual_seed(1),
+                        **extra)
         b = ours.step(m, ours.timesteps[3], x, generator=torch.Generator(device).manual_seed(1), **extra)
         assert rel_err(b.prev_sample, a.prev_sample) < TOL
 
 
 # ----------------------------------------------------------------------------- config files
 def arguments(config) -> dict:
-    """A config without ``_use_default_values`` (which a config read from a file holding every key has not)."""
+    """A config without ``_use_default_values`` (which a config read from a file holding every key has
+    not)."""
     return {k: v for k, v in config.items() if k != "_use_default_values"}
 
 
 @pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
 def test_config_round_trip_with_diffusers(cls, tmp_path):
-    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-              timestep_spacing="trailing", steps_offset=1, clip_sample=False, rescale_betas_zero_snr=True)
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1, clip_sample=False,
+              rescale_betas_zero_snr=True)
     ours = getattr(S, cls)(**kw)
     ours.save_config(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
@@ -508,8 +520,8 @@ def test_config_round_trip_with_diffusers(cls, tmp_path):
     assert sub.config.prediction_type == "epsilon" and sub.config.steps_offset == 1
     same = getattr(S, cls).from_pretrained(tmp_path / "ours" / "scheduler_config.json")
     assert dict(same.config) == arguments(ours.config)
-    _, unused = getattr(S, cls).from_config({**ours.config, "skip_prk_steps": True}, return_unused_kwargs=True,
-                                            foo=1)
+    _, unused = getattr(S, cls).from_config({**ours.config, "skip_prk_steps": True},
+                                            return_unused_kwargs=True, foo=1)
     assert unused == {"skip_prk_steps": True, "foo": 1}
     with pytest.raises(OSError):
         getattr(S, cls).from_pretrained(tmp_path / "missing_folder_in_tmp")
@@ -569,7 +581,8 @@ def sample_loop(sched, model, steps, seed, dtype=torch.float32, shape=(2, 3, 8, 
     ("DDPMScheduler", dict(prediction_type="v_prediction", variance_type="fixed_large",
                            beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing"), 10, {}),
     ("DDIMScheduler", dict(), 25, dict(eta=0.0)),
-    ("DDIMScheduler", dict(prediction_type="sample", set_alpha_to_one=False, thresholding=True), 20, dict(eta=1.0)),
+    ("DDIMScheduler", dict(prediction_type="sample", set_alpha_to_one=False, thresholding=True), 20,
+     dict(eta=1.0)),
 ], ids=["ddpm", "ddpm-v-cosine", "ddim", "ddim-eta1"])
 def test_sampling_loop_same_image_as_diffusers(case):
     cls, kw, steps, step_kw = case
@@ -583,8 +596,9 @@ def test_sampling_loop_same_image_as_diffusers(case):
 
 @pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2"])
 def test_full_1000_step_ddpm_loop(beta_schedule, diffusers_float32_noise):
-    """The 1000-step loop: ours in float32 against diffusers' formulas evaluated in float64 with the same noise
-    (diffusers' float32 loop is ~2e-4 off that with the cosine schedule, from its small-t cancellation)."""
+    """The 1000-step loop: ours in float32 against diffusers' formulas evaluated in float64 with the same
+    noise (diffusers' float32 loop is ~2e-4 off that with the cosine schedule, from its small-t
+    cancellation)."""
     shape = (2, 3, 4, 4)
     ours = sample_loop(DDPMScheduler(beta_schedule=beta_schedule), FixedConv(), 1000, seed=3, shape=shape)
     model64 = FixedConv().double()
@@ -611,7 +625,7 @@ def test_ddpm_pipeline_with_our_scheduler():
     assert abs(images[0] - images[1]).max() < 1e-5
 
 
-# ----------------------------------------------------------------------------- the rest of diffusers' contract
+# ---------------------------------------------------------------------------- the rest of diffusers' contract
 @pytest.mark.parametrize("variance_type", S.VARIANCE_TYPES)
 @pytest.mark.parametrize("schedule", ["train", "leading", "trailing", "custom"])
 def test_ddpm_get_variance_as_diffusers(variance_type, schedule):
@@ -627,8 +641,10 @@ def test_ddpm_get_variance_as_diffusers(variance_type, schedule):
     elif schedule != "train":
         for s in (ours, exact):
             s.set_timesteps(20)
-    steps = [int(t) for t in exact.timesteps][:: max(1, len(exact.timesteps) // 7)] + [int(exact.timesteps[-1])]
-    v = torch.rand(len(steps), generator=gen(2)) * 2 - 1  # learned: a variance > 0; learned_range: v ∈ [−1, 1]
+    steps = ([int(t) for t in exact.timesteps][:: max(1, len(exact.timesteps) // 7)]
+             + [int(exact.timesteps[-1])])
+    # learned: a variance > 0; learned_range: v ∈ [−1, 1]
+    v = torch.rand(len(steps), generator=gen(2)) * 2 - 1
     predicted = v.abs() * 0.02 + 1e-4 if variance_type == "learned" else v
     for i, t in enumerate(steps):
         a = ours._get_variance(t, predicted_variance=predicted[i])
@@ -636,9 +652,11 @@ def test_ddpm_get_variance_as_diffusers(variance_type, schedule):
         assert a.dtype == torch.float32 and a.shape == b.shape == ()
         assert rel_err(a, b) <= 1e-6, (t, float(a), float(b))
     per_sample = ours._get_variance(torch.tensor(steps), predicted_variance=predicted)
-    assert torch.equal(per_sample, torch.stack([ours._get_variance(t, predicted[i]) for i, t in enumerate(steps)]))
+    assert torch.equal(per_sample,
+                       torch.stack([ours._get_variance(t, predicted[i]) for i, t in enumerate(steps)]))
     if variance_type != "learned":
-        other = "fixed_large" if variance_type != "fixed_large" else "fixed_small"  # the variance_type argument
+        # the variance_type argument
+        other = "fixed_large" if variance_type != "fixed_large" else "fixed_small"
         assert rel_err(ours._get_variance(steps[0], predicted[0], variance_type=other),
                        exact._get_variance(steps[0], predicted[0].double(), variance_type=other)) <= 1e-6
 
@@ -675,7 +693,8 @@ def test_ddim_get_variance_as_diffusers(set_alpha_to_one):
 @pytest.mark.parametrize("kw", [{}, dict(timestep_spacing="leading", beta_end=0.03), dict(steps_offset=1)])
 def test_config_records_default_values_as_diffusers(cls, kw):
     """config["_use_default_values"] names the arguments left at their defaults, so that another class's
-    from_config takes its own defaults for them (EulerDiscreteScheduler: 'linspace' spacing, not 'leading')."""
+    from_config takes its own defaults for them (EulerDiscreteScheduler: 'linspace' spacing, not
+    'leading')."""
     ours, theirs = getattr(S, cls)(**kw), getattr(diffusers, cls)(**kw)
     assert set(ours.config["_use_default_values"]) == set(theirs.config["_use_default_values"])
     euler_ours = diffusers.EulerDiscreteScheduler.from_config(ours.config)

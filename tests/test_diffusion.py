@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -228,8 +227,9 @@ def test_model_output_shape_checked():
 
 def test_table_attributes_like_gaussian_diffusion():
     d = make()
-    for name in ["betas", "alphas_cumprod", "sqrt_alphas_cumprod", "posterior_variance", "posterior_mean_coef1",
-                 "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod", "snr"]:
+    for name in ["betas", "alphas_cumprod", "sqrt_alphas_cumprod", "posterior_variance",
+                 "posterior_mean_coef1", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
+                 "snr"]:
         assert getattr(d, name) is getattr(d.schedule, name)
     assert d.to(torch.float64).betas.dtype == torch.float64
 
@@ -256,7 +256,8 @@ def test_p_mean_variance_follows_variance():
     assert torch.allclose(var_s.flatten(), small.posterior_variance[t])
     assert torch.allclose(var_l.flatten(), large.betas[t])
     assert torch.allclose(logvar_l.flatten()[1:], large.betas[t[1:]].log())
-    assert torch.allclose(logvar_l.flatten()[0], logvar_s.flatten()[0])  # β̃_1 at the first step, as the DDPM code
+    # β̃_1 at the first step, as the DDPM code
+    assert torch.allclose(logvar_l.flatten()[0], logvar_s.flatten()[0])
 
 
 def test_sampling_with_fixed_large_and_pred_x0():
@@ -296,9 +297,10 @@ def test_method_inputs_checked():
 
 
 def test_gaussian_diffusion_style_state_dict_loads():
-    # GaussianDiffusion's checkpoints carry the schedule's tables as buffers: they are derived here and dropped.
+    # GaussianDiffusion checkpoints carry the schedule's tables as buffers: they are derived here and dropped.
     d = make()
-    state = {**d.state_dict(), "betas": torch.zeros(20), "alphas_cumprod": torch.zeros(20), "loss_weight": torch.ones(20)}
+    state = {**d.state_dict(), "betas": torch.zeros(20), "alphas_cumprod": torch.zeros(20),
+             "loss_weight": torch.ones(20)}
     d.load_state_dict(state)  # strict
     assert d.betas.abs().sum() > 0
 
@@ -316,7 +318,8 @@ def test_offset_noise_changes_the_loss_only_when_drawn():
     d = make(offset_noise_strength=0.1)
     x0, t = torch.rand(4, 3, 6, 6) * 2 - 1, torch.tensor([1, 2, 3, 4])
     noise = torch.randn_like(x0)
-    assert d.p_losses(x0, t, noise).item() == make().p_losses(x0, t, noise).item()  # given noise is used as is
+    # given noise is used as is
+    assert d.p_losses(x0, t, noise).item() == make().p_losses(x0, t, noise).item()
     assert torch.isfinite(d(torch.rand(4, 3, 6, 6)))
 
 
@@ -381,7 +384,8 @@ def test_cuda_graph_key_changes_with_what_the_graph_depends_on():
 
 
 def test_cuda_graph_key_reads_flags_that_raise():
-    """A legacy TF32 flag raises once torch's new fp32_precision API is used: the key holds the error's text."""
+    """A legacy TF32 flag raises once torch's new fp32_precision API is used: the key holds the error's
+    text."""
     from fastddpm import sampling
 
     class Flags:

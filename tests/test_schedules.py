@@ -26,7 +26,8 @@ def test_linear_matches_paper_closed_form():
 
 
 def test_linear_scale_with_timesteps():
-    assert torch.equal(get_beta_schedule("linear", 1000, scale_with_timesteps=True), get_beta_schedule("linear", 1000))
+    assert torch.equal(get_beta_schedule("linear", 1000, scale_with_timesteps=True),
+                       get_beta_schedule("linear", 1000))
     scaled = get_beta_schedule("linear", 4000, scale_with_timesteps=True)
     assert scaled[0].item() == pytest.approx(2.5e-5) and scaled[-1].item() == pytest.approx(0.005)
 
@@ -53,7 +54,8 @@ def test_schedules_coincide_where_they_should():
     warm = get_beta_schedule("warmup10", 1000)
     assert torch.allclose(warm[:100], torch.linspace(1e-4, 0.02, 100, dtype=torch.float64))
     assert (warm[100:] == 0.02).all()
-    assert torch.allclose(get_beta_schedule("warmup50", 10)[:5], torch.linspace(1e-4, 0.02, 5, dtype=torch.float64))
+    assert torch.allclose(get_beta_schedule("warmup50", 10)[:5],
+                          torch.linspace(1e-4, 0.02, 5, dtype=torch.float64))
 
 
 def test_cosine_closed_form():
@@ -139,7 +141,8 @@ def test_posterior_tables_match_bayes_rule(name):
     assert sched.posterior_mean_coef1[0].item() == pytest.approx(1.0)
     assert sched.posterior_mean_coef2[0].item() == pytest.approx(0.0, abs=1e-15)
     assert sched.posterior_variance[0].item() == 0.0
-    assert sched.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(sched.posterior_variance[1].item()))
+    assert (sched.posterior_log_variance_clipped[0].item()
+            == pytest.approx(math.log(sched.posterior_variance[1].item())))
 
 
 def test_derived_tables():

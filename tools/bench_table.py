@@ -22,7 +22,8 @@ def fmt_time(seconds: float | None) -> str:
 
 
 def param(value) -> str:
-    """A parameter as the case's name shows it: a shape as 128x3x32x32, a (device, shape) pair as cuda-128x3x32x32."""
+    """A parameter as the case's name shows it: a shape as 128x3x32x32, a (device, shape) pair as
+    cuda-128x3x32x32."""
     if not isinstance(value, (list, tuple)):
         return str(value)
     if all(isinstance(v, int) for v in value):
@@ -32,8 +33,10 @@ def param(value) -> str:
 
 def host_cost(providers: dict) -> str:
     """The per-call host cost of eager and fastddpm (GPU cases), in µs."""
-    costs = [providers.get(p, {}).get("extra_info", {}).get("per-call host (s)") for p in ("eager", "fastddpm")]
-    return "—" if all(c is None for c in costs) else ", ".join("—" if c is None else f"{c * 1e6:.0f}" for c in costs)
+    costs = [providers.get(p, {}).get("extra_info", {}).get("per-call host (s)")
+             for p in ("eager", "fastddpm")]
+    return ("—" if all(c is None for c in costs)
+            else ", ".join("—" if c is None else f"{c * 1e6:.0f}" for c in costs))
 
 
 def table(data: dict) -> str:
@@ -55,14 +58,16 @@ def table(data: dict) -> str:
         extra = fast.get("extra_info", {})
         speedup = {p: (f"{median[p] / median['fastddpm']:.2f}" if median[p] and median["fastddpm"] else "—")
                    for p in ("eager", "compile")}
-        gbps = extra.get("bytes", 0) / median["fastddpm"] / 1e9 if median["fastddpm"] and extra.get("bytes") else None
+        gbps = (extra.get("bytes", 0) / median["fastddpm"] / 1e9 if median["fastddpm"] and extra.get("bytes")
+                else None)
         frac = extra.get("fraction of copy")
         lines.append(f"| {case} | {fmt_time(median['eager'])} | {fmt_time(median['compile'])} | "
                      f"{fmt_time(median['fastddpm'])} | {speedup['eager']} | {speedup['compile']} | "
                      f"{'—' if gbps is None else f'{gbps:.1f}'} | {'—' if frac is None else f'{frac:.0%}'} | "
                      f"{host_cost(rows[case])} |")
     machine = data.get("machine_info", {})
-    header = f"{data.get('datetime', '')} — {machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}"
+    header = (f"{data.get('datetime', '')} — "
+              f"{machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}")
     return header + "\n\n" + "\n".join(lines)
 
 

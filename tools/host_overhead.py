@@ -1,9 +1,9 @@
-"""The host's cost per call of each fused op, on the CPU: what a GPU user pays at small sizes on top of the kernels.
+"""Each fused op's host cost per call, on the CPU: what a GPU user pays at small sizes on top of the kernels.
 
     python tools/host_overhead.py [--calls 2000]
 
-For the Triton path (the ops' CUDA implementation), the kernel launchers of kernels/ are replaced by no-ops and
-the ops run on CPU tensors of the CIFAR-10 batch (128×3×32×32): what is left is fastddpm's Python, torch's
+For the Triton path (the ops' CUDA implementation), the kernel launchers of kernels/ are replaced by no-ops
+and the ops run on CPU tensors of the CIFAR-10 batch (128×3×32×32): what is left is fastddpm's Python, torch's
 dispatcher and torch.library's layers, i.e. the host's work before Triton's own launch. The C++ CPU path is
 timed whole, kernels included, at a small size (8×1×8×8), as a reference point. Each line is the median of 5
 runs of N back-to-back calls, in µs per call. Numbers depend on the machine and its load: compare lines of one
@@ -73,7 +73,8 @@ def cases(backend: str, shape):
         "q_sample, ε drawn (fresh key)": lambda: q_sample(sched, x, t, **common),
         "diffusion_loss forward (no grad)": lambda: diffusion_loss(sched, out, x, t, seed=seed, **common),
         "diffusion_loss forward + backward": loss_fwd_bwd,
-        "p_sample_step, z drawn": lambda: p_sample_step(sched, out, x, t, seed=seed, write_x0=False, **common),
+        "p_sample_step, z drawn": lambda: p_sample_step(sched, out, x, t, seed=seed, write_x0=False,
+                                                        **common),
         "ddim_step (η = 0)": lambda: ddim_step(sched, out, x, t, t_prev, write_x0=False, **common),
     }
 

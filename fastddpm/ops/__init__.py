@@ -18,8 +18,12 @@ import warnings
 import torch
 
 from fastddpm import _extension
-from fastddpm.ops._dispatch import (BelowAutograd, backend_environment, dispatch_mode_depth,
-                                    peek_interpreter_stack)
+from fastddpm.ops._dispatch import (
+    BelowAutograd,
+    backend_environment,
+    dispatch_mode_depth,
+    peek_interpreter_stack,
+)
 
 # ----------------------------------------------------------------------------- backends
 BACKENDS = ("auto", "reference", "triton", "cpp")
@@ -84,7 +88,8 @@ def _choose_backend(op: str, device_type: str, backend: str, env_backend: str | 
     if requested == "auto":
         requested = env_backend or "auto"
         if requested not in BACKENDS:
-            raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+            raise ValueError(f"FASTDDPM_BACKEND={requested!r} is not a backend; choose one of "
+                             f"{', '.join(BACKENDS)}")
     if requested == "auto":
         order = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
         if op == "group_norm_silu":  # the U-Net's GroupNorm+SiLU is CUDA C++ on GPUs
@@ -130,10 +135,10 @@ def call_op(op, *args):
     ``torch.library.register_autograd`` installs a Python autograd kernel that runs on every call, even in
     no_grad or when no input requires grad, and costs several times a small op's kernel. When grad mode is off
     or no tensor argument requires grad, the call goes straight to the backend kernel
-    (``_dispatch.BelowAutograd``) with the same results: outputs that require no grad, as the
-    autograd kernel would return them. While torch.compile traces, the op is called plainly: the compiled graph
-    has no per-call autograd kernel to skip. Ops with no autograd registered (the reverse steps) gain nothing
-    from it: the dispatcher's fallback for them is C++.
+    (``_dispatch.BelowAutograd``) with the same results: outputs that require no grad, as the autograd kernel
+    would return them. While torch.compile traces, the op is called plainly: the compiled graph has no
+    per-call autograd kernel to skip. Ops with no autograd registered (the reverse steps) gain nothing from
+    it: the dispatcher's fallback for them is C++.
     """
     if torch.is_grad_enabled():
         for a in args:  # (a loop: cheaper than any() over a generator, which matters here)
@@ -164,10 +169,10 @@ def _launch_directly(kernel):
 
 
 def launcher(x: torch.Tensor):
-    """How an implementation launches its Triton kernel for data x: through torch.library.wrap_triton while the
-    op is traced (fake or functional tensors, a dispatch mode), so that the launch becomes a node of the graph;
-    else directly. (wrap_triton's eager path is a plain launch behind more Python, and before torch 2.13 it
-    refuses the interpreter's kernels.)"""
+    """How an implementation launches its Triton kernel for data x: through torch.library.wrap_triton while
+    the op is traced (fake or functional tensors, a dispatch mode), so that the launch becomes a node of the
+    graph; else directly. (wrap_triton's eager path is a plain launch behind more Python, and before torch
+    2.13 it refuses the interpreter's kernels.)"""
     if type(x) is torch.Tensor and not dispatch_mode_depth():
         return _launch_directly
     from torch.library import wrap_triton
@@ -299,7 +304,8 @@ def check_table(op: str, name: str, table: torch.Tensor, x: torch.Tensor, rows: 
 
 def check_seed(op: str, seed: torch.Tensor, x: torch.Tensor) -> None:
     require(seed.dtype == torch.int64 and seed.numel() == 1,
-            lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+            lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} "
+                    f"{tuple(seed.shape)}")
     require(seed.device == x.device, lambda: f"{op}: seed is on {seed.device}, the data on {x.device}")
 
 

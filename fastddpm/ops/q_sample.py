@@ -18,10 +18,25 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, reference
+from fastddpm.ops import (
+    as_layout_of,
+    autograd_function,
+    call_op,
+    check_data,
+    check_index,
+    check_seed,
+    check_table,
+    check_timesteps,
+    check_triton_device,
+    choose_backend,
+    dense,
+    launcher,
+    new_seed,
+    register_fake,
+    require,
+    runs_eagerly,
+)
 from fastddpm.ops._dispatch import buffers
-from fastddpm.ops import (as_layout_of, autograd_function, call_op, check_data, check_index, check_seed,
-                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
-                          new_seed, register_fake, require, runs_eagerly)
 
 NAME = "q_sample"
 
@@ -82,8 +97,10 @@ def philox_noise_like(x: torch.Tensor, seed: torch.Tensor, offset: int) -> torch
     """The kernels' noise for a batch-outer dense x (float32, x's shape): element i of sample b in memory
     order gets reference.philox_normal(seed, offset, B, N)[b, i]."""
     batch = x.shape[0]
-    flat = reference.philox_normal(int(seed.reshape(-1)[0]), offset, batch, x.numel() // max(batch, 1), x.device)
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))  # outermost → innermost in memory
+    flat = reference.philox_normal(int(seed.reshape(-1)[0]), offset, batch, x.numel() // max(batch, 1),
+                                   x.device)
+    # outermost → innermost in memory
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
     return flat.reshape([x.shape[d] for d in order]).permute([order.index(d) for d in range(x.dim())])
 
 

@@ -13,9 +13,23 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, contracts, reference
-from fastddpm.ops import (as_layout_of, check_data, check_index, check_positive_values, check_seed,
-                          check_table, check_timesteps, check_triton_device, choose_backend, dense, launcher,
-                          new_seed, register_fake, require, runs_eagerly)
+from fastddpm.ops import (
+    as_layout_of,
+    check_data,
+    check_index,
+    check_positive_values,
+    check_seed,
+    check_table,
+    check_timesteps,
+    check_triton_device,
+    choose_backend,
+    dense,
+    launcher,
+    new_seed,
+    register_fake,
+    require,
+    runs_eagerly,
+)
 from fastddpm.ops.q_sample import philox_noise_like
 
 _OBJECTIVE_CODES = (contracts.PRED_NOISE, contracts.PRED_X0, contracts.PRED_V)
@@ -71,12 +85,14 @@ def _p_sample_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torc
 
 def _ddim_step_triton(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                       table: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
-                      seed: torch.Tensor | None, offset: int, objective: int, eta: float, final_alpha_cumprod: float,
-                      clip: float | None, threshold_scale: torch.Tensor | None, rederive_noise: bool,
-                      write_x0: bool, write_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      seed: torch.Tensor | None, offset: int, objective: int, eta: float,
+                      final_alpha_cumprod: float, clip: float | None, threshold_scale: torch.Tensor | None,
+                      rederive_noise: bool, write_x0: bool,
+                      write_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastddpm.kernels import reverse_step as kernels
 
-    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                           threshold_scale)
     _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
     check_triton_device("ddim_step", x)
     x_prev, x0, noise_out = _outputs(x, write_x0, write_noise and noise is None and eta != 0)
@@ -149,7 +165,8 @@ def _p_sample_step_reference(model_output, x_t, t, table, noise, seed, offset, o
 def _ddim_step_reference(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective,
                          eta, final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0,
                          write_noise):
-    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    x, out, eps = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                           threshold_scale)
     _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
     stochastic = eta != 0
     z = _step_noise(x, eps, seed, offset) if stochastic else torch.zeros_like(x, dtype=torch.float32)
@@ -162,13 +179,15 @@ def _ddim_step_reference(model_output, x_t, t, t_prev, table, alphas_cumprod, no
 # ----------------------------------------------------------------------------- the ops' fakes, CUDA kernels
 def _fake_p_sample_step(model_output, x_t, t, table, noise, seed, offset, objective, clip, threshold_scale,
                         write_x0, write_noise):
-    x, _, _ = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    x, _, _ = _prepare("p_sample_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                       threshold_scale)
     return _outputs(x, write_x0, write_noise and noise is None)
 
 
 def _fake_ddim_step(model_output, x_t, t, t_prev, table, alphas_cumprod, noise, seed, offset, objective, eta,
                     final_alpha_cumprod, clip, threshold_scale, rederive_noise, write_x0, write_noise):
-    x, _, _ = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip, threshold_scale)
+    x, _, _ = _prepare("ddim_step", model_output, x_t, t, table, noise, seed, objective, clip,
+                       threshold_scale)
     _check_ddim(x, t_prev, alphas_cumprod, table, noise, seed, eta, final_alpha_cumprod)
     return _outputs(x, write_x0, write_noise and noise is None and eta != 0)
 
@@ -188,7 +207,8 @@ _register()
 
 # ----------------------------------------------------------------------------- the Python entry points
 def _threshold_scale(sched_like, model_output, x_t, t, objective, threshold):
-    """Per-sample s of dynamic thresholding, from x̂_0 computed on the side (a quantile needs the whole sample)."""
+    """Per-sample s of dynamic thresholding, from x̂_0 computed on the side (a quantile needs the whole
+    sample)."""
     if threshold is None:
         return None
     _, x0 = reference.model_predictions(sched_like, model_output, x_t, t, objective)
@@ -201,9 +221,9 @@ def _clip_value(clip):
     return 1.0 if clip is True else float(clip)
 
 
-def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred_noise", variance="fixed_small",
-                  clip_denoised=True, threshold=None, seed=None, offset=0, generator=None, table=None,
-                  write_x0=True, write_noise=False, backend="auto", check=True):
+def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred_noise",
+                  variance="fixed_small", clip_denoised=True, threshold=None, seed=None, offset=0,
+                  generator=None, table=None, write_x0=True, write_noise=False, backend="auto", check=True):
     """One ancestral step x_t → x_{t−1} on the chosen backend; returns (x_{t−1}, x̂_0, z).
 
     ``noise`` given, or z drawn in-kernel from (``seed``, ``offset``) (a fresh seed from torch's RNG when both
@@ -238,11 +258,12 @@ def p_sample_step(schedule, model_output, x_t, t, noise=None, *, objective="pred
 
 
 def ddim_step(schedule, model_output, x_t, t, t_prev, noise=None, *, objective="pred_noise", eta=0.0,
-              clip_denoised=True, threshold=None, rederive_noise=True, final_alpha_cumprod=1.0, seed=None, offset=0,
-              generator=None, table=None, alphas_cumprod=None, write_x0=True, write_noise=False, backend="auto",
-              check=True):
+              clip_denoised=True, threshold=None, rederive_noise=True, final_alpha_cumprod=1.0, seed=None,
+              offset=0, generator=None, table=None, alphas_cumprod=None, write_x0=True, write_noise=False,
+              backend="auto", check=True):
     """One DDIM step x_t → x_{t_prev} on the chosen backend; returns (x_prev, x̂_0, z). See p_sample_step;
-    ``table`` ([≥4, T], rows √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)) and ``alphas_cumprod`` replace the schedule's."""
+    ``table`` ([≥4, T], rows √(1/ᾱ), √(1/ᾱ − 1), √ᾱ, √(1 − ᾱ)) and ``alphas_cumprod`` replace the
+    schedule's."""
     code = contracts.objective_code(objective)
     if not 0 <= final_alpha_cumprod <= 1:
         raise ValueError(f"final_alpha_cumprod (ᾱ after the last step) must lie in [0, 1], "

@@ -12,8 +12,17 @@ from fastddpm.ops.q_sample import philox_noise_like
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
-from ..kernel_grid import (OBJECTIVES, T, check_step, close_to_stream, data, in_low_precision, layouts,
-                           on_grid, timesteps)
+from ..kernel_grid import (
+    OBJECTIVES,
+    T,
+    check_step,
+    close_to_stream,
+    data,
+    in_low_precision,
+    layouts,
+    on_grid,
+    timesteps,
+)
 from .conftest import backends_present, device
 
 BACKENDS = backends_present("ddim_step")

@@ -12,8 +12,17 @@ from fastddpm.ops.reverse_step import p_sample_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from ..conftest import rel_err
-from ..kernel_grid import (OBJECTIVES, T, check_step, close_to_stream, data, in_low_precision, layouts,
-                           on_grid, timesteps)
+from ..kernel_grid import (
+    OBJECTIVES,
+    T,
+    check_step,
+    close_to_stream,
+    data,
+    in_low_precision,
+    layouts,
+    on_grid,
+    timesteps,
+)
 from .conftest import backends_present, device
 
 BACKENDS = backends_present("p_sample_step")
