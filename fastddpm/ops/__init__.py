@@ -155,13 +155,14 @@ def runs_eagerly(*tensors) -> bool:
     torch.library's Python layers (on the Triton path those cost several times Triton's own launch): eager
     mode, plain tensors, no dispatch mode, functorch transform or trace that must see the op, and no tensor
     whose gradient autograd would have to record."""
-    if dispatch_mode_depth() or peek_interpreter_stack() is not None:
+    # (is_compiling first: Dynamo folds it to True, and cannot trace the C calls below: a graph break)
+    if torch.compiler.is_compiling() or dispatch_mode_depth() or peek_interpreter_stack() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # (a loop: cheaper than any() over a generator)
         if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
             return False
-    return not torch.compiler.is_compiling()
+    return True
 
 
 def _launch_directly(kernel):
