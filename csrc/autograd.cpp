@@ -13,8 +13,9 @@
 //                          from: silu_grad where the forward was asked for it (save_silu_grad); else, on the
 //                          CPU for float32/float64 x, the output y; else nothing (σ recomputed)
 //   diffusion_loss_train   saves g = ∂loss/∂model_output for an incoming gradient of one; backward = g scaled
-// mean, rstd, silu_grad and g are not differentiable: they leave the node detached; gradients are not
-// materialised, so a graph that uses y (or the loss) alone never builds an x-sized zero gradient for them.
+// mean, rstd, silu_grad and g are not differentiable: they leave the node past it (group_norm_silu) or detached
+// (diffusion_loss_train); gradients are not materialised, so a graph that uses the loss alone never builds an
+// x-sized zero gradient for g.
 // torch.func transforms refuse C++ Functions: under them, fastddpm.ops.choose_backend picks the reference.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -44,15 +45,16 @@ bool defined(const OptTensor& p) {
   return p.has_value() && p->defined();
 }
 
-// One gradient per forward argument (x, num_groups, weight, bias, eps, save_silu_grad): those asked for,
-// undefined elsewhere. needs_input_grad counts tensor inputs only: x is edge 0, then weight and bias where given.
+// One gradient per forward argument (x, num_groups, weight, bias, eps, save_silu_grad, statistics): those asked
+// for, undefined elsewhere. needs_input_grad counts tensor inputs only: x is edge 0, then weight and bias where
+// given.
 variable_list input_grads(AutogradContext* ctx, const Three& grads, const OptTensor& weight, const OptTensor& bias) {
   const bool has_weight = defined(weight), has_bias = defined(bias);
   const size_t weight_edge = 1, bias_edge = has_weight ? 2 : 1;
   const auto& [grad_x, grad_weight, grad_bias] = grads;
   return {ctx->needs_input_grad(0) ? grad_x : Tensor(), Tensor(),
           has_weight && ctx->needs_input_grad(weight_edge) ? grad_weight : Tensor(),
-          has_bias && ctx->needs_input_grad(bias_edge) ? grad_bias : Tensor(), Tensor(), Tensor()};
+          has_bias && ctx->needs_input_grad(bias_edge) ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor()};
 }
 
 OptTensor optional(const Tensor& t) {
@@ -125,12 +127,16 @@ Three reference_backward(const Tensor& grad_y, const Tensor& x, const OptTensor&
 // What the backward forms SiLU' from (saved after x, mean, rstd; weight and bias last).
 enum class SavedForSiluGrad : int64_t { kNothing, kOutput, kSiluGrad };
 
+// The node's one output is y. The op's other outputs (mean, rstd, silu_grad: constants, not differentiable) go
+// to `*statistics` instead, past the node: no output of it to detach, and no mark_non_differentiable, whose
+// record compiled autograd refuses (CppNode::compiled_args asserts that none was marked).
 struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction> {
-  // outputs (y, mean, rstd, silu_grad); saved (x, mean, rstd[, silu_grad or y], weight, bias)
+  // saved (x, mean, rstd[, silu_grad or y], weight, bias)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t num_groups, const OptTensor& weight,
-                               const OptTensor& bias, double eps, bool save_silu_grad) {
+                               const OptTensor& bias, double eps, bool save_silu_grad, Four* statistics) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const variable_list out = as_list(forward_op().call(x, num_groups, weight, bias, eps, save_silu_grad));
+    *statistics = forward_op().call(x, num_groups, weight, bias, eps, save_silu_grad);
+    const variable_list out = as_list(*statistics);
     const SavedForSiluGrad kind = save_silu_grad           ? SavedForSiluGrad::kSiluGrad
                                   : backward_from_output(x) ? SavedForSiluGrad::kOutput
                                                             : SavedForSiluGrad::kNothing;
@@ -148,12 +154,12 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction> 
     saved.push_back(weight.value_or(Tensor()));
     saved.push_back(bias.value_or(Tensor()));
     ctx->save_for_backward(saved);
-    return out;
+    return {out[0]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) {  // only mean, rstd or silu_grad reached the loss: they are constants
-      return variable_list(6);
+    if (!grads[0].defined()) {
+      return variable_list(7);
     }
     const variable_list s = ctx->get_saved_variables();
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
@@ -183,10 +189,9 @@ Four group_norm_silu_autograd(const Tensor& x, int64_t num_groups, const OptTens
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op().call(x, num_groups, weight, bias, eps, save_silu_grad);
   }
-  // mean, rstd and silu_grad leave the node detached (constants), rather than through mark_non_differentiable,
-  // whose record compiled autograd refuses (CppNode::compiled_args asserts that none was marked).
-  const variable_list out = GroupNormSiLUFunction::apply(x, num_groups, weight, bias, eps, save_silu_grad);
-  return {out[0], out[1].detach(), out[2].detach(), out[3].detach()};
+  Four out;
+  const variable_list y = GroupNormSiLUFunction::apply(x, num_groups, weight, bias, eps, save_silu_grad, &out);
+  return {y[0], std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 // ---------------------------------------------------------------- diffusion_loss_train
@@ -260,7 +265,7 @@ std::tuple<Tensor, Tensor> diffusion_loss_train_autograd(const Tensor& model_out
   }
   const variable_list out = DiffusionLossTrain::apply(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed,
                                                       offset, objective, min_snr_gamma, reduction);
-  return {out[0], out[1].detach()};  // g: a constant (see group_norm_silu_autograd)
+  return {out[0], out[1].detach()};  // g: a constant, detached (see GroupNormSiLUFunction)
 }
 
 }  // namespace

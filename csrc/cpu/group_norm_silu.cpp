@@ -15,6 +15,7 @@
 //   layout, as the op's fake implementation says, through a copy.
 // Statistics: fp32 (fp64 for fp64 x), mean and rstd = 1 / sqrt(var + eps) with the biased variance.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -201,6 +202,12 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& g, cons
   });
 }
 
+// The [0] tensor the forward returns for a silu_grad not asked for: allocated without a trip through the
+// dispatcher (at::empty's), as it is on every call of a network's forward.
+at::Tensor no_silu_grad(at::ScalarType dtype) {
+  return at::detail::empty_cpu({0}, dtype);
+}
+
 // The forward op: (y, mean, rstd, silu_grad), silu_grad = dSiLU/dz (in the kernels' layout of x, which the
 // backward reads it in; the statistics' dtype) when save_silu_grad, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
@@ -219,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
       mean.fill_(0);
       rstd.fill_(NAN);
     }
-    return {y, mean, rstd, save_silu_grad ? at::empty_like(x, stat_options) : at::empty({0}, stat_options)};
+    return {y, mean, rstd,
+            save_silu_grad ? at::empty_like(x, stat_options) : no_silu_grad(stat_dtype(x.scalar_type()))};
   }
   const auto [xk, nhwc] = kernel_input(x, s);
   const bool direct = in_layout(y, nhwc);
@@ -235,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
   if (!direct) {
     y.copy_(yk);
   }
-  return {y, mean, rstd, save_silu_grad ? g : at::empty({0}, stat_options)};
+  return {y, mean, rstd, save_silu_grad ? g : no_silu_grad(stat_dtype(x.scalar_type()))};
 }
 
 template <Capability cap, typename T>

@@ -121,22 +121,25 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     their own error in its place (they would cost more than the op's kernels at the U-Net's small maps, 23
     calls a forward).
     """
-    _check_num_groups(num_groups)  # (cheap: on every call)
+    # (inline, as it runs on every call: the raise is _check_num_groups's)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        _check_num_groups(num_groups)
     if not isinstance(x, torch.Tensor) or torch.compiler.is_dynamo_compiling():
         # (a compiled graph calls the op outside this function: the checks go into the trace)
         check_arguments(x, num_groups, weight, bias)
     device = x.device
+    device_type = device.type
     # The CUDA kernels take float32/float16/bfloat16: a float64 x on CUDA runs the reference, unless the
     # backend argument asks for "cpp" by name (which then says that it does not take float64); the
     # FASTDDPM_BACKEND variable, a default for every op, does not.
     if choose_backend(NAME, device, backend) == "cpp" and not (
-            x.dtype == torch.float64 and device.type == "cuda" and backend == "auto"):
+            device_type == "cuda" and x.dtype == torch.float64 and backend == "auto"):
         try:
             # (the op's autograd is C++: a call that needs no gradient passes straight through it)
-            save_silu_grad = (device.type == "cpu" and x.dtype in _SILU_GRAD_DTYPES
-                              and _needs_grad(x, weight, bias))
-            return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps),
-                                                              save_silu_grad)[0]
+            if device_type == "cpu" and x.dtype in _SILU_GRAD_DTYPES and _needs_grad(x, weight, bias):
+                return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps),
+                                                                  True)[0]  # save_silu_grad
+            return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
         except Exception as e:
             error = e
         check_arguments(x, num_groups, weight, bias)  # raises where the arguments are at fault (unchained)
