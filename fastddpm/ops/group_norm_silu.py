@@ -89,14 +89,17 @@ def _fake_backward(grad_y, x, mean, rstd, weight, bias, num_groups, y=None, silu
     return torch.empty_like(x), grad_weight, grad_bias
 
 
-def _register() -> None:
+def _register():
+    """The forward op's overload (what the entry calls: looked up once), with both ops' fakes registered;
+    None without the C++ extension."""
     if _extension.load() is None:
-        return
+        return None
     register_fake(f"fastddpm::{NAME}", _fake_forward)
     register_fake(f"fastddpm::{NAME}_backward", _fake_backward)
+    return torch.ops.fastddpm.group_norm_silu.default
 
 
-_register()
+_forward_op = _register()
 
 
 # ----------------------------------------------------------------------------- the entry
@@ -137,9 +140,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         try:
             # (the op's autograd is C++: a call that needs no gradient passes straight through it)
             if device_type == "cpu" and x.dtype in _SILU_GRAD_DTYPES and _needs_grad(x, weight, bias):
-                return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps),
-                                                                  True)[0]  # save_silu_grad
-            return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, float(eps))[0]
+                return _forward_op(x, num_groups, weight, bias, float(eps), True)[0]  # save_silu_grad
+            return _forward_op(x, num_groups, weight, bias, float(eps))[0]
         except Exception as e:
             error = e
         check_arguments(x, num_groups, weight, bias)  # raises where the arguments are at fault (unchained)
