@@ -1,18 +1,17 @@
-// The C++ autograd of group_norm_silu (the Autograd dispatch key, any device) and its CPU training pair.
+// The C++ autograd (the Autograd dispatch key) of group_norm_silu, on any device.
 //
-// C++ rather than torch.library.register_autograd: that Python layer cost more per forward + backward than
-// group_norm_silu's kernels at the small U-Net's 4×4 and 8×8 maps (benchmarks/RESULTS.md). Here the graph node
-// is a C++ torch::autograd::Function: the same saved tensors and backward op calls, without the Python
-// frames. torch.compile traces through it as through any C++ autograd formula (the ops are dispatched
-// below autograd, to their fake kernels when tracing). The backward ops have no autograd of their own: a
-// backward that builds a graph (create_graph=True, for double backward) computes the gradients from x,
-// weight and bias with differentiable ATen ops instead (reference_backward), which autograd differentiates.
+// C++ rather than torch.library.register_autograd: that Python layer costs more per forward + backward than
+// group_norm_silu's kernels at the small U-Net's 4×4 and 8×8 maps. Here the graph node is a C++
+// torch::autograd::Function: the same saved tensors and backward op calls, without the Python frames.
+// torch.compile traces through it as through any C++ autograd formula (the ops are dispatched below autograd,
+// to their fake kernels when tracing). The backward ops have no autograd of their own: a backward that builds
+// a graph (create_graph=True, for double backward) computes the gradients from x, weight and bias with
+// differentiable ATen ops instead (reference_backward), which autograd differentiates.
 //
-//   group_norm_silu        saves (x, mean, rstd, weight, bias); backward = group_norm_silu_backward, or on
-//                          the CPU for float32/float64 x saves y too; backward = ..._output_backward
-//   group_norm_silu_train  saves (x, mean, rstd, silu_grad, weight, bias); backward = ..._train_backward
-// mean, rstd and silu_grad are not differentiable: they leave the node detached; gradients are not
-// materialised, so a graph that uses y alone never builds an x-sized zero gradient for them.
+//   group_norm_silu        saves (x, mean, rstd, weight, bias) and what group_norm_silu_backward forms SiLU'
+//                          from: silu_grad where the forward was asked for it (save_silu_grad); else, on the
+//                          CPU for float32/float64 x, the output y; else nothing (σ recomputed)
+// mean, rstd and silu_grad are not differentiable: they leave the node past it (its one output is y).
 // torch.func transforms refuse C++ Functions: under them, fastddpm.ops.choose_backend picks the reference.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -21,7 +20,6 @@
 
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace fastddpm {
@@ -43,15 +41,16 @@ bool defined(const OptTensor& p) {
   return p.has_value() && p->defined();
 }
 
-// One gradient per forward argument (x, num_groups, weight, bias, eps): those asked for, undefined elsewhere.
-// needs_input_grad counts tensor inputs only: x is edge 0, then weight and bias where given.
+// One gradient per forward argument (x, num_groups, weight, bias, eps, save_silu_grad, statistics): those asked
+// for, undefined elsewhere. needs_input_grad counts tensor inputs only: x is edge 0, then weight and bias where
+// given.
 variable_list input_grads(AutogradContext* ctx, const Three& grads, const OptTensor& weight, const OptTensor& bias) {
   const bool has_weight = defined(weight), has_bias = defined(bias);
   const size_t weight_edge = 1, bias_edge = has_weight ? 2 : 1;
   const auto& [grad_x, grad_weight, grad_bias] = grads;
   return {ctx->needs_input_grad(0) ? grad_x : Tensor(), Tensor(),
           has_weight && ctx->needs_input_grad(weight_edge) ? grad_weight : Tensor(),
-          has_bias && ctx->needs_input_grad(bias_edge) ? grad_bias : Tensor(), Tensor()};
+          has_bias && ctx->needs_input_grad(bias_edge) ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor()};
 }
 
 OptTensor optional(const Tensor& t) {
@@ -63,24 +62,24 @@ variable_list as_list(const std::tuple<T...>& t) {
   return std::apply([](const auto&... v) { return variable_list{v...}; }, t);
 }
 
-// The forward op's outputs and handle; kTrain: the training pair, whose forward also returns silu_grad.
-template <bool kTrain>
-using Outputs = std::conditional_t<kTrain, Four, Three>;
+using ForwardSig = Four(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double, bool);
+using BackwardSig = Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                          const OptTensor&, int64_t, const OptTensor&, const OptTensor&);
 
-template <bool kTrain>
-using ForwardSig = Outputs<kTrain>(const Tensor&, int64_t, const OptTensor&, const OptTensor&, double);
-
-template <bool kTrain>
-const c10::TypedOperatorHandle<ForwardSig<kTrain>>& forward_op() {
-  static const auto handle =
-      op<ForwardSig<kTrain>>(kTrain ? "fastddpm::group_norm_silu_train" : "fastddpm::group_norm_silu");
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto handle = op<ForwardSig>("fastddpm::group_norm_silu");
   return handle;
 }
 
-// Whether the backward of group_norm_silu forms SiLU'(z) from the output y (group_norm_silu_output_backward)
-// rather than recomputing σ: on the CPU for float32 and float64 x. That saves y (which the caller holds anyway,
-// as the next layer's input) and costs one division per element instead of σ's exp and division. A bfloat16 or
-// float16 y holds too few bits of σ (those dtypes train with the training pair), and GPUs recompute σ.
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto handle = op<BackwardSig>("fastddpm::group_norm_silu_backward");
+  return handle;
+}
+
+// Whether the backward of group_norm_silu forms SiLU'(z) from the output y rather than recomputing σ: on the CPU
+// for float32 and float64 x. That saves y (which the caller holds anyway, as the next layer's input) and costs
+// one division per element instead of σ's exp and division. A bfloat16 or float16 y holds too few bits of σ
+// (those dtypes train with save_silu_grad), and GPUs recompute σ.
 bool backward_from_output(const Tensor& x) {
   return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
@@ -121,37 +120,42 @@ Three reference_backward(const Tensor& grad_y, const Tensor& x, const OptTensor&
   return {grad_x.reshape(x.sizes()).to(x.scalar_type()), grad_weight, grad_bias};
 }
 
-using BackwardWithSaved = Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const OptTensor&, const OptTensor&, int64_t);
+// What the backward forms SiLU' from (saved after x, mean, rstd; weight and bias last).
+enum class SavedForSiluGrad : int64_t { kNothing, kOutput, kSiluGrad };
 
-// kTrain: the CPU training pair, whose forward also returns silu_grad and whose backward reads it.
-template <bool kTrain>
-struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<kTrain>> {
-  // outputs (y, mean, rstd[, silu_grad]); saved (x, mean, rstd[, silu_grad, or y where backward_from_output],
-  // weight, bias)
+// The node's one output is y. The op's other outputs (mean, rstd, silu_grad: constants, not differentiable) go
+// to `*statistics` instead, past the node: no output of it to detach, and no mark_non_differentiable, whose
+// record compiled autograd refuses (CppNode::compiled_args asserts that none was marked).
+struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction> {
+  // saved (x, mean, rstd[, silu_grad or y], weight, bias)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t num_groups, const OptTensor& weight,
-                               const OptTensor& bias, double eps) {
+                               const OptTensor& bias, double eps, bool save_silu_grad, Four* statistics) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const variable_list out = as_list(forward_op<kTrain>().call(x, num_groups, weight, bias, eps));
-    const bool from_output = !kTrain && backward_from_output(x);
+    *statistics = forward_op().call(x, num_groups, weight, bias, eps, save_silu_grad);
+    const variable_list out = as_list(*statistics);
+    const SavedForSiluGrad kind = save_silu_grad           ? SavedForSiluGrad::kSiluGrad
+                                  : backward_from_output(x) ? SavedForSiluGrad::kOutput
+                                                            : SavedForSiluGrad::kNothing;
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["kind"] = static_cast<int64_t>(kind);
     ctx->set_materialize_grads(false);
-    variable_list saved{x};
-    saved.insert(saved.end(), out.begin() + 1, out.end());
-    if (from_output) {
+    variable_list saved{x, out[1], out[2]};
+    if (kind == SavedForSiluGrad::kSiluGrad) {
+      saved.push_back(out[3]);
+    } else if (kind == SavedForSiluGrad::kOutput) {
       saved.push_back(out[0]);  // an output: autograd keeps it without a reference cycle, and refuses a
                                 // backward after an in-place change of y (as for torch.sigmoid or relu)
     }
     saved.push_back(weight.value_or(Tensor()));
     saved.push_back(bias.value_or(Tensor()));
     ctx->save_for_backward(saved);
-    return out;
+    return {out[0]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) {  // only mean, rstd or silu_grad reached the loss: they are constants
-      return variable_list(5);
+    if (!grads[0].defined()) {
+      return variable_list(7);
     }
     const variable_list s = ctx->get_saved_variables();
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
@@ -160,15 +164,11 @@ struct GroupNormSiLUFunction : torch::autograd::Function<GroupNormSiLUFunction<k
       return input_grads(ctx, reference_backward(grads[0], s[0], weight, bias, num_groups,
                                                  ctx->saved_data["eps"].toDouble()), weight, bias);
     }
-    if (kTrain || backward_from_output(s[0])) {  // s[3]: silu_grad, or y (s[0] is x: the forward's choice again)
-      static const auto bwd = op<BackwardWithSaved>(kTrain ? "fastddpm::group_norm_silu_train_backward"
-                                                           : "fastddpm::group_norm_silu_output_backward");
-      return input_grads(ctx, bwd.call(grads[0], s[0], s[3], s[1], s[2], weight, bias, num_groups), weight, bias);
-    } else {
-      static const auto bwd = op<Three(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                       const OptTensor&, int64_t)>("fastddpm::group_norm_silu_backward");
-      return input_grads(ctx, bwd.call(grads[0], s[0], s[1], s[2], weight, bias, num_groups), weight, bias);
-    }
+    const auto kind = static_cast<SavedForSiluGrad>(ctx->saved_data["kind"].toInt());
+    const OptTensor y = kind == SavedForSiluGrad::kOutput ? OptTensor(s[3]) : std::nullopt;
+    const OptTensor silu_grad = kind == SavedForSiluGrad::kSiluGrad ? OptTensor(s[3]) : std::nullopt;
+    return input_grads(ctx, backward_op().call(grads[0], s[0], s[1], s[2], weight, bias, num_groups, y, silu_grad),
+                       weight, bias);
   }
 };
 
@@ -179,27 +179,21 @@ bool needs_node(const Tensor& x, const OptTensor& weight, const OptTensor& bias)
                                         (defined(bias) && bias->requires_grad()));
 }
 
-template <bool kTrain, typename Out = Outputs<kTrain>>
-Out autograd_kernel(const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias, double eps) {
+Four group_norm_silu_autograd(const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
+                              double eps, bool save_silu_grad) {
   if (!needs_node(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return forward_op<kTrain>().call(x, num_groups, weight, bias, eps);
+    return forward_op().call(x, num_groups, weight, bias, eps, save_silu_grad);
   }
-  // mean, rstd and silu_grad leave the node detached (constants), rather than through mark_non_differentiable,
-  // whose record compiled autograd refuses (CppNode::compiled_args asserts that none was marked).
-  const variable_list out = GroupNormSiLUFunction<kTrain>::apply(x, num_groups, weight, bias, eps);
-  if constexpr (kTrain) {
-    return {out[0], out[1].detach(), out[2].detach(), out[3].detach()};
-  } else {
-    return {out[0], out[1].detach(), out[2].detach()};
-  }
+  Four out;
+  const variable_list y = GroupNormSiLUFunction::apply(x, num_groups, weight, bias, eps, save_silu_grad, &out);
+  return {y[0], std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, Autograd, m) {
-  m.impl("group_norm_silu", &autograd_kernel<false>);
-  m.impl("group_norm_silu_train", &autograd_kernel<true>);
+  m.impl("group_norm_silu", &group_norm_silu_autograd);
 }
 
 }  // namespace fastddpm

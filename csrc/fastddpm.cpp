@@ -81,29 +81,23 @@ TORCH_LIBRARY(fastddpm, m) {
       "float? clip, Tensor? threshold_scale, bool rederive_noise, bool write_x0, bool write_noise) "
       "-> (Tensor, Tensor, Tensor)");
 
-  // ---- group_norm_silu (csrc/cpu/group_norm_silu.cpp, csrc/cuda/group_norm_silu*.{cu,cpp})
-  // y = SiLU(GroupNorm(x; G, weight, bias, eps)) for x of shape [N, C, *]; also returns the fp32 group
-  // statistics mean and rstd = 1/sqrt(var + eps), each [N, G], which the backward reuses.
-  m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  // (grad_x, grad_weight, grad_bias) of the above; z = GroupNorm(x) is recomputed from x, mean and rstd.
-  // grad_weight and grad_bias have the dtype of weight/bias, and are empty tensors when weight/bias is None.
+  // ---- group_norm_silu (csrc/cpu/group_norm_silu*.cpp, csrc/cuda/group_norm_silu*.{cu,cpp})
+  // y = SiLU(GroupNorm(x; G, weight, bias, eps)) for x of shape [N, C, *]; also returns the group statistics
+  // mean and rstd = 1/sqrt(var + eps), each [N, G] (float32, float64 for a float64 x), which the backward
+  // reuses. save_silu_grad (CPU; what bfloat16 and float16 x train with, whose y is too coarse to give SiLU'
+  // back): the fourth output is silu_grad = dSiLU/dz at every element (x's shape, the statistics' dtype),
+  // computed beside y from the same σ(z); otherwise it is empty ([0]). GPUs recompute σ in the backward
+  // (bandwidth-bound: the extra bytes would cost more than the arithmetic).
+  m.def(
+      "group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "bool save_silu_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias) of the above; z = GroupNorm(x) is recomputed from x, mean and rstd, and
+  // SiLU'(z) from what the forward saved: silu_grad itself; or (CPU, float32 and float64 x) the output y, as
+  // σ = y / z (one division per element instead of σ's exp and division); or, neither given, σ(z) anew. At
+  // most one of y and silu_grad. grad_weight and grad_bias have the dtype of weight/bias, and are empty
+  // tensors when weight/bias is None.
   m.def(
       "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-      "Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
-  // The same from the forward's output y instead of recomputing σ (CPU, float32 and float64 x): σ = y / z, one
-  // division per element instead of σ's exp and division, and nothing saved beyond y.
-  m.def(
-      "group_norm_silu_output_backward(Tensor grad_y, Tensor x, Tensor y, Tensor mean, Tensor rstd, "
-      "Tensor? weight, Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
-  // The training pair (CPU; what bfloat16 and float16 x train with, whose y is too coarse for the above): the
-  // forward also returns silu_grad = dSiLU/dz at every element (float32, float64 for a float64 x; x's shape),
-  // computed beside y from the same σ(z), and the backward takes it instead of recomputing σ. The GPU
-  // recomputes σ (bandwidth-bound: the extra bytes would cost more than the arithmetic).
-  m.def(
-      "group_norm_silu_train(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "group_norm_silu_train_backward(Tensor grad_y, Tensor x, Tensor silu_grad, Tensor mean, Tensor rstd, "
-      "Tensor? weight, Tensor? bias, int num_groups) -> (Tensor, Tensor, Tensor)");
+      "Tensor? bias, int num_groups, Tensor? y=None, Tensor? silu_grad=None) -> (Tensor, Tensor, Tensor)");
   // ---- end group_norm_silu
 }

@@ -35,7 +35,7 @@ def op_args(sched):
     tables = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     scale = torch.full((2,), 1.5)
     w, b = torch.randn(4), torch.randn(4)
-    y, mean, rstd = torch.ops.fastddpm.group_norm_silu(x, 2, w, b, 1e-5)
+    y, mean, rstd, _ = torch.ops.fastddpm.group_norm_silu(x, 2, w, b, 1e-5)
     loss = (pred, x, t, *tables, noise, None, 0, 2, 5.0, 1)
     p_step = (pred, x, t, sched.reverse_table(), noise, None, 0, 0, 1.0, scale, True, False)
     ddim = (pred, x, t, t_prev, sched.reverse_table(), sched.alphas_cumprod, noise, None, 0, 0, 0.5, 1.0,
@@ -49,11 +49,8 @@ def op_args(sched):
     }
 
     args.update({
-        "group_norm_silu": (x, 2, w, b, 1e-5),
-        "group_norm_silu_train": (x, 2, w, b, 1e-5),
-        "group_norm_silu_backward": (y, x, mean, rstd, w, b, 2),
-        "group_norm_silu_output_backward": (y, x, y, mean, rstd, w, b, 2),
-        "group_norm_silu_train_backward": (y, x, y, mean, rstd, w, b, 2),
+        "group_norm_silu": (x, 2, w, b, 1e-5, True),  # save_silu_grad: silu_grad x-sized, not empty
+        "group_norm_silu_backward": (y, x, mean, rstd, w, b, 2, y, None),
     })
     return args
 

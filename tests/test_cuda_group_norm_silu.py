@@ -146,7 +146,8 @@ def pytorch_errors(x, gy, groups, w, b, ref):
 def run(ops, x, gy, groups, w, b):
     N, C = x.shape[:2]
     poison(torch.empty_like(x), torch.empty(N, groups, device="cuda"), torch.empty(N, groups, device="cuda"))
-    y, mean, rstd = ops.group_norm_silu(x, groups, w, b, EPS)
+    y, mean, rstd, silu_grad = ops.group_norm_silu(x, groups, w, b, EPS)
+    assert silu_grad.shape == (0,)  # (none asked for: the CUDA backward recomputes SiLU')
     poison(torch.empty_like(x), torch.empty(C, device="cuda"), torch.empty(C, device="cuda"))
     gx, gw, gb = ops.group_norm_silu_backward(gy, x, mean, rstd, w, b, groups)
     torch.cuda.synchronize()
@@ -246,7 +247,7 @@ def test_misaligned_views(ops):
 
 def test_empty(ops):
     x = torch.empty(0, 32, 4, 4, device="cuda")
-    y, mean, rstd = ops.group_norm_silu(x, 8, None, None, EPS)
+    y, mean, rstd, _ = ops.group_norm_silu(x, 8, None, None, EPS)
     assert y.shape == x.shape and mean.shape == rstd.shape == (0, 8)
     w = torch.ones(32, device="cuda")
     gx, gw, gb = ops.group_norm_silu_backward(x, x, mean, rstd, w, w, 8)
@@ -277,7 +278,9 @@ def test_bad_inputs(ops):
     with pytest.raises(RuntimeError, match="bias must be a floating tensor"):
         gsn(x, 3, None, torch.ones(6, dtype=torch.int64, device="cuda"), EPS)
 
-    y, mean, rstd = gsn(x, 3, w, w, EPS)
+    with pytest.raises(RuntimeError, match="save_silu_grad=True is CPU only"):
+        gsn(x, 3, w, w, EPS, True)
+    y, mean, rstd, _ = gsn(x, 3, w, w, EPS)
     back = ops.group_norm_silu_backward
     with pytest.raises(RuntimeError, match="grad_y shape"):
         back(y[:1], x, mean, rstd, w, w, 3)
@@ -291,6 +294,10 @@ def test_bad_inputs(ops):
         back(y, x, mean, rstd.cpu(), w, w, 3)
     with pytest.raises(RuntimeError, match="divisible by num_groups"):
         back(y, x, mean, rstd, w, w, 4)
+    with pytest.raises(RuntimeError, match="y and silu_grad are CPU only"):
+        back(y, x, mean, rstd, w, w, 3, y=y)
+    with pytest.raises(RuntimeError, match="y and silu_grad are CPU only"):
+        back(y, x, mean, rstd, w, w, 3, silu_grad=torch.ones_like(y))
 
 
 def test_float64_on_cuda_runs_the_reference():
@@ -298,7 +305,7 @@ def test_float64_on_cuda_runs_the_reference():
     a model in .double()) runs the reference for it on "auto", forward and backward, and says so by name when
     the C++ backend is asked for."""
     from fastddpm import functional
-    from fastddpm.ops import group_norm_silu as op
+    from fastddpm.ops import group_norm_silu as op_slice
 
     torch.manual_seed(0)
     x = torch.randn(2, 8, 5, 3, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -313,4 +320,4 @@ def test_float64_on_cuda_runs_the_reference():
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        op.group_norm_silu(x.detach(), 4, w.detach(), b.detach(), backend="cpp")
+        op_slice.group_norm_silu(x.detach(), 4, w.detach(), b.detach(), backend="cpp")

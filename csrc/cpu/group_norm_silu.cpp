@@ -15,6 +15,7 @@
 //   layout, as the op's fake implementation says, through a copy.
 // Statistics: fp32 (fp64 for fp64 x), mean and rstd = 1 / sqrt(var + eps) with the biased variance.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -34,12 +35,12 @@
 namespace fastddpm {
 namespace {
 
-using group_norm_silu::acc_t;
-using group_norm_silu::Capability;
-using group_norm_silu::Kernels;
-using group_norm_silu::Moments;
-using group_norm_silu::Saved;
-using group_norm_silu::Shape;
+using cpu::group_norm_silu_kernels::acc_t;
+using cpu::group_norm_silu_kernels::Capability;
+using cpu::group_norm_silu_kernels::Kernels;
+using cpu::group_norm_silu_kernels::Moments;
+using cpu::group_norm_silu_kernels::Saved;
+using cpu::group_norm_silu_kernels::Shape;
 
 // NHWC tasks: chunks of about this many elements (whole rows of C); a chunk's two passes stay in L1/L2.
 constexpr int64_t kChunkElements = 4096;
@@ -201,11 +202,18 @@ void forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& g, cons
   });
 }
 
-// The forward, with g = dSiLU/dz saved (in the kernels' layout of x, acc dtype) when `save_grad`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, int64_t num_groups,
-                                                                      const std::optional<at::Tensor>& weight,
-                                                                      const std::optional<at::Tensor>& bias,
-                                                                      double eps, bool save_grad, const char* op) {
+// The [0] tensor the forward returns for a silu_grad not asked for: allocated without a trip through the
+// dispatcher (at::empty's), as it is on every call of a network's forward.
+at::Tensor no_silu_grad(at::ScalarType dtype) {
+  return at::detail::empty_cpu({0}, dtype);
+}
+
+// The forward op: (y, mean, rstd, silu_grad), silu_grad = dSiLU/dz (in the kernels' layout of x, which the
+// backward reads it in; the statistics' dtype) when save_silu_grad, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool save_silu_grad) {
+  constexpr const char* op = "group_norm_silu";
   check_x(x, op);
   check_groups(x, num_groups, op);
   check_params(weight, bias, x, op);
@@ -218,13 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::
       mean.fill_(0);
       rstd.fill_(NAN);
     }
-    return {y, mean, rstd, save_grad ? at::empty_like(x, stat_options) : at::Tensor()};
+    return {y, mean, rstd,
+            save_silu_grad ? at::empty_like(x, stat_options) : no_silu_grad(stat_dtype(x.scalar_type()))};
   }
   const auto [xk, nhwc] = kernel_input(x, s);
   const bool direct = in_layout(y, nhwc);
   at::Tensor yk = direct ? y : at::empty_like(xk);
-  // SiLU' in the kernels' layout of x, which the backward reads it in
-  const at::Tensor g = save_grad ? at::empty_like(xk, stat_options) : at::Tensor();
+  const at::Tensor g = save_silu_grad ? at::empty_like(xk, stat_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_silu_cpu", [&] {
     if (use_avx2()) {
       forward<Capability::kAVX2, scalar_t>(xk, yk, g, mean, rstd, weight, bias, s, eps, nhwc);
@@ -235,21 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::
   if (!direct) {
     y.copy_(yk);
   }
-  return {y, mean, rstd, g};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   double eps) {
-  auto [y, mean, rstd, g] = forward_op(x, num_groups, weight, bias, eps, false, "group_norm_silu");
-  return {y, mean, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_train_cpu(
-    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
-  return forward_op(x, num_groups, weight, bias, eps, true, "group_norm_silu_train");
+  return {y, mean, rstd, save_silu_grad ? g : no_silu_grad(stat_dtype(x.scalar_type()))};
 }
 
 template <Capability cap, typename T>
@@ -345,13 +339,13 @@ void check_stat(const at::Tensor& t, const char* name, const at::Tensor& x, cons
               " must have shape [N, num_groups] = [", s.N, ", ", s.G, "], got ", t.sizes());
 }
 
-// The backward; `saved` (undefined for Saved::kRecompute) as `kind` says.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x,
-                                                           const at::Tensor& saved, Saved kind, const at::Tensor& mean,
-                                                           const at::Tensor& rstd,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           const std::optional<at::Tensor>& bias, int64_t num_groups,
-                                                           const char* op) {
+// The backward op. What SiLU'(z) is formed from (Saved in group_norm_silu.h): silu_grad when given, else y when
+// given, else σ(z) recomputed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
+    const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& silu_grad) {
+  constexpr const char* op = "group_norm_silu_backward";
   check_x(x, op);
   check_groups(x, num_groups, op);
   check_params(weight, bias, x, op);
@@ -361,15 +355,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
               x.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y dtype ", grad_y.scalar_type(),
               " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(!(has(y) && has(silu_grad)), op, ": pass y or silu_grad (what the forward saved), not both");
   const Shape s = shape_of(x, num_groups);
   check_stat(mean, "mean", x, s, op);
   check_stat(rstd, "rstd", x, s, op);
+  const Saved kind = has(silu_grad) ? Saved::kSiluGrad : has(y) ? Saved::kOutput : Saved::kRecompute;
+  const at::Tensor saved = has(silu_grad) ? *silu_grad : has(y) ? *y : at::Tensor();
   if (kind == Saved::kOutput) {
-    // σ = y / z holds y's precision: a bfloat16/float16 y would give SiLU' to 8-11 bits (the training pair
-    // saves a float32 SiLU' for those dtypes instead).
+    // σ = y / z holds y's precision: a bfloat16/float16 y would give SiLU' to 8-11 bits (the forward's
+    // save_silu_grad saves a float32 SiLU' for those dtypes instead).
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                ": x must be float32 or float64 (a reduced-precision y holds too few bits of SiLU'; "
-                "group_norm_silu_train / group_norm_silu_train_backward save SiLU' for it), got ", x.scalar_type());
+                ": a y argument needs a float32 or float64 x (a reduced-precision y holds too few bits of SiLU'; "
+                "group_norm_silu(..., save_silu_grad=True) saves silu_grad for it), got ", x.scalar_type());
   }
   if (kind != Saved::kRecompute) {
     const char* name = kind == Saved::kOutput ? "y" : "silu_grad";
@@ -408,31 +405,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& gra
   return {dx, param_grad(weight, sum_dz_xhat, s, x), param_grad(bias, sum_dz, s, x)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups) {
-  return backward_op(grad_y, x, at::Tensor(), Saved::kRecompute, mean, rstd, weight, bias, num_groups,
-                     "group_norm_silu_backward");
-}
-
-// The backwards that read a saved tensor: y (group_norm_silu_output_backward) or SiLU'(z) (the training pair's).
-template <Saved kKind>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> saved_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& saved, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    int64_t num_groups) {
-  return backward_op(grad_y, x, saved, kKind, mean, rstd, weight, bias, num_groups,
-                     kKind == Saved::kOutput ? "group_norm_silu_output_backward" : "group_norm_silu_train_backward");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
-  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("group_norm_silu", &group_norm_silu_forward_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
-  m.impl("group_norm_silu_output_backward", &saved_backward_cpu<Saved::kOutput>);
-  m.impl("group_norm_silu_train", &group_norm_silu_train_cpu);
-  m.impl("group_norm_silu_train_backward", &saved_backward_cpu<Saved::kSiluGrad>);
 }
 
 }  // namespace fastddpm

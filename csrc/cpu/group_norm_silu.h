@@ -20,7 +20,7 @@
 #define FASTDDPM_GROUP_NORM_SILU_AVX2 0
 #endif
 
-namespace fastddpm::group_norm_silu {
+namespace fastddpm::cpu::group_norm_silu_kernels {
 
 // The math type of a storage type: double for double, float for float, bfloat16 and half.
 template <typename T>
@@ -96,4 +96,4 @@ struct Kernels {
                                   const Shape& s, int64_t rows, int64_t begin, int64_t end);
 };
 
-}  // namespace fastddpm::group_norm_silu
+}  // namespace fastddpm::cpu::group_norm_silu_kernels

@@ -56,13 +56,13 @@
 
 #include "group_norm_silu_kernels.h"
 
-namespace fastddpm::group_norm_silu {
+namespace fastddpm::cpu::group_norm_silu_kernels {
 
 template struct Kernels<Capability::kAVX2, float>;
 template struct Kernels<Capability::kAVX2, double>;
 template struct Kernels<Capability::kAVX2, c10::BFloat16>;
 template struct Kernels<Capability::kAVX2, c10::Half>;
 
-}  // namespace fastddpm::group_norm_silu
+}  // namespace fastddpm::cpu::group_norm_silu_kernels
 
 #endif  // FASTDDPM_GROUP_NORM_SILU_AVX2

@@ -6,11 +6,11 @@
 
 #include "group_norm_silu_kernels.h"
 
-namespace fastddpm::group_norm_silu {
+namespace fastddpm::cpu::group_norm_silu_kernels {
 
 template struct Kernels<Capability::kDefault, float>;
 template struct Kernels<Capability::kDefault, double>;
 template struct Kernels<Capability::kDefault, c10::BFloat16>;
 template struct Kernels<Capability::kDefault, c10::Half>;
 
-}  // namespace fastddpm::group_norm_silu
+}  // namespace fastddpm::cpu::group_norm_silu_kernels

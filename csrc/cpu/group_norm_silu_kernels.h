@@ -28,7 +28,7 @@
 
 #include "group_norm_silu.h"
 
-namespace fastddpm::group_norm_silu {
+namespace fastddpm::cpu::group_norm_silu_kernels {
 namespace {  // internal linkage: each capability's copy stays in its own object file
 
 using at::vec::Vectorized;
@@ -691,4 +691,4 @@ void Kernels<cap, T>::backward_nhwc_apply(const T* dy, const T* x, const acc* sa
   });
 }
 
-}  // namespace fastddpm::group_norm_silu
+}  // namespace fastddpm::cpu::group_norm_silu_kernels

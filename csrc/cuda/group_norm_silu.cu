@@ -907,8 +907,8 @@ size_t group_norm_silu_backward_workspace_bytes(const GnBackwardArgs& args, int 
   return backward_workspace(args, num_sms, nullptr).bytes;
 }
 
-cudaError_t group_norm_silu_forward(const GnForwardArgs& a, void* workspace, size_t workspace_bytes, int num_sms,
-                                    cudaStream_t stream) {
+cudaError_t launch_group_norm_silu_forward(const GnForwardArgs& a, void* workspace, size_t workspace_bytes,
+                                           int num_sms, cudaStream_t stream) {
   const GnShape& s = a.shape;
   if (!shape_ok(s) || num_sms < 1) {
     return cudaErrorInvalidValue;
@@ -980,8 +980,8 @@ cudaError_t group_norm_silu_forward(const GnForwardArgs& a, void* workspace, siz
   });
 }
 
-cudaError_t group_norm_silu_backward(const GnBackwardArgs& a, void* workspace, size_t workspace_bytes, int num_sms,
-                                     cudaStream_t stream) {
+cudaError_t launch_group_norm_silu_backward(const GnBackwardArgs& a, void* workspace, size_t workspace_bytes,
+                                            int num_sms, cudaStream_t stream) {
   const GnShape& s = a.shape;
   if (!shape_ok(s) || num_sms < 1) {
     return cudaErrorInvalidValue;

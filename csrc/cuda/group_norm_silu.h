@@ -64,10 +64,10 @@ size_t group_norm_silu_backward_workspace_bytes(const GnBackwardArgs& args, int 
 // num_sms: the device's multiprocessor count, which sets how far a group's reduction is split. The
 // results are deterministic for a given shape, layout, alignment and num_sms: every reduction runs in a
 // fixed order, with no floating-point atomics.
-cudaError_t group_norm_silu_forward(const GnForwardArgs& args, void* workspace, size_t workspace_bytes,
-                                    int num_sms, cudaStream_t stream);
-cudaError_t group_norm_silu_backward(const GnBackwardArgs& args, void* workspace, size_t workspace_bytes,
-                                     int num_sms, cudaStream_t stream);
+cudaError_t launch_group_norm_silu_forward(const GnForwardArgs& args, void* workspace, size_t workspace_bytes,
+                                           int num_sms, cudaStream_t stream);
+cudaError_t launch_group_norm_silu_backward(const GnBackwardArgs& args, void* workspace, size_t workspace_bytes,
+                                            int num_sms, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastddpm

@@ -1,5 +1,7 @@
 // group_norm_silu and group_norm_silu_backward on CUDA: input checks, outputs, workspace, device guard and
-// current stream around the plain-CUDA kernels of group_norm_silu.cu (schemas in csrc/fastddpm.cpp).
+// current stream around the plain-CUDA kernels of group_norm_silu.cu (schemas in csrc/fastddpm.cpp). The
+// CUDA backward recomputes σ (bandwidth-bound: reading a saved SiLU' or y would cost more than the arithmetic),
+// so the forward here takes no save_silu_grad and the backward no y or silu_grad.
 //
 // The outputs y and grad_x are empty_like(x), as the ops' fake implementations say: x's strides when x is
 // dense, else its suggested memory format. The kernels read and write NCHW-contiguous or channels-last
@@ -172,11 +174,11 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
-                                                                    const std::optional<at::Tensor>& weight,
-                                                                    const std::optional<at::Tensor>& bias,
-                                                                    double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cuda(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool save_silu_grad) {
   constexpr const char* op = "group_norm_silu";
+  TORCH_CHECK(!save_silu_grad, op, ": save_silu_grad=True is CPU only (the CUDA backward recomputes SiLU')");
   check_x(x, num_groups, op);
   check_affine(weight, x, "weight", op);
   check_affine(bias, x, "bias", op);
@@ -190,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
     // As torch.native_group_norm: an empty group has mean 0 and variance 0/0.
     mean.zero_();
     rstd.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {y, mean, rstd};
+    return {y, mean, rstd, at::empty({0}, mean.options())};
   }
   const std::optional<GnLayout> direct = layout_of(y);
   const GnLayout layout = direct.value_or(GnLayout::kNCHW);
@@ -210,18 +212,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
   const size_t bytes = cuda::group_norm_silu_forward_workspace_bytes(args, num_sms);
   at::Tensor ws = workspace(bytes, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  check_launch(cuda::group_norm_silu_forward(args, bytes > 0 ? ws.mutable_data_ptr() : nullptr, bytes, num_sms, stream),
-               op);
+  check_launch(
+      cuda::launch_group_norm_silu_forward(args, bytes > 0 ? ws.mutable_data_ptr() : nullptr, bytes, num_sms, stream),
+      op);
   if (!direct) {
     y.copy_(out);
   }
-  return {y, mean, rstd};
+  return {y, mean, rstd, at::empty({0}, mean.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups) {
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
+    const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& silu_grad) {
   constexpr const char* op = "group_norm_silu_backward";
+  TORCH_CHECK(!present(y) && !present(silu_grad), op,
+              ": y and silu_grad are CPU only (the CUDA backward recomputes SiLU'); pass neither");
   check_x(x, num_groups, op);
   TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y must be on the device of x (", x.device(), "), got ",
               grad_y.device());
@@ -273,8 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
   const size_t bytes = cuda::group_norm_silu_backward_workspace_bytes(args, num_sms);
   at::Tensor ws = workspace(bytes, x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  check_launch(
-      cuda::group_norm_silu_backward(args, bytes > 0 ? ws.mutable_data_ptr() : nullptr, bytes, num_sms, stream), op);
+  check_launch(cuda::launch_group_norm_silu_backward(args, bytes > 0 ? ws.mutable_data_ptr() : nullptr, bytes,
+                                                     num_sms, stream),
+               op);
   if (!direct) {
     grad_x.copy_(out);
   }
@@ -284,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
-  m.impl("group_norm_silu", &group_norm_silu_cuda);
+  m.impl("group_norm_silu", &group_norm_silu_forward_cuda);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cuda);
 }
 

@@ -53,7 +53,7 @@ int emu_forward(int64_t N, int64_t C, int64_t HW, int64_t G, int layout, int dty
   const fastddpm::cuda::GnForwardArgs args{shape, xb + offset, wb, bb, eps, yb + offset, mb, rb};
   const size_t ws_bytes = fastddpm::cuda::group_norm_silu_forward_workspace_bytes(args, num_sms);
   char* ws = ws_bytes > 0 ? exact(ws_bytes, 0) : nullptr;
-  const cudaError_t err = fastddpm::cuda::group_norm_silu_forward(args, ws, ws_bytes, num_sms, nullptr);
+  const cudaError_t err = fastddpm::cuda::launch_group_norm_silu_forward(args, ws, ws_bytes, num_sms, nullptr);
   std::memcpy(y, yb + offset, bytes);
   std::memcpy(mean, mb, N * G * sizeof(float));
   std::memcpy(rstd, rb, N * G * sizeof(float));
@@ -83,7 +83,7 @@ int emu_backward(int64_t N, int64_t C, int64_t HW, int64_t G, int layout, int dt
   const fastddpm::cuda::GnBackwardArgs args{shape, gyb, xb + offset, mb, rb, wb, bb, gxb + offset, gwb, gbb};
   const size_t ws_bytes = fastddpm::cuda::group_norm_silu_backward_workspace_bytes(args, num_sms);
   char* ws = ws_bytes > 0 ? exact(ws_bytes, 0) : nullptr;
-  const cudaError_t err = fastddpm::cuda::group_norm_silu_backward(args, ws, ws_bytes, num_sms, nullptr);
+  const cudaError_t err = fastddpm::cuda::launch_group_norm_silu_backward(args, ws, ws_bytes, num_sms, nullptr);
   std::memcpy(gx, gxb + offset, bytes);
   if (gw != nullptr) {
     std::memcpy(gw, gwb, C * sizeof(float));

@@ -1,8 +1,11 @@
-"""The fused GroupNorm + SiLU op on the CPU (csrc/cpu/group_norm_silu*.cpp, fastddpm/ops/group_norm_silu.py).
+"""group_norm_silu: fastddpm/ops/group_norm_silu.py, csrc/cpu/group_norm_silu*.cpp, csrc/cuda/group_norm_silu*
 
-Forward, statistics and all three gradients against a float64 reference over shapes × layouts × dtypes
-(with NaN-poisoned allocations, so an unwritten element fails); gradcheck and opcheck; torch.compile;
-the profiler; thread-count independence; the DEFAULT (non-AVX2) kernels; bad inputs.
+Each backend present (the reference; the C++ op on this machine's device) against a float64 oracle, forward
+and gradients, and gradcheck. Then the op itself on the CPU: forward, statistics and all three gradients by
+every way the backward op can form SiLU' (recomputed, from y, from silu_grad) over shapes × layouts × dtypes
+(with NaN-poisoned allocations, so an unwritten element fails); gradcheck and opcheck; torch.compile; the
+profiler; thread-count independence; the DEFAULT (non-AVX2) kernels; bad inputs. (CUDA specifics:
+tests/test_cuda_group_norm_silu.py.)
 """
 
 import subprocess
@@ -12,24 +15,46 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastddpm
 from fastddpm import _extension
 from fastddpm.functional import group_norm_silu
 from fastddpm.nn import GroupNormSiLU
-from fastddpm.ops.group_norm_silu import group_norm_silu as group_norm_silu_op
+from fastddpm.ops import group_norm_silu as op_slice
+from tests.conftest import rel_err
+from tests.test_functional import group_norm_silu_fp64
 
-from .conftest import rel_err
-from .test_functional import group_norm_silu_fp64
+from .conftest import backends_present, device
 
-pytestmark = pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C++ extension (make build)")
+# The tests of the C++ op on CPU tensors (all but the first few, which run each backend present).
+needs_cpp = pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C++ extension (make build)")
 
-OP = torch.ops.fastddpm.group_norm_silu
-BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_backward
-# CPU, float32/float64 x: the autograd node of OP saves y and runs this backward (SiLU' from y, σ = y / z)
-OUTPUT_BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_output_backward
-TRAIN_OP = torch.ops.fastddpm.group_norm_silu_train  # the CPU training pair: the forward saves SiLU'(z)
-TRAIN_BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_train_backward
+if _extension.cpu_built():
+    OP = torch.ops.fastddpm.group_norm_silu
+    BACKWARD_OP = torch.ops.fastddpm.group_norm_silu_backward
+
+
+def forward_op(x, num_groups, w, b, eps):
+    """OP's (y, mean, rstd), with no silu_grad asked for (its fourth output: empty)."""
+    y, mean, rstd, silu_grad = OP(x, num_groups, w, b, eps)
+    assert silu_grad.shape == (0,)
+    return y, mean, rstd
+
+
+def train_op(x, num_groups, w, b, eps):
+    """OP with save_silu_grad=True: (y, mean, rstd, silu_grad), what a bfloat16/float16 x trains with."""
+    return OP(x, num_groups, w, b, eps, save_silu_grad=True)
+
+
+def output_backward(dy, x, y, mean, rstd, w, b, num_groups):
+    """BACKWARD_OP forming SiLU' from y (σ = y / z): what the CPU autograd node of float32/float64 x runs."""
+    return BACKWARD_OP(dy, x, mean, rstd, w, b, num_groups, y=y)
+
+
+def train_backward(dy, x, silu_grad, mean, rstd, w, b, num_groups):
+    """BACKWARD_OP reading the saved silu_grad."""
+    return BACKWARD_OP(dy, x, mean, rstd, w, b, num_groups, silu_grad=silu_grad)
 
 CASES = [  # (shape, num_groups)
     ((3, 6, 5, 4), 3),          # C = 6, G = 3
@@ -111,22 +136,22 @@ def silu_grad_fp64(x, num_groups, w, b, eps=1e-5):
 
 def check_case(shape, num_groups, layout, dtype, affine, seed):
     """Every way to the gradients against float64: OP through its autograd node (on the CPU SiLU' from y for
-    float32/float64, σ recomputed for bfloat16), the training pair (saves SiLU'(z)), and each backward op
-    called directly: recompute σ (BACKWARD_OP), and from y (OUTPUT_BACKWARD_OP, float32/float64)."""
+    float32/float64, σ recomputed for bfloat16), OP with save_silu_grad (the node saves SiLU'(z)), and the
+    backward op called directly: recompute σ, and from y (float32/float64)."""
     gen = torch.Generator().manual_seed(seed)
     x = make_x(shape, layout, dtype, gen)
     w, b = make_params(shape[1], dtype, gen, weight=affine, bias=affine)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     ref = fp64_reference(x, num_groups, w, b, dy)
-    y = check_pair(OP, x, num_groups, w, b, dy, ref)
-    y_train = check_pair(TRAIN_OP, x, num_groups, w, b, dy, ref)
+    y = check_pair(forward_op, x, num_groups, w, b, dy, ref)
+    y_train = check_pair(train_op, x, num_groups, w, b, dy, ref)
     assert torch.equal(y, y_train)  # the same σ, the same rounding
     with torch.no_grad():
-        y_op, mean, rstd = OP(x, num_groups, w, b, 1e-5)
+        y_op, mean, rstd = forward_op(x, num_groups, w, b, 1e-5)
     assert torch.equal(y_op, y)
     backward_ops = {"recompute": lambda: BACKWARD_OP(dy, x, mean, rstd, w, b, num_groups)}
     if dtype in (torch.float32, torch.float64):
-        backward_ops["from y"] = lambda: OUTPUT_BACKWARD_OP(dy, x, y_op, mean, rstd, w, b, num_groups)
+        backward_ops["from y"] = lambda: output_backward(dy, x, y_op, mean, rstd, w, b, num_groups)
     for name, backward in backward_ops.items():
         gx, gw, gb = backward()
         grads = {"x": gx, **({"w": gw, "b": gb} if affine else {})}
@@ -177,6 +202,50 @@ def check_against_reference(x, num_groups, w, b, dy, y, grads, ref):
     assert all(errors[k] <= limits[k] for k in errors), (errors, limits)
 
 
+# ----------------------------------------------------------------------------- each backend present
+BACKENDS = backends_present("group_norm_silu")
+BACKEND_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", BACKEND_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,num_groups", CASES[:4] + CASES[6:8],
+                         ids=[f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES[:4] + CASES[6:8]])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_fp64_reference(backend, shape, num_groups, layout, dtype, affine):
+    """y and the x, weight and bias gradients through the entry of fastddpm/ops against the float64 oracle
+    (float16/bfloat16: within 2× the error of PyTorch's own F.silu(F.group_norm) at that dtype)."""
+    seed = zlib.crc32(repr((backend, shape, layout, dtype, affine)).encode())
+    gen = torch.Generator().manual_seed(seed)
+    x = make_x(shape, layout, dtype, gen).to(device())
+    w, b = (None if p is None else p.to(device()) for p in make_params(shape[1], dtype, gen, affine, affine))
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device())
+
+    def run(x, w, b):
+        return op_slice.group_norm_silu(x, num_groups, w, b, 1e-5, backend=backend)
+
+    if backend == "cpp" and x.is_cuda and dtype == torch.float64:  # the CUDA kernels take no float64
+        with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16 on CUDA, got Double"):
+            run(x, w, b)
+        return
+    y, grads = grads_of(run, x, w, b, dy)
+    assert y.dtype == x.dtype and y.stride() == torch.empty_like(x).stride()
+    check_against_reference(x, num_groups, w, b, dy, y, grads, fp64_reference(x, num_groups, w, b, dy))
+
+
+# (the CUDA kernels take no float64: there the op's gradients are held to the oracle above; gradcheck: CPU)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if not (b == "cpp" and device().type == "cuda")])
+def test_backend_gradcheck_fp64(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = make_x((2, 6, 3, 4), "contiguous", torch.float64, gen).to(device()).requires_grad_()
+    w, b = (p.to(device()).requires_grad_() for p in make_params(6, torch.float64, gen))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: op_slice.group_norm_silu(x, 3, w, b, 1e-5, backend=backend), (x, w, b))
+
+
+# ----------------------------------------------------------------------------- the C++ op on the CPU
+@needs_cpp
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -186,11 +255,13 @@ def test_matches_fp64_reference(poisoned, shape, num_groups, layout, dtype, affi
     check_case(shape, num_groups, layout, dtype, affine, seed)
 
 
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_matches_fp64_reference_large(poisoned, layout):
     check_case(*BIG, layout, torch.float32, True, seed=7)
 
 
+@needs_cpp
 @pytest.mark.parametrize("weight,bias", [(True, False), (False, True)])
 def test_weight_or_bias_alone(poisoned, weight, bias):
     gen = torch.Generator().manual_seed(8)
@@ -202,13 +273,14 @@ def test_weight_or_bias_alone(poisoned, weight, bias):
     assert rel_err(y, ref_y) <= 1e-5
     assert set(grads) == set(ref_grads) and all(rel_err(grads[k], ref_grads[k]) <= 1e-4 for k in grads)
     # The raw backward returns empty tensors for the missing parameter.
-    _, mean, rstd = OP(x, 3, w, b, 1e-5)
+    _, mean, rstd = forward_op(x, 3, w, b, 1e-5)
     _, gw, gb = BACKWARD_OP(dy, x, mean, rstd, w, b, 3)
     assert (gw.numel() == 0) == (w is None) and (gb.numel() == 0) == (b is None)
 
 
-@pytest.mark.parametrize("op", [OP, TRAIN_OP], ids=["op", "train-op"])
-def test_autograd_returns_each_gradient_asked_for(op):
+@needs_cpp
+@pytest.mark.parametrize("save_silu_grad", [False, True], ids=["op", "save-silu-grad"])
+def test_autograd_returns_each_gradient_asked_for(save_silu_grad):
     """The C++ autograd node (csrc/autograd.cpp) routes the backward's gradients to x, weight
     and bias by the tensors given: every subset requiring grad, with the weight or the bias absent, in float64
     against autograd of the composite."""
@@ -225,7 +297,7 @@ def test_autograd_returns_each_gradient_asked_for(op):
                 inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
                 if not inputs:
                     continue
-                grads = torch.autograd.grad(op(x, 3, w, b, 1e-5)[0], inputs, dy)
+                grads = torch.autograd.grad(OP(x, 3, w, b, 1e-5, save_silu_grad)[0], inputs, dy)
                 z = F.group_norm(x, 3, eps=1e-5)  # (F.group_norm's own backward fails for a bias alone)
                 z = z * w[:, None, None] if w is not None else z
                 z = z + b[:, None, None] if b is not None else z
@@ -233,6 +305,7 @@ def test_autograd_returns_each_gradient_asked_for(op):
                 assert all(rel_err(g, e) <= 1e-12 for g, e in zip(grads, expected)), (has_w, has_b, wanted)
 
 
+@needs_cpp
 def test_torch_func_transforms_and_compiled_autograd():
     """torch.func refuses C++ autograd Functions: under a transform the functional runs the reference (same
     gradient as the composite). Compiled autograd traces the C++ node (it refuses nodes that marked outputs
@@ -256,6 +329,7 @@ def test_torch_func_transforms_and_compiled_autograd():
     torch._dynamo.reset()
 
 
+@needs_cpp
 def test_permuted_dense_layout(poisoned):
     # Dense but neither NCHW nor channels-last (batch not outermost): y and dx follow empty_like(x).
     gen = torch.Generator().manual_seed(9)
@@ -268,12 +342,13 @@ def test_permuted_dense_layout(poisoned):
     assert rel_err(y, ref_y) <= 1e-5 and all(rel_err(grads[k], ref_grads[k]) <= 1e-4 for k in grads)
 
 
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_statistics(layout, dtype):
     gen = torch.Generator().manual_seed(10)
     x = make_x((3, 32, 9, 7), layout, dtype, gen)
-    _, mean, rstd = OP(x, 8, None, None, 1e-5)
+    _, mean, rstd = forward_op(x, 8, None, None, 1e-5)
     assert mean.shape == rstd.shape == (3, 8)
     assert mean.dtype == rstd.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     g = x.double().reshape(3, 8, -1)
@@ -283,6 +358,7 @@ def test_statistics(layout, dtype):
     assert rel_err(mean, ref_mean) <= tol and rel_err(rstd, ref_rstd) <= tol
 
 
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_variance_of_a_large_offset_is_accurate(layout):
     # mean/std = 3·10⁴: E[x²] − E[x]² in float32 would lose every digit of the variance here.
@@ -290,13 +366,14 @@ def test_variance_of_a_large_offset_is_accurate(layout):
     x = (300.0 + 0.01 * torch.randn(2, 16, 24, 24, generator=gen, dtype=torch.float64)).float()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    _, mean, rstd = OP(x, 4, None, None, 1e-12)
+    _, mean, rstd = forward_op(x, 4, None, None, 1e-12)
     g = x.double().reshape(2, 4, -1)
     ref_rstd = 1 / torch.sqrt((g - g.mean(-1, keepdim=True)).square().mean(-1) + 1e-12)
     assert rel_err(rstd, ref_rstd) <= 1e-4
     assert rel_err(mean, g.mean(-1)) <= 1e-7
 
 
+@needs_cpp
 def test_constant_group_gives_bias():
     # Variance 0: x̂ = 0 exactly, so y = SiLU(bias) (no cancellation error scaled by 1/sqrt(eps)).
     x = torch.full((2, 4, 3, 3), 1.7)
@@ -307,6 +384,7 @@ def test_constant_group_gives_bias():
     torch.testing.assert_close(y[:, :2], expected, rtol=1e-6, atol=1e-7)
 
 
+@needs_cpp
 def test_mixed_dtype_bfloat16_x_float32_params():
     gen = torch.Generator().manual_seed(12)
     x = make_x((2, 32, 6, 6), "contiguous", torch.bfloat16, gen)
@@ -321,6 +399,7 @@ def test_mixed_dtype_bfloat16_x_float32_params():
     assert all(rel_err(grads[k], ref_grads[k]) <= 2 * rel_err(torch_grads[k], ref_grads[k]) for k in grads)
 
 
+@needs_cpp
 def test_empty_inputs():
     for shape in [(0, 4, 3, 3), (2, 4, 0)]:
         x = torch.randn(shape, requires_grad=True)
@@ -331,6 +410,7 @@ def test_empty_inputs():
 
 
 # ----------------------------------------------------------------------------- autograd, registration
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_fp64(layout):
     gen = torch.Generator().manual_seed(13)
@@ -364,69 +444,96 @@ def opcheck_forward_args():
         yield x, g, w, b
 
 
+@needs_cpp
 def test_opcheck_forward():
     for x, g, w, b in opcheck_forward_args():
         torch.library.opcheck(OP.default, (x, g, w, b, 1e-5))
 
 
+@needs_cpp
 def test_opcheck_backward():
+    """The backward op with each thing the forward may save: nothing (σ recomputed), y, silu_grad."""
     for x, g, w, b in opcheck_args():
-        _, mean, rstd = OP(x, g, w, b, 1e-5)
+        _, mean, rstd = forward_op(x, g, w, b, 1e-5)
         torch.library.opcheck(BACKWARD_OP.default, (torch.randn_like(x), x, mean, rstd, w, b, g))
 
 
-def test_opcheck_output_backward():
+@needs_cpp
+def test_opcheck_backward_from_y():
     for x, g, w, b in opcheck_args():
         if x.dtype == torch.bfloat16:
-            continue  # refused (test_bad_inputs_output_backward_op)
-        y, mean, rstd = OP(x, g, w, b, 1e-5)
-        torch.library.opcheck(OUTPUT_BACKWARD_OP.default, (torch.randn_like(x), x, y, mean, rstd, w, b, g))
+            continue  # refused (test_bad_inputs_backward_op_with_a_saved_tensor)
+        y, mean, rstd = forward_op(x, g, w, b, 1e-5)
+        torch.library.opcheck(BACKWARD_OP.default, (torch.randn_like(x), x, mean, rstd, w, b, g, y, None))
 
 
-def test_opcheck_train_pair():
+@needs_cpp
+def test_opcheck_save_silu_grad():
     for x, g, w, b in opcheck_forward_args():
-        torch.library.opcheck(TRAIN_OP.default, (x, g, w, b, 1e-5))
+        torch.library.opcheck(OP.default, (x, g, w, b, 1e-5, True))
         with torch.no_grad():
-            _, mean, rstd, silu_grad = TRAIN_OP(x, g, w, b, 1e-5)
-        torch.library.opcheck(TRAIN_BACKWARD_OP.default,
-                              (torch.randn_like(x), x.detach(), silu_grad, mean, rstd,
-                               None if w is None else w.detach(), None if b is None else b.detach(), g))
+            _, mean, rstd, silu_grad = train_op(x, g, w, b, 1e-5)
+        torch.library.opcheck(BACKWARD_OP.default,
+                              (torch.randn_like(x), x.detach(), mean, rstd, None if w is None else w.detach(),
+                               None if b is None else b.detach(), g, None, silu_grad))
 
 
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_train_pair_gradcheck_fp64(layout):
+def test_save_silu_grad_gradcheck_fp64(layout):
     gen = torch.Generator().manual_seed(17)
     x = make_x((2, 6, 3, 4), layout, torch.float64, gen).requires_grad_()
     w, b = make_params(6, torch.float64, gen)
-    assert torch.autograd.gradcheck(lambda x, w, b: TRAIN_OP(x, 3, w, b, 1e-5)[0],
+    assert torch.autograd.gradcheck(lambda x, w, b: train_op(x, 3, w, b, 1e-5)[0],
                                     (x, w.requires_grad_(), b.requires_grad_()))
 
 
+class OpCalls(TorchDispatchMode):
+    """Records each fastddpm op call below autograd: (op, save_silu_grad) for the forward, (op, what SiLU' is
+    formed from: "y", "silu_grad" or "recomputed") for the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastddpm":
+            named = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
+            if func.name() == "fastddpm::group_norm_silu":
+                self.calls.add((func.name(), bool(named.get("save_silu_grad", False))))
+            else:
+                saved = [k for k in ("y", "silu_grad") if named.get(k) is not None]
+                self.calls.add((func.name(), saved[0] if saved else "recomputed"))
+        return func(*args, **kwargs)
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_functional_picks_the_op_pair_by_dtype_and_grad(dtype):
-    """CPU: float32/float64 run group_norm_silu, whose backward works from y; bfloat16/float16 run the training
-    pair when a gradient is needed (and group_norm_silu, with no node, when none is)."""
+def test_functional_picks_what_the_backward_reads_by_dtype_and_grad(dtype):
+    """CPU: float32/float64 nodes keep y, from which the backward forms SiLU'; bfloat16/float16 ask the
+    forward for silu_grad when a gradient is needed (and for nothing, with no node, when none is)."""
     x, w, b = (torch.randn(2, 8, 3, 3).to(dtype), torch.randn(8).to(dtype), torch.randn(8).to(dtype))
     reduced = dtype in (torch.bfloat16, torch.float16)
-    names = {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_train", "fastddpm::group_norm_silu_backward",
-             "fastddpm::group_norm_silu_output_backward", "fastddpm::group_norm_silu_train_backward"}
 
     def ops_run(**requires):
         xs = [t.detach().requires_grad_(requires.get(k, False)) for k, t in zip("xwb", (x, w, b))]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with OpCalls() as mode:
             y = group_norm_silu(*xs[:1], 4, *xs[1:])
             if y.requires_grad:
                 y.sum().backward()
-        return {e.name for e in prof.events()} & names
+        return mode.calls
 
-    trained = ({"fastddpm::group_norm_silu_train", "fastddpm::group_norm_silu_train_backward"} if reduced else
-               {"fastddpm::group_norm_silu", "fastddpm::group_norm_silu_output_backward"})
-    assert ops_run() == {"fastddpm::group_norm_silu"}
+    forward = ("fastddpm::group_norm_silu", False)
+    trained = ({("fastddpm::group_norm_silu", True), ("fastddpm::group_norm_silu_backward", "silu_grad")}
+               if reduced else {forward, ("fastddpm::group_norm_silu_backward", "y")})
+    assert ops_run() == {forward}
     assert ops_run(x=True) == ops_run(w=True) == ops_run(b=True) == trained
     with torch.no_grad():
-        assert ops_run(x=True) == {"fastddpm::group_norm_silu"}
+        assert ops_run(x=True) == {forward}
 
 
+@needs_cpp
 def test_backward_after_an_in_place_change_of_y_raises():
     """The float32 CPU backward reads y: autograd's version check refuses a y changed in place (as for
     torch.sigmoid), instead of a wrong gradient. An out-of-place change is fine."""
@@ -450,6 +557,7 @@ class ConvNormAct(torch.nn.Module):
         return self.norm(self.conv(x))
 
 
+@needs_cpp
 def test_compile_fullgraph_module():
     torch.manual_seed(15)
     model = ConvNormAct()
@@ -466,24 +574,26 @@ def test_compile_fullgraph_module():
     assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, grads_ref))
 
 
+@needs_cpp
 def test_profiler_shows_the_fused_op():
     model = GroupNormSiLU(8, 32)
     x = torch.randn(2, 32, 6, 6, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(x).sum().backward()
     names = {e.name for e in prof.events()}
-    assert "fastddpm::group_norm_silu" in names and "fastddpm::group_norm_silu_output_backward" in names
+    assert "fastddpm::group_norm_silu" in names and "fastddpm::group_norm_silu_backward" in names
     assert not names & {"aten::group_norm", "aten::native_group_norm", "aten::native_group_norm_backward",
                         "aten::silu", "aten::silu_backward"}
 
 
+@needs_cpp
 def test_backend_choice(monkeypatch):
     assert fastddpm.build_info()["backends"]["cpu"]["group_norm_silu"] == "cpp"
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.randn(8), torch.randn(8)
     for backend in ("cpp", "reference"):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            y = group_norm_silu_op(x, 4, w, b, 1e-5, backend=backend)
+            y = op_slice.group_norm_silu(x, 4, w, b, 1e-5, backend=backend)
         names = {e.name for e in prof.events()}
         assert ("fastddpm::group_norm_silu" in names) == (backend == "cpp")
         assert rel_err(y, group_norm_silu_fp64(x, 4, w, b)) <= 1e-5
@@ -494,6 +604,7 @@ def test_backend_choice(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- determinism, capabilities
+@needs_cpp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_independent_of_thread_count(layout, dtype):
@@ -507,24 +618,24 @@ def test_independent_of_thread_count(layout, dtype):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y, mean, rstd = OP(x, 32, w, b, 1e-5)
+            y, mean, rstd = forward_op(x, 32, w, b, 1e-5)
             results.append((y, mean, rstd, *BACKWARD_OP(dy, x, mean, rstd, w, b, 32)))
             if dtype == torch.float32:
-                results[-1] += OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, w, b, 32)
-            y, mean, rstd, silu_grad = TRAIN_OP(x, 32, w, b, 1e-5)
-            results[-1] += (y, mean, rstd, silu_grad,
-                            *TRAIN_BACKWARD_OP(dy, x, silu_grad, mean, rstd, w, b, 32))
+                results[-1] += output_backward(dy, x, y, mean, rstd, w, b, 32)
+            y, mean, rstd, silu_grad = train_op(x, 32, w, b, 1e-5)
+            results[-1] += (y, mean, rstd, silu_grad, *train_backward(dy, x, silu_grad, mean, rstd, w, b, 32))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+@needs_cpp
 def test_default_capability_kernels():
     # The kernels compiled without AVX2 (what a CPU without it runs), chosen by ATEN_CPU_CAPABILITY=default.
     code = """
 import torch
-from tests.test_group_norm_silu import check_case
+from tests.ops.test_group_norm_silu import check_case
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 for i, (shape, g, layout, dtype) in enumerate([((3, 6, 5, 4), 3, "contiguous", torch.float32),
                                               ((2, 20, 5, 7), 5, "channels_last", torch.float32),
@@ -538,7 +649,7 @@ print("ok")
     import os
 
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
     assert r.returncode == 0 and r.stdout.split()[-1] == "ok", r.stderr[-3000:]
 
@@ -547,6 +658,7 @@ print("ok")
 X6 = torch.randn(2, 6, 3)
 
 
+@needs_cpp
 @pytest.mark.parametrize(
     "x,num_groups,weight,bias,match",
     [
@@ -567,10 +679,11 @@ def test_bad_inputs_raw_op(x, num_groups, weight, bias, match):
         OP(x, num_groups, weight, bias, 1e-5)
 
 
+@needs_cpp
 @pytest.mark.isolated
 def test_bad_inputs_raw_backward_op():
     x = torch.randn(2, 6, 3)
-    _, mean, rstd = OP(x, 3, None, None, 1e-5)
+    _, mean, rstd = forward_op(x, 3, None, None, 1e-5)
     dy = torch.randn_like(x)
     with pytest.raises(RuntimeError, match=r"mean must have shape \[N, num_groups\] = \[2, 3\], got \[2, 2"):
         BACKWARD_OP(dy, x, mean[:, :2], rstd, None, None, 3)
@@ -588,6 +701,7 @@ def test_bad_inputs_raw_backward_op():
         BACKWARD_OP(dy, x, mean, rstd, torch.ones(3), None, 3)
 
 
+@needs_cpp
 def test_silu_grad_from_y_at_the_extremes():
     """σ = y / z where z is 0 (0/0: σ = 1/2 instead), tiny, and where σ saturates (z far below 0 or above):
     finite gradients, equal to recomputing σ within float32 rounding."""
@@ -596,25 +710,26 @@ def test_silu_grad_from_y_at_the_extremes():
     w = torch.tensor([1.0, 1e-30, 0.0, 200.0, -200.0, 1.0, 50.0, -50.0])
     b = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -120.0, 0.0, 95.0])
     dy = torch.randn(x.shape, generator=gen)
-    y, mean, rstd = OP(x, 4, w, b, 1e-5)
-    from_y = OUTPUT_BACKWARD_OP(dy, x, y, mean, rstd, w, b, 4)
+    y, mean, rstd = forward_op(x, 4, w, b, 1e-5)
+    from_y = output_backward(dy, x, y, mean, rstd, w, b, 4)
     recomputed = BACKWARD_OP(dy, x, mean, rstd, w, b, 4)
     assert all(torch.isfinite(t).all() for t in from_y)
     errors = [rel_err(a, r) for a, r in zip(from_y, recomputed)]
     assert all(e <= 1e-5 for e in errors), errors
 
 
+@needs_cpp
 @pytest.mark.isolated
 @pytest.mark.parametrize("name", ["y", "silu_grad"])
-def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
-    """group_norm_silu_output_backward (reads y) and the training pair's backward (reads silu_grad)."""
+def test_bad_inputs_backward_op_with_a_saved_tensor(name):
+    """The backward op given y (SiLU' from the output) or silu_grad (saved by the forward)."""
     x = torch.randn(2, 6, 3)
     if name == "y":
-        backward = OUTPUT_BACKWARD_OP
-        saved, mean, rstd = OP(x, 3, None, None, 1e-5)
+        backward = output_backward
+        saved, mean, rstd = forward_op(x, 3, None, None, 1e-5)
     else:
-        backward = TRAIN_BACKWARD_OP
-        _, mean, rstd, saved = TRAIN_OP(x, 3, None, None, 1e-5)
+        backward = train_backward
+        _, mean, rstd, saved = train_op(x, 3, None, None, 1e-5)
     dy = torch.randn_like(x)
     with pytest.raises(RuntimeError, match=rf"{name} shape \[2, 6, 2\] must match x shape \[2, 6, 3\]"):
         backward(dy, x, saved[..., :2], mean, rstd, None, None, 3)
@@ -626,13 +741,18 @@ def test_bad_inputs_backward_ops_with_a_saved_tensor(name):
     ref = backward(dy, x, saved, mean, rstd, None, None, 3)
     other = saved.transpose(1, 2).contiguous().transpose(1, 2)
     assert all(torch.equal(a, b) for a, b in zip(ref, backward(dy, x, other, mean, rstd, None, None, 3)))
-    if name == "y":  # a bfloat16 y holds too few bits of σ: the output backward refuses it
+    if name == "y":  # a bfloat16 y holds too few bits of σ: the backward refuses it
         xb = x.bfloat16()
-        yb, mean_b, rstd_b = OP(xb, 3, None, None, 1e-5)
-        with pytest.raises(RuntimeError, match="x must be float32 or float64 .* got BFloat16"):
+        yb, mean_b, rstd_b = forward_op(xb, 3, None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="a y argument needs a float32 or float64 x .* got BFloat16"):
             backward(dy.bfloat16(), xb, yb, mean_b, rstd_b, None, None, 3)
+    else:  # what the forward saved is one of the two, never both
+        y, *_ = forward_op(x, 3, None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="pass y or silu_grad .*, not both"):
+            BACKWARD_OP(dy, x, mean, rstd, None, None, 3, y=y, silu_grad=saved)
 
 
+@needs_cpp
 @pytest.mark.parametrize(
     "x,num_groups,weight,exc,match",
     [
@@ -661,6 +781,7 @@ def test_bad_inputs_functional(monkeypatch, x, num_groups, weight, exc, match, b
     assert raised.value.__context__ is None or exc is RuntimeError  # not chained to the C++ op's error
 
 
+@needs_cpp
 @pytest.mark.parametrize(
     "x,num_groups,weight,exc,match",
     [
