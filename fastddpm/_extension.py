@@ -35,6 +35,10 @@ def load() -> ModuleType | None:
             RuntimeWarning, stacklevel=2)
         _C = None
     _ext = _C
+    if _C is not None:
+        # The ops' fake impls and autograd are registered by fastddpm/ops/<op>.py: importing the package
+        # imports them all, so that torch.ops.fastddpm.<op> is complete however the schemas were loaded.
+        import fastddpm.ops  # noqa: F401
     return _ext
 
 

@@ -359,3 +359,8 @@ def check_triton_device(op: str, x: torch.Tensor) -> None:
         raise RuntimeError(f"{op}: the Triton kernels need CUDA tensors, got one on {x.device}; for CPU "
                            f"tensors set TRITON_INTERPRET=1 before triton is imported (or use backend='cpp' "
                            f"or 'reference')")
+
+
+# Every op file registers its op's fake impl and autograd on import: importing the package imports them all (in
+# dependency order, after everything above that they use), so that no op is reachable half-registered.
+from fastddpm.ops import q_sample, diffusion_loss, reverse_step, group_norm_silu  # noqa: E402, F401, I001
