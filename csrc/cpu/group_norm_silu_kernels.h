@@ -190,7 +190,7 @@ Vectorized<A> sigmoid(const Vectorized<A>& z) {
 }
 
 // SiLU(z) = z / (1 + exp(−z)): one rounding (z · σ(z) would take two), and no multiply after the division, which
-// is the end of σ's long dependency chain (measured 2–8 % faster forward).
+// is the end of σ's long dependency chain (the shorter chain is the faster forward: benchmarks/RESULTS.md).
 template <typename A>
 Vectorized<A> silu(const Vectorized<A>& z) {
   return z / one_plus_exp_neg(z);
