@@ -130,10 +130,9 @@ def test_launch_constants_are_plain_ints_under_symbolic_shapes():
     """While torch.compile traces with dynamic shapes, sizes are SymInts; the tile sizes, block sizes and warp
     counts the launchers pass as constexprs must still be plain ints (a symbolic constexpr cannot compile),
     equal to what the concrete sizes give, and the grid a function of the sizes."""
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     from fastddpm.kernels import common
 
