@@ -50,7 +50,8 @@ def run(benchmark, fn, device: str, bytes_moved: int):
         fn()  # warm-up: compilation, allocator
         result = benchmark(fn)
         stats = getattr(benchmark, "stats", None)
-        median = stats.stats.median if stats is not None and getattr(stats, "stats", None) is not None else None
+        has_stats = stats is not None and getattr(stats, "stats", None) is not None
+        median = stats.stats.median if has_stats else None
     benchmark.extra_info["bytes"] = bytes_moved
     if median:
         benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9
@@ -123,7 +124,8 @@ def compiled(fn, device: str):
 
 
 def elements(device: str) -> tuple[int, ...]:
-    """The data shape of the streaming-op benchmarks: 25M elements (issue 17's size) on a GPU, 786k on the CPU."""
+    """The data shape of the streaming-op benchmarks: 25M elements (issue 17's size) on a GPU, 786k on the
+    CPU."""
     return (128, 3, 256, 256) if device == "cuda" else (64, 3, 64, 64)
 
 

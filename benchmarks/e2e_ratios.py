@@ -1,9 +1,10 @@
 """Interleaved timing, on the CPU, of the small U-Net's sampling loop (per step) and training step: eager (the
-reference math everywhere, GroupNorm+SiLU included), torch.compile of that, and fastddpm. Every round runs each
-provider once, in turn, and each provider's median and best round are kept: on a shared machine the load
-changes between pytest-benchmark's one-provider-after-the-other runs.
+reference math everywhere, GroupNorm+SiLU included), torch.compile of that, and fastddpm. Every round runs
+each provider once, in turn, and each provider's median and best round are kept: on a shared machine the
+load changes between pytest-benchmark's one-provider-after-the-other runs.
 
-    .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N] [--system-malloc]
+    .venv/bin/python benchmarks/e2e_ratios.py [--rounds 15] [--batches 1,16,128] [--threads N]
+        [--system-malloc]
     .venv/bin/python benchmarks/e2e_ratios.py --threads 1 --clock thread
 
 `--clock thread` (with `--threads 1`) times the CPU time of the one thread doing the work: unaffected by the
@@ -14,8 +15,9 @@ glibc's allocation thresholds are set first (benchmarks/steady_malloc.py) unless
     python benchmarks/e2e_ratios.py --table bench_sampling.json bench_training.json ...
 
 prints instead issue 18's table from pytest-benchmark files of benchmarks/test_end_to_end.py
-(tools/device_check.sh runs it on a GPU): per case the median of every provider, the fast path's per step for sampling, and the fast
-path's speed-up against eager PyTorch and against compiled diffusers. It imports no torch.
+(tools/device_check.sh runs it on a GPU): per case the median of every provider, the fast path's per step for
+sampling, and the fast path's speed-up against eager PyTorch and against compiled diffusers. It imports no
+torch.
 """
 import argparse
 import json
@@ -141,7 +143,8 @@ def main():
     if args.clock == "thread" and args.threads != 1:
         ap.error("--clock thread measures one thread: use it with --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    malloc = "glibc defaults" if args.system_malloc else ("steady malloc" if steady_malloc() else "mallopt failed")
+    malloc = ("glibc defaults" if args.system_malloc
+              else ("steady malloc" if steady_malloc() else "mallopt failed"))
     if args.threads:
         torch.set_num_threads(args.threads)
     table = cases([int(b) for b in args.batches.split(",")])

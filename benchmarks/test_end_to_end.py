@@ -18,13 +18,14 @@ The training step of the eager, compile, fastddpm and diffusers providers is the
 step; the fast path's also clips the gradient and updates the EMA, as `fastddpm train` does: its time bounds
 the like-for-like one from above.
 
-The paper's CIFAR-10 U-Net (35.7M parameters, batch 128, fp32 and bf16 autocast; DDIM at batch 1 and 64) runs
-on CUDA only (a CPU step takes seconds); the compile providers run on CUDA only (compiling the U-Net's training
-step on the CPU takes minutes), compiled diffusers on the CIFAR-10 U-Net only, and on the CIFAR-10 U-Net
-the compile providers at fp32 (and batch 1 for sampling) only, to keep the device run within its time. The small demo U-Net runs everywhere. Sampling is timed over a 10-step DDIM
-trajectory and reported per step in extra_info (a step costs the same whatever the number of steps, DDIM-100's
-included). Around a network of one 1×1 convolution (issue 17's case: 128×3×256×256 on a GPU) the diffusion ops
-themselves decide the time of a training step and of an ancestral step (Diffusion.p_sample).
+The paper's CIFAR-10 U-Net (35.7M parameters, batch 128, fp32 and bf16 autocast; DDIM at batch 1 and
+64) runs on CUDA only (a CPU step takes seconds); the compile providers run on CUDA only (compiling the
+U-Net's training step on the CPU takes minutes), compiled diffusers on the CIFAR-10 U-Net only, and on the
+CIFAR-10 U-Net the compile providers at fp32 (and batch 1 for sampling) only, to keep the device run within
+its time. The small demo U-Net runs everywhere. Sampling is timed over a 10-step DDIM trajectory and reported
+per step in extra_info (a step costs the same whatever the number of steps, DDIM-100's included). Around a
+network of one 1×1 convolution (issue 17's case: 128×3×256×256 on a GPU) the diffusion ops themselves decide
+the time of a training step and of an ancestral step (Diffusion.p_sample).
 """
 import importlib.util
 
@@ -188,7 +189,8 @@ def pointwise_diffusion(device, provider, monkeypatch):
         net = torch.compile(net)
     shape = POINTWISE_SHAPE[device]
     backend = "reference" if provider in ("eager", "compile") else "auto"
-    return Diffusion(net, image_size=shape[2:], timesteps=1000, backend=backend, channels=shape[1]).to(device), shape
+    diffusion = Diffusion(net, image_size=shape[2:], timesteps=1000, backend=backend, channels=shape[1])
+    return diffusion.to(device), shape
 
 
 @pytest.mark.parametrize("provider", POINTWISE_PROVIDERS)

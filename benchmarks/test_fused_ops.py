@@ -110,8 +110,8 @@ def test_noise_q_sample_and_loss_forward_backward(benchmark, device_shape, provi
 @pytest.mark.parametrize("provider", ["fastddpm"])
 def test_noise_q_sample_and_loss_forward_backward_eps_stored(benchmark, device_shape, provider):
     """The same with ε written by q_sample and read by the loss forward and backward: the other choice of
-    fastddpm.ops.diffusion_loss.noised (one draw and three more passes over ε, against three draws). Beside the
-    row above it says which one a device should take; GB/s counts the same fused minimum."""
+    fastddpm.ops.diffusion_loss.noised (one draw and three more passes over ε, against three draws). Beside
+    the row above it says which one a device should take; GB/s counts the same fused minimum."""
     device = device_shape[0]
     sched, x0, t = setup(device_shape)
     pred = torch.randn_like(x0).requires_grad_(True)

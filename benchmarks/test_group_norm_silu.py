@@ -14,8 +14,8 @@ from fastddpm.functional import group_norm_silu
 from .conftest import DEVICES, PROVIDERS, run
 
 GROUPS = 32
-# (device, shape, memory format, dtype): on the CPU the U-Net's shapes at batch 16 and 64; on a GPU the sizes of
-# issue 17's table (batch 128, batch 1 in bfloat16) and channels_last.
+# (device, shape, memory format, dtype): on the CPU the U-Net's shapes at batch 16 and 64; on a GPU the sizes
+# of issue 17's table (batch 128, batch 1 in bfloat16) and channels_last.
 CPU_CASES = [
     ("cpu", (16, 128, 32, 32), "contiguous", "float32"),
     ("cpu", (16, 256, 16, 16), "contiguous", "float32"),

@@ -82,7 +82,8 @@ MODEL_SETTINGS = ("model_channels", "channel_mult", "num_res_blocks", "attn_reso
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020) with fused kernels.")
+        prog="fastddpm",
+        description="Denoising Diffusion Probabilistic Models (Ho et al. 2020) with fused kernels.")
     parser.add_argument("--version", action="version", version=f"fastddpm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -90,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     # told apart from a default: on --resume the stored settings take the place of the defaults. Each help
     # text names the default.
     train = sub.add_parser("train", help="train a U-Net DDPM on the bundled digits or a folder of images",
-                           description="Train a DDPM. Defaults are the paper's CIFAR-10 recipe; with --data digits "
-                           "a small U-Net and faster settings. Under `torchrun --nproc_per_node N -m fastddpm "
-                           "train ...` it trains with DDP (NCCL on GPUs, gloo on CPU). `--out DIR "
+                           description="Train a DDPM. Defaults are the paper's CIFAR-10 recipe; with --data "
+                           "digits a small U-Net and faster settings. Under `torchrun --nproc_per_node N -m "
+                           "fastddpm train ...` it trains with DDP (NCCL on GPUs, gloo on CPU). `--out DIR "
                            "--resume` continues a run with the settings stored in DIR/run.json (a larger "
-                           "--steps trains further); a flag that would change a stored setting is refused.")
-    train.add_argument("--config", help="a TOML (or YAML, with PyYAML) file whose keys are these flags' names; "
-                       "flags on the command line win")
+                           "--steps trains further); a flag that would change a stored setting is "
+                           "refused.")
+    train.add_argument("--config", help="a TOML (or YAML, with PyYAML) file whose keys are these flags' "
+                       "names; flags on the command line win")
     train.add_argument("--data", help="'digits' (8×8 digits bundled with scikit-learn) or a "
                        "folder of images (default: digits)")
     train.add_argument("--out", help="output folder (required); it loads with Diffusion.from_pretrained(DIR)")
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random horizontal flips (default: on for folders, off for digits)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in OUT from OUT/checkpoint/, with its stored settings")
-    model = train.add_argument_group("model and diffusion (defaults: the paper's CIFAR-10 U-Net; small for digits)")
+    model = train.add_argument_group("model and diffusion (defaults: the paper's CIFAR-10 U-Net; small for "
+                                     "digits)")
     model.add_argument("--model-channels", type=_positive,
                        help="base channel count (default: 128; 16 for digits)")
     model.add_argument("--channel-mult", type=_int_list,
@@ -164,20 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     device_help = "default: cuda when a GPU is available, else cpu"
     sample = sub.add_parser("sample", help="sample images from a trained model into a PNG grid or a folder")
-    sample.add_argument("--checkpoint", required=True, help="a folder written by `fastddpm train` or save_pretrained")
+    sample.add_argument("--checkpoint", required=True,
+                        help="a folder written by `fastddpm train` or save_pretrained")
     sample.add_argument("--num", type=_positive, default=64, help="number of images (default: 64)")
     sample.add_argument("--out", required=True,
-                        help="FILE.png for a grid, or a folder for one PNG per image (written batch by batch; "
-                             "a rerun writes only the images missing)")
+                        help="FILE.png for a grid, or a folder for one PNG per image (written batch by "
+                             "batch; a rerun writes only the images missing)")
     steps = sample.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_positive, default=None,
                        help="K respaced ancestral steps (DDIM with η = 1; default: all T steps)")
     steps.add_argument("--ddim", type=_positive, default=None,
                        help="K deterministic DDIM steps (η = 0; default: ancestral sampling)")
-    sample.add_argument("--batch-size", type=_positive, default=256, help="images per sampling batch (default: 256)")
+    sample.add_argument("--batch-size", type=_positive, default=256,
+                        help="images per sampling batch (default: 256)")
     sample.add_argument("--seed", type=int, default=0,
-                        help="seed of the sampling noise; batch b of a folder draws from seed + b × batch size "
-                             "(default: 0)")
+                        help="seed of the sampling noise; batch b of a folder draws from seed + b × batch "
+                             "size (default: 0)")
     sample.add_argument("--device", choices=["cpu", "cuda"], default=None, help=device_help)
     graph_help = "replay each sampling step as one CUDA graph (default: on with a GPU; off on CPU)"
     sample.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help=graph_help)
@@ -195,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                           help=graph_help)
 
-    demo = sub.add_parser("demo", help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
+    demo = sub.add_parser("demo",
+                          help="train a small U-Net on the bundled 8×8 digits and write a sample grid")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=_positive, default=2500, help="training steps (default: 2500)")
     demo.add_argument("--num-samples", type=_positive, default=64, help="samples in the grid (default: 64)")
@@ -452,11 +458,12 @@ def cmd_sample(args) -> Path:
 
 def _sample_into_folder(diffusion, use_ddim: bool, out: Path, num: int, batch_size: int, seed: int,
                         cuda_graph: bool = False) -> int:
-    """Images 000000.png … into ``out``, batch by batch, each batch b (images b·batch_size …) drawn from its own
-    generator seeded with seed + b·batch_size: an image depends on (checkpoint, seed, batch size, its index)
-    alone, so a run killed half-way and started again samples only the batches with a file missing and writes
-    only the missing files, identical to those of an uninterrupted run. Each file is written under a temporary
-    name and renamed, so a kill never leaves a truncated PNG. Returns how many files were written."""
+    """Images 000000.png … into ``out``, batch by batch, each batch b (images b·batch_size …) drawn from its
+    own generator seeded with seed + b·batch_size: an image depends on (checkpoint, seed, batch size, its
+    index) alone, so a run killed half-way and started again samples only the batches with a file missing and
+    writes only the missing files, identical to those of an uninterrupted run. Each file is written under a
+    temporary name and renamed, so a kill never leaves a truncated PNG. Returns how many files were
+    written."""
     import os
 
     from tqdm.auto import tqdm
@@ -494,8 +501,9 @@ def cmd_eval(args) -> float:
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
-        raise ValueError("FID needs torchmetrics with its image extra (pip install 'torchmetrics[image]'), which is "
-                         "not installed; its Inception weights are downloaded on first use") from None
+        raise ValueError("FID needs torchmetrics with its image extra (pip install 'torchmetrics[image]'), "
+                         "which is not installed; its Inception weights are downloaded on first "
+                         "use") from None
     diffusion, use_ddim = _load_for_sampling(args)
     ref = ImageFolder(args.fid, diffusion.image_size[0], channels=3)
     try:
@@ -540,7 +548,8 @@ def _load_config(path: str) -> dict:
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                             "or use TOML") from None
         try:
             values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (UnicodeDecodeError, yaml.YAMLError) as e:

@@ -159,8 +159,8 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if len(data) < batch_size * self.world_size:
-            raise ValueError(f"batch_size {batch_size} × {self.world_size} processes is larger than the dataset "
-                             f"({len(data)} images)")
+            raise ValueError(f"batch_size {batch_size} × {self.world_size} processes is larger than the "
+                             f"dataset ({len(data)} images)")
         if fast_path and self.world_size > 1:
             raise ValueError("fast_path=True trains in one process (the step is one CUDA graph, without "
                              "DDP's all-reduce); turn it off under torch.distributed")
@@ -187,7 +187,8 @@ class Trainer:
         self.optimizer.param_groups[0]["lr"] = self._lr
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay),
+                                 use_buffers=True)
         # What ema_update_ averages: the floating-point parameters and buffers, paired as update_parameters
         # pairs them.
         ema_module, model = self.ema.module, self.diffusion.model
@@ -195,9 +196,9 @@ class Trainer:
                                                          [*model.parameters(), *model.buffers()])
                  if a.is_floating_point()]
         self._ema_tensors, self._model_tensors = [a for a, _ in pairs], [m for _, m in pairs]
-        # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally compiled.
-        # Compiling the network alone (in place: state_dict keys unchanged) leaves the input checks, which
-        # read values back to the host, outside the compiled graph.
+        # What runs the loss: the Diffusion itself, wrapped in DDP under torch.distributed, optionally
+        # compiled. Compiling the network alone (in place: state_dict keys unchanged) leaves the input checks,
+        # which read values back to the host, outside the compiled graph.
         if compile:
             self.diffusion.model.compile()
         self.loss_fn = self.diffusion
@@ -221,14 +222,16 @@ class Trainer:
     def _batches(self):
         # One global batch of batch_size × world_size per micro-step; each process takes its slice.
         micro = self.step * self.grad_accum
-        sampler = EpochBatchSampler(len(self.data), self.batch_size * self.world_size, self.seed, start_step=micro,
-                                    shard=(self.rank, self.world_size))
+        sampler = EpochBatchSampler(len(self.data), self.batch_size * self.world_size, self.seed,
+                                    start_step=micro, shard=(self.rank, self.world_size))
         if isinstance(self.data, torch.Tensor):  # in memory: index directly
             for idx in sampler:
                 yield self.data[idx]
         else:
-            # The DataLoader's own generator keeps it from drawing from the global RNG (which resume restores).
-            yield from torch.utils.data.DataLoader(self.data, batch_sampler=sampler, num_workers=self.num_workers,
+            # The DataLoader's own generator keeps it from drawing from the global RNG (which resume
+            # restores).
+            yield from torch.utils.data.DataLoader(self.data, batch_sampler=sampler,
+                                                   num_workers=self.num_workers,
                                                    generator=torch.Generator().manual_seed(self.seed))
 
     # ------------------------------------------------------------------ checkpoints
@@ -369,7 +372,8 @@ class Trainer:
 
     def ema_diffusion(self) -> Diffusion:
         """A Diffusion that shares the schedule and settings but runs the EMA weights."""
-        return Diffusion(self.ema.module, **self.diffusion.config, backend=self.diffusion.backend).to(self.device)
+        return Diffusion(self.ema.module, **self.diffusion.config,
+                         backend=self.diffusion.backend).to(self.device)
 
     def _micro_step(self, images: torch.Tensor, sync: bool = True,
                     autocast_cache: bool = True) -> torch.Tensor:
@@ -454,8 +458,8 @@ class Trainer:
             self._static_out = torch.zeros(2, device=self.device)
         for buffer, batch in zip(self._static_images, micro_batches):
             if batch.shape != buffer.shape:
-                raise ValueError(f"the fast path's batches all have one shape: {list(buffer.shape)} (the first "
-                                 f"batch's), got {list(batch.shape)}")
+                raise ValueError(f"the fast path's batches all have one shape: {list(buffer.shape)} (the "
+                                 f"first batch's), got {list(batch.shape)}")
             buffer.copy_(batch, non_blocking=True)
         if self._graph is None and self._wants_graph() and self._eager_fast_steps >= FAST_PATH_WARMUP:
             self._capture()
@@ -530,7 +534,8 @@ class Trainer:
                         losses.extend(values[:, 0].tolist())
                         mean_loss, mean_norm = values.nanmean(0).tolist()
                         now = time.perf_counter()
-                        record = {"step": self.step, "loss": mean_loss, "lr": self.last_lr, "grad_norm": mean_norm,
+                        record = {"step": self.step, "loss": mean_loss, "lr": self.last_lr,
+                                  "grad_norm": mean_norm,
                                   "steps_per_s": (self.step - last_log[1]) / (now - last_log[0]),
                                   "skipped": skipped, "time": time.time()}
                         window, last_log = [], (now, self.step)
@@ -574,7 +579,8 @@ class Trainer:
         return grid
 
     def save(self, progress: bool = True) -> Path | None:
-        """Write the EMA model (``save_pretrained`` into ``out/model``) and ``out/samples.png``; rank 0 only."""
+        """Write the EMA model (``save_pretrained`` into ``out/model``) and ``out/samples.png``; rank 0
+        only."""
         if self.rank != 0:
             return None
         self.ema_diffusion().save_pretrained(self.out / "model")

@@ -47,7 +47,8 @@ def _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N
 
 @triton.jit
 def _weight(a, s, gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr):
-    """min-SNR-γ on the objective's scale: ε → min(SNR, γ)/SNR, x_0 → min(SNR, γ), v → min(SNR, γ)/(SNR + 1)."""
+    """min-SNR-γ on the objective's scale: ε → min(SNR, γ)/SNR, x_0 → min(SNR, γ),
+    v → min(SNR, γ)/(SNR + 1)."""
     if HAS_GAMMA:
         snr = (a * a) / (s * s)
         clipped = tl.minimum(snr, gamma)
@@ -63,22 +64,24 @@ def _weight(a, s, gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr):
 
 
 @triton.jit
-def loss_partial_kernel(pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, seed_ptr, partial_ptr,
-                        offset, N, T, n_chunks,
-                        OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr):
+def loss_partial_kernel(pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, seed_ptr,
+                        partial_ptr, offset, N, T, n_chunks,
+                        OBJECTIVE: tl.constexpr, HAS_NOISE: tl.constexpr, CD: tl.constexpr,
+                        ROWS: tl.constexpr):
     b, rows, i, mask, base, t = sample_tile(t_ptr, N, T, ROWS)
     chunk = tl.program_id(1)
     a = tl.load(sqrt_ac_ptr + t).to(CD)
     s = tl.load(sqrt_1m_ac_ptr + t).to(CD)
-    target = _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N, OBJECTIVE, HAS_NOISE, CD)
+    target = _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N, OBJECTIVE,
+                     HAS_NOISE, CD)
     d = tl.load(pred_ptr + base + i, mask=mask).to(CD) - target
     d = tl.where(mask, d, 0.0)
     tl.store(partial_ptr + b * n_chunks + chunk, tl.sum(tl.sum(d * d, axis=1), axis=0))
 
 
 @triton.jit
-def loss_finalize_kernel(partial_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, loss_ptr, mean_ptr, B, N, T, n_chunks,
-                         gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr, CD: tl.constexpr,
+def loss_finalize_kernel(partial_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, loss_ptr, mean_ptr, B, N, T,
+                         n_chunks, gamma, OBJECTIVE: tl.constexpr, HAS_GAMMA: tl.constexpr, CD: tl.constexpr,
                          BLOCK_B: tl.constexpr):
     """loss[b] = w_b · Σ_c partial[b, c] / N, and mean = Σ_b loss[b] / B, summed in a fixed order."""
     total = tl.zeros([BLOCK_B], dtype=CD)
@@ -112,7 +115,8 @@ def loss_backward_kernel(grad_ptr, pred_ptr, x0_ptr, noise_ptr, t_ptr, sqrt_ac_p
     else:
         g = tl.load(grad_ptr).to(CD) / B
     scale = g * _weight(a, s, gamma, OBJECTIVE, HAS_GAMMA) * 2.0 / N
-    target = _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N, OBJECTIVE, HAS_NOISE, CD)
+    target = _target(x0_ptr, noise_ptr, seed_ptr, b, base, rows, i, mask, a, s, offset, N, OBJECTIVE,
+                     HAS_NOISE, CD)
     d = tl.load(pred_ptr + base + i, mask=mask).to(CD) - target
     tl.store(grad_pred_ptr + base + i, (scale * d).to(grad_pred_ptr.dtype.element_ty), mask=mask)
 
@@ -135,8 +139,9 @@ def launch_loss(pred, x_start, t, sqrt_ac, sqrt_1m_ac, partial, per_sample_loss,
     wrap(loss_partial_kernel)[g](pred, x0, eps, t, sqrt_ac, sqrt_1m_ac, seed, partial, offset, per_sample,
                                  sqrt_ac.shape[0], g[1], OBJECTIVE=objective, HAS_NOISE=noise is not None,
                                  CD=cd, ROWS=rows, num_warps=num_warps(rows))
-    wrap(loss_finalize_kernel)[(1,)](partial, t, sqrt_ac, sqrt_1m_ac, per_sample_loss, mean, batch, per_sample,
-                                     sqrt_ac.shape[0], g[1], 0.0 if min_snr_gamma is None else min_snr_gamma,
+    wrap(loss_finalize_kernel)[(1,)](partial, t, sqrt_ac, sqrt_1m_ac, per_sample_loss, mean, batch,
+                                     per_sample, sqrt_ac.shape[0], g[1],
+                                     0.0 if min_snr_gamma is None else min_snr_gamma,
                                      OBJECTIVE=objective, HAS_GAMMA=min_snr_gamma is not None, CD=cd,
                                      BLOCK_B=pow2_at_least(batch, 1024), num_warps=4)
 
@@ -154,8 +159,8 @@ def launch_loss_backward(grad, pred, x_start, t, sqrt_ac, sqrt_1m_ac, grad_pred,
     rows = tile_rows(per_sample)
     x0, eps, seed = _common(pred, x_start, noise, seed, t)
     wrap(loss_backward_kernel)[grid(batch, per_sample, rows)](
-        grad, pred, x0, eps, t, sqrt_ac, sqrt_1m_ac, seed, grad_pred, offset, per_sample, sqrt_ac.shape[0], batch,
-        0.0 if min_snr_gamma is None else min_snr_gamma, OBJECTIVE=objective, HAS_NOISE=noise is not None,
-        HAS_GAMMA=min_snr_gamma is not None, REDUCTION=reduction, CD=compute_dtype(pred.dtype), ROWS=rows,
-        num_warps=num_warps(rows))
+        grad, pred, x0, eps, t, sqrt_ac, sqrt_1m_ac, seed, grad_pred, offset, per_sample, sqrt_ac.shape[0],
+        batch, 0.0 if min_snr_gamma is None else min_snr_gamma, OBJECTIVE=objective,
+        HAS_NOISE=noise is not None, HAS_GAMMA=min_snr_gamma is not None, REDUCTION=reduction,
+        CD=compute_dtype(pred.dtype), ROWS=rows, num_warps=num_warps(rows))
     return grad_pred

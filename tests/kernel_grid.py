@@ -1,5 +1,6 @@
-"""The grid and tolerances the op tests share (tests/ops/test_<op>.py over every backend present): shapes with odd
-sizes, dtypes, layouts, batches mixing t = 0, 1, T − 1, and DESIGN.md's tolerances against a float64 reference."""
+"""The grid and tolerances the op tests share (tests/ops/test_<op>.py over every backend present): shapes with
+odd sizes, dtypes, layouts, batches mixing t = 0, 1, T − 1, and DESIGN.md's tolerances against a float64
+reference."""
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
 
 def on_grid(test):
     """Parametrise a test over SHAPES × DTYPES (ids "shape-dtype")."""
-    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(pytest.mark.parametrize("shape", SHAPES, ids=IDS)(test))
+    over_shapes = pytest.mark.parametrize("shape", SHAPES, ids=IDS)(test)
+    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(over_shapes)
 
 
 def data(shape, dtype=torch.float32, channels_last=False, scale=1.0):
@@ -82,6 +84,7 @@ def check_step(out, ref, dtype, native=(None, None)):
 
 
 # ----------------------------------------------------------------------------- the checks of both files
-# One body per check, run by tests/test_kernels.py (backend "triton", on its DEVICE) and tests/test_cpu_kernels.py
-# (backend "cpp", on the CPU), so that neither backend is held to less than the other; every tensor a check makes
-# is created on ``device`` (torch.device as a context), which test_kernels.py needs on CUDA.
+# One body per check, run by tests/test_kernels.py (backend "triton", on its DEVICE) and
+# tests/test_cpu_kernels.py (backend "cpp", on the CPU), so that neither backend is held to less than the
+# other; every tensor a check makes is created on ``device`` (torch.device as a context), which
+# test_kernels.py needs on CUDA.

@@ -9,9 +9,8 @@ import torch
 
 import fastddpm
 from fastddpm import Diffusion, UNet, reference
-from fastddpm.ops import choose_backend
+from fastddpm.ops import choose_backend, reverse_step
 from fastddpm.ops.diffusion_loss import diffusion_loss
-from fastddpm.ops import reverse_step
 from fastddpm.ops.q_sample import q_sample
 from fastddpm.ops.reverse_step import ddim_step
 from fastddpm.schedules import NoiseSchedule, get_beta_schedule

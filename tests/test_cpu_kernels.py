@@ -1,10 +1,10 @@
 """The fused C++ CPU kernels (csrc/cpu/) against the float64 reference, on the grids of tests/test_kernels.py.
 
-Every op is called through its C++ op (fastddpm::<op>) by forcing backend='cpp'; the checks tests/test_kernels.py
-runs too are in tests/kernel_grid.py. The in-kernel noise is checked against fastddpm.reference.philox_normal and
-against the Triton kernel's (through the interpreter) for the same (seed, offset); outputs must not depend on the
-thread count; unwritten output elements show as NaN (PyTorch fills fresh tensors with NaN under
-torch.use_deterministic_algorithms).
+Every op is called through its C++ op (fastddpm::<op>) by forcing backend='cpp'; the checks
+tests/test_kernels.py runs too are in tests/kernel_grid.py. The in-kernel noise is checked against
+fastddpm.reference.philox_normal and against the Triton kernel's (through the interpreter) for the same (seed,
+offset); outputs must not depend on the thread count; unwritten output elements show as NaN (PyTorch fills
+fresh tensors with NaN under torch.use_deterministic_algorithms).
 """
 
 import pytest
@@ -17,7 +17,8 @@ from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 from .conftest import needs_triton_interpreter, rel_err
 from .kernel_grid import OBJECTIVES, T, data, timesteps
 
-if not _extension.cpu_built() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU"):
+if (not _extension.cpu_built()
+        or not torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddim_step", "CPU")):
     pytest.skip("fastddpm._C without the C++ CPU kernels", allow_module_level=True)
 
 ops = torch.ops.fastddpm
@@ -38,8 +39,10 @@ def test_noise_matches_the_triton_kernel(sched):
         # the loss regenerates the ε q_sample drew, in both
         pred = torch.randn_like(x)
         for objective in OBJECTIVES:
-            a = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="cpp")
-            b = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective, backend="triton")
+            a = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective,
+                               backend="cpp")
+            b = diffusion_loss(sched, pred, x, t, seed=seed, offset=offset, objective=objective,
+                               backend="triton")
             assert rel_err(a, b) <= 1e-5
 
 
@@ -70,8 +73,8 @@ def _every_op(sched, x, t, seed):
             ops.diffusion_loss_backward(g, o, x, t, *tables, None, seed, 5, 2, 5.0, 1),
             *ops.diffusion_loss(o, x, t, *tables, None, seed, 5, 2, 5.0, 0, True),
             *ops.p_sample_step(o, x, t, table, None, seed, 5, 0, 1.0, None, True, True),
-            *ops.ddim_step(o, x, t, (t - 7).clamp(min=-1), table, sched.alphas_cumprod, None, seed, 5, 2, 0.6, 1.0,
-                           1.0, None, True, True, True)]
+            *ops.ddim_step(o, x, t, (t - 7).clamp(min=-1), table, sched.alphas_cumprod, None, seed, 5, 2, 0.6,
+                           1.0, 1.0, None, True, True, True)]
 
 
 def test_results_do_not_depend_on_the_thread_count(sched):
@@ -90,7 +93,8 @@ def test_results_do_not_depend_on_the_thread_count(sched):
 
 
 def test_every_output_element_is_written(sched):
-    """Under deterministic algorithms PyTorch fills new tensors (at::empty_like in the kernels too) with NaN."""
+    """Under deterministic algorithms PyTorch fills new tensors (at::empty_like in the kernels too) with
+    NaN."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -112,7 +116,8 @@ def test_entry_points_compile_without_a_graph_break(sched):
 
     def step(x, t):
         x_t, noise_kwargs = noised(sched, x, t, backend="cpp", check=False)
-        return diffusion_loss(sched, net(x_t), x, t, **noise_kwargs, objective="pred_v", backend="cpp", check=False)
+        return diffusion_loss(sched, net(x_t), x, t, **noise_kwargs, objective="pred_v", backend="cpp",
+                              check=False)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)
@@ -126,8 +131,8 @@ def test_entry_points_compile_without_a_graph_break(sched):
 
 
 def test_diffusion_trains_and_samples_with_in_kernel_noise_on_cpp():
-    """Diffusion on the cpp backend takes the fused path (ε drawn in q_sample, regenerated in the loss) and its
-    sampling loops draw z in-kernel; both reproducible under torch.manual_seed."""
+    """Diffusion on the cpp backend takes the fused path (ε drawn in q_sample, regenerated in the loss) and
+    its sampling loops draw z in-kernel; both reproducible under torch.manual_seed."""
     from fastddpm import Diffusion
     from fastddpm.ops import draws_noise_in_kernel
 
@@ -164,8 +169,8 @@ def test_bad_input_raises_clear_errors(sched):
          lambda: ops.diffusion_loss(x, None, t, *tables, n, None, 0, 2, None, 1, False)),
         ("objective must be 0", lambda: ops.diffusion_loss(x, x, t, *tables, n, None, 0, 3, None, 1, False)),
         ("reduction must be 0", lambda: ops.diffusion_loss(x, x, t, *tables, n, None, 0, 0, None, 2, False)),
-        (r"grad must have the loss's shape", lambda: ops.diffusion_loss_backward(torch.ones(3), x, x, t, *tables, n,
-                                                                                 None, 0, 0, None, 0)),
+        (r"grad must have the loss's shape",
+         lambda: ops.diffusion_loss_backward(torch.ones(3), x, x, t, *tables, n, None, 0, 0, None, 0)),
     ]
     for message, call in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -192,8 +197,8 @@ for threads in (1, 2):
     x_t, eps = torch.ops.fastddpm.q_sample(x, t, *tables, None, seed, 2**32 - 100, True)
     loss = torch.ops.fastddpm.diffusion_loss(x * 0.5, x, t, *tables, None, seed, 2**32 - 100, 2, 5.0, 0,
                                              False)[0]
-    step = torch.ops.fastddpm.ddim_step(x * 0.5, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod, None,
-                                        seed, 3, 0, 0.5, 1.0, 1.0, None, True, True, True)
+    step = torch.ops.fastddpm.ddim_step(x * 0.5, x, t, t - 1, sched.reverse_table(), sched.alphas_cumprod,
+                                        None, seed, 3, 0, 0.5, 1.0, 1.0, None, True, True, True)
     outs.append([x_t, eps, loss, *step])
 assert all(torch.equal(a, b) for a, b in zip(*outs))
 expected = philox_noise_like(x, seed, 2**32 - 100)
@@ -203,5 +208,6 @@ assert ((x_t - ref).norm() / ref.norm()) < 1e-6
 print("portable ok")
 """
     env = {**__import__("os").environ, "FASTDDPM_CPU_KERNELS": "portable"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and "portable ok" in result.stdout, result.stderr[-2000:]

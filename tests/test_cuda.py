@@ -9,8 +9,8 @@ pytestmark = pytest.mark.cuda
 
 def small_diffusion(dropout=0.0, **kw):
     torch.manual_seed(0)
-    model = UNet(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=dropout, image_size=8)
+    model = UNet(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                 attn_resolutions=(4,), dropout=dropout, image_size=8)
     # The DDPM U-Net zero-initialises its output conv (and each block's second conv): a fresh one outputs 0,
     # and a test of the sampling loop would never see the network. Every parameter gets a random part.
     with torch.no_grad():
@@ -145,7 +145,8 @@ def test_cuda_graph_sampling_equals_the_eager_loop(sampling_timesteps):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        graphed = d.sample(3, generator=torch.Generator("cuda").manual_seed(5), progress=False, cuda_graph=True)
+        graphed = d.sample(3, generator=torch.Generator("cuda").manual_seed(5), progress=False,
+                           cuda_graph=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
@@ -159,7 +160,8 @@ def _sample(d, graph, seed=5, batch=3, captured=True):
     eagerly, which would pass the comparisons)."""
     from fastddpm import sampling
 
-    out = d.sample(batch, generator=torch.Generator("cuda").manual_seed(seed), progress=False, cuda_graph=graph)
+    out = d.sample(batch, generator=torch.Generator("cuda").manual_seed(seed), progress=False,
+                   cuda_graph=graph)
     if graph:
         assert (sampling._graphs[d][1] is not None) == captured
     return out
@@ -188,7 +190,8 @@ def test_cuda_graph_follows_modes_and_weights():
 
     with torch.inference_mode():
         inference = _sample(d, True)
-    torch.testing.assert_close(_sample(d, True), inference, rtol=1e-5, atol=1e-5)  # no "inference tensor" error
+    # no "inference tensor" error
+    torch.testing.assert_close(_sample(d, True), inference, rtol=1e-5, atol=1e-5)
 
     full = _sample(d, True)
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -42,8 +42,9 @@ FAKE_PYTHON = textwrap.dedent('''\
         if "--benchmark-json" in args:
             path = args[args.index("--benchmark-json") + 1]
             name = os.path.basename(path)[len("bench_"):-len(".json")]
-            benchmarks = [{{"name": f"test_{{name}}[cuda-{{p}}]", "params": {{"device": "cuda", "provider": p}},
-                           "stats": {{"median": m}}, "extra_info": {{"per-call host (s)": 1.5e-5}}}}
+            benchmarks = [{{"name": f"test_{{name}}[cuda-{{p}}]",
+                           "params": {{"device": "cuda", "provider": p}}, "stats": {{"median": m}},
+                           "extra_info": {{"per-call host (s)": 1.5e-5}}}}
                           for p, m in (("eager", 3e-3), ("compile", 2e-3), ("fastddpm", 1e-3))]
             with open(path, "w") as f:
                 json.dump({{"datetime": "2026-11-29", "machine_info": {{}}, "benchmarks": benchmarks}}, f)
@@ -63,10 +64,11 @@ def run_script(tmp_path, **env):
     out = tmp_path / "out"
     out.mkdir()
     calls = tmp_path / "calls"
-    environment = dict(os.environ, PYTHON=str(fake), OUT=str(out), FAKE_CALLS=str(calls), COMPUTE_SANITIZER="")
+    environment = dict(os.environ, PYTHON=str(fake), OUT=str(out), FAKE_CALLS=str(calls),
+                       COMPUTE_SANITIZER="")
     environment.update(env)
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=environment, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=120)
     return proc, out, [json.loads(line) for line in calls.read_text().splitlines()]
 
 
@@ -79,8 +81,8 @@ def test_all_steps(tmp_path):
     assert files == ["bench_cifar_compile.json", "bench_gn.json", "bench_ops.json", "bench_sampling.json",
                      "bench_table.md", "bench_training.json", "device_check.log", "summary.txt"]
     summary = (out / "summary.txt").read_text()
-    steps = ["build", "info", "bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training",
-             "bench_ops", "bench_gn", "bench_cifar_compile"]
+    steps = ["build", "info", "bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling",
+             "bench_training", "bench_ops", "bench_gn", "bench_cifar_compile"]
     for name in steps:
         assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
     assert "Fake H200" in summary and re.search(r"^memcheck +skipped: no compute-sanitizer", summary, re.M)
@@ -93,13 +95,14 @@ def test_all_steps(tmp_path):
     table = (out / "bench_table.md").read_text()
     assert proc.stdout.rstrip().endswith(table.rstrip())
     for case in ("sampling", "training", "ops", "gn", "cifar_compile"):
-        assert re.search(rf"^\| {case}\[cuda\] \| 3\.000 ms \| 2\.000 ms \| 1\.000 ms \| 3\.00 \| 2\.00 \| — \| — \| "
-                         r"15, 15 \|$", table, re.M), table
+        assert re.search(rf"^\| {case}\[cuda\] \| 3\.000 ms \| 2\.000 ms \| 1\.000 ms \| 3\.00 \| 2\.00 "
+                         r"\| — \| — \| 15, 15 \|$", table, re.M), table
     assert proc.stdout.index("== device_check") < proc.stdout.index("| case |")
 
 
 def test_budget_cuts_a_slow_step_and_skips_the_rest(tmp_path):
-    proc, out, _ = run_script(tmp_path, DEVICE_CHECK_BUDGET="4", DEVICE_CHECK_MIN_STEP="1", FAKE_SLOW="tests/")
+    proc, out, _ = run_script(tmp_path, DEVICE_CHECK_BUDGET="4", DEVICE_CHECK_MIN_STEP="1",
+                              FAKE_SLOW="tests/")
     assert proc.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^cuda_tests +rc=124 .*TIMED OUT", summary, re.M), summary
@@ -113,7 +116,8 @@ def test_bench_table_merges_files(tmp_path, n):
     for i in range(n):
         data = {"datetime": "d", "machine_info": {}, "benchmarks": [
             {"name": f"test_case{i}[cpu-{p}]", "params": {"device": "cpu", "provider": p},
-             "stats": {"median": 1e-3 * (k + 1)}, "extra_info": {"bytes": 4_000_000} if p == "fastddpm" else {}}
+             "stats": {"median": 1e-3 * (k + 1)},
+             "extra_info": {"bytes": 4_000_000} if p == "fastddpm" else {}}
             for k, p in enumerate(("fastddpm", "compile", "eager"))]}
         paths.append(tmp_path / f"b{i}.json")
         paths[-1].write_text(json.dumps(data))
@@ -129,7 +133,8 @@ def test_steps_chosen(tmp_path):
     summary = (out / "summary.txt").read_text()
     for name in ("build", "info", "bench_ops"):
         assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
-    for name in ("bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training", "bench_cifar_compile"):
+    for name in ("bad_inputs", "cuda_tests", "triton_kernels", "bench_sampling", "bench_training",
+                 "bench_cifar_compile"):
         assert re.search(rf"^{name} +not asked for", summary, re.M), summary
     assert re.search(r"^memcheck +skipped: no compute-sanitizer", summary, re.M)
     assert sorted(p.name for p in out.iterdir()) == ["bench_ops.json", "bench_table.md", "device_check.log",

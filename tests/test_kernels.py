@@ -1,6 +1,6 @@
 """What the Triton kernels (kernels/) share beyond one op, with backend='triton': CPU tensors under the Triton
-interpreter here, CUDA tensors compiled on a GPU machine (FASTDDPM_TEST_DEVICE=cpu|cuda chooses). Each op's own
-tests, over every backend, are tests/ops/test_<op>.py.
+interpreter here, CUDA tensors compiled on a GPU machine (FASTDDPM_TEST_DEVICE=cpu|cuda chooses). Each op's
+own tests, over every backend, are tests/ops/test_<op>.py.
 """
 import collections
 import math
@@ -29,8 +29,8 @@ LAUNCHES = collections.Counter()
 @pytest.fixture(scope="module", autouse=True)
 def count_launches():
     """Count interpreter launches per kernel (the interpreter calls kernel.run for kernel[grid](...))."""
-    kernels = [q_sample_kernels.q_sample_kernel, loss_kernels.loss_partial_kernel, loss_kernels.loss_finalize_kernel,
-               loss_kernels.loss_backward_kernel]
+    kernels = [q_sample_kernels.q_sample_kernel, loss_kernels.loss_partial_kernel,
+               loss_kernels.loss_finalize_kernel, loss_kernels.loss_backward_kernel]
     originals = {}
     for k in kernels:
         originals[k] = k.run
@@ -70,7 +70,8 @@ def test_strided_timesteps(sched):
 
 # ----------------------------------------------------------------------------- poisoned outputs
 def test_every_output_element_is_written(sched, monkeypatch):
-    """Outputs come from torch.empty_like: make it return NaN-filled tensors, so an unwritten element shows."""
+    """Outputs come from torch.empty_like: make it return NaN-filled tensors, so an unwritten element
+    shows."""
     real = torch.empty_like
 
     def poisoned(*args, **kwargs):
@@ -130,10 +131,9 @@ def test_launch_constants_are_plain_ints_under_symbolic_shapes():
     """While torch.compile traces with dynamic shapes, sizes are SymInts; the tile sizes, block sizes and warp
     counts the launchers pass as constexprs must still be plain ints (a symbolic constexpr cannot compile),
     equal to what the concrete sizes give, and the grid a function of the sizes."""
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     from fastddpm.kernels import common
 

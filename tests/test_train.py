@@ -40,8 +40,8 @@ from fastddpm.train import EpochBatchSampler, Trainer  # noqa: E402
 
 def tiny_trainer(out, data, **kw):
     torch.manual_seed(0)
-    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.1, image_size=8, num_groups=4)
+    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attn_resolutions=(4,), dropout=0.1, image_size=8, num_groups=4)
     d = Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine")
     return Trainer(d, data, out=out, batch_size=8, lr=1e-3, warmup=3, ema_decay=0.9, seed=1, **kw)
 
@@ -103,8 +103,8 @@ def test_resume_is_exact_through_a_dataloader_with_accumulation_flips_and_fp16(t
 def test_resume_refuses_other_diffusion_settings(tmp_path, data):
     tiny_trainer(tmp_path, data, save_every=1).train(1)
     torch.manual_seed(0)
-    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 image_size=8, num_groups=4)
+    model = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attn_resolutions=(4,), image_size=8, num_groups=4)
     other = Trainer(Diffusion(model, image_size=8, timesteps=50, beta_schedule="cosine", objective="pred_v"),
                     data, out=tmp_path, batch_size=8)
     with pytest.raises(ValueError, match="other diffusion settings.*objective: 'pred_noise' vs 'pred_v'"):
@@ -133,9 +133,9 @@ def test_corrupted_checkpoint_names_the_file(tmp_path, data):
 
 def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "100000",
-           "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "1",
-           "--num-samples", "0"]
+    cmd = [sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps",
+           "100000", "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine", "--save-every",
+           "1", "--num-samples", "0"]
     proc = subprocess.Popen(cmd, env={**os.environ, "FASTDDPM_NO_PROGRESS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -202,7 +202,8 @@ def test_outputs_metrics_samples_loss_plot(tmp_path, data):
         assert Image.open(tmp_path / name).size[0] > 20, name
     t.save(progress=False)
     d = Diffusion.from_pretrained(tmp_path)  # the training folder: the EMA model in model/
-    assert all(torch.equal(a, b) for a, b in zip(d.model.state_dict().values(), t.ema.module.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(d.model.state_dict().values(), t.ema.module.state_dict().values()))
 
 
 def test_config_file_and_flags(tmp_path):
@@ -211,7 +212,8 @@ def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('out = "x"\nsteps = 7\nchannel-mult = [1, 2]\nlr = 0.001\namp = "bf16"\nflip = false\n')
     args = parse_args(["train", "--config", str(cfg), "--steps", "9"])
-    assert (args.out, args.steps, args.channel_mult, args.lr, args.amp, args.flip) == ("x", 9, (1, 2), 0.001, "bf16", False)
+    assert ((args.out, args.steps, args.channel_mult, args.lr, args.amp, args.flip)
+            == ("x", 9, (1, 2), 0.001, "bf16", False))
     for bad in ['stepz = 3', 'amp = "fp8"', 'lr = "abc"', 'resume = "no"', 'steps = true', 'channels = 2']:
         cfg.write_text(f'out = "x"\n{bad}\n')
         with pytest.raises(SystemExit):
@@ -227,7 +229,8 @@ def test_bad_images_are_named(tmp_path):
     with pytest.raises(OSError, match="cannot read image .*ok.png"):
         ImageFolder(tmp_path, 8)
     r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--data", str(tmp_path), "--out",
-                        str(tmp_path / "o"), "--steps", "1", "--num-workers", "2"], capture_output=True, text=True)
+                        str(tmp_path / "o"), "--steps", "1", "--num-workers", "2"],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "ok.png" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -239,8 +242,8 @@ def test_two_process_gloo_ddp(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "4", "--batch-size", "8",
-           "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "2", "--log-every", "2",
+           "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps", "4", "--batch-size",
+           "8", "--timesteps", "50", "--beta-schedule", "cosine", "--save-every", "2", "--log-every", "2",
            "--num-samples", "4", "--device", "cpu"]
     env = {**os.environ, "FASTDDPM_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -250,9 +253,10 @@ def test_two_process_gloo_ddp(tmp_path):
     assert [row["step"] for row in rows] == [2, 4]
     assert (out / "checkpoint" / "state.pt").is_file() and (out / "samples.png").is_file()
     # resume the 2-process run on one process (another world size), two more steps
-    r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out), "--steps",
-                        "6", "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine", "--num-samples",
-                        "0", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "train", "--data", "digits", "--out", str(out),
+                        "--steps", "6", "--batch-size", "8", "--timesteps", "50", "--beta-schedule", "cosine",
+                        "--num-samples", "0", "--resume"],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 4" in r.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -263,8 +267,8 @@ def test_two_process_gloo_ddp(tmp_path):
 
 
 def test_resume_after_a_kill_between_the_renames(tmp_path, data):
-    # save_checkpoint renames checkpoint → checkpoint.old, then checkpoint.tmp → checkpoint: a kill between the
-    # two leaves .old (complete) and .tmp (maybe partial); resume takes .old.
+    # save_checkpoint renames checkpoint → checkpoint.old, then checkpoint.tmp → checkpoint: a kill between
+    # the two leaves .old (complete) and .tmp (maybe partial); resume takes .old.
     t = tiny_trainer(tmp_path, data, save_every=2)
     losses = t.train(4)
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")

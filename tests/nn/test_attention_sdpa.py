@@ -50,13 +50,14 @@ def test_sdpa_matches_the_manual_attention_in_fp32(batch, channels, size):
 
 def test_attention_state_dict_keys_are_the_ddpm_layout():
     block = AttnBlock(16, num_groups=4)
-    assert list(block.state_dict()) == ["norm.weight", "norm.bias", "q.weight", "q.bias", "k.weight", "k.bias",
-                                        "v.weight", "v.bias", "proj_out.weight", "proj_out.bias"]
+    assert list(block.state_dict()) == ["norm.weight", "norm.bias", "q.weight", "q.bias", "k.weight",
+                                        "k.bias", "v.weight", "v.bias", "proj_out.weight", "proj_out.bias"]
     assert all(v.shape[:2] == (16, 16) for k, v in block.state_dict().items() if k.endswith("weight")
                and not k.startswith("norm"))
     cifar = UNet.cifar10()
     keys = [k for k in cifar.state_dict() if ".attn." in k or k.startswith("mid_attn.")]
-    assert len(keys) == 10 * (2 + 3 + 1) and "down.1.attn.0.q.weight" in keys and "mid_attn.proj_out.bias" in keys
+    assert (len(keys) == 10 * (2 + 3 + 1) and "down.1.attn.0.q.weight" in keys
+            and "mid_attn.proj_out.bias" in keys)
 
 
 @pytest.mark.cuda
