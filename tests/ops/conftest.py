@@ -3,9 +3,14 @@ the C++ kernels (CPU, where built), Triton (CUDA tensors on a GPU machine; CPU t
 elsewhere). The float64 oracle every backend is held to is fastddpm.reference run on float64 inputs."""
 import os
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import _extension
+from fastddpm.schedules import NoiseSchedule, get_beta_schedule
+
+from ..kernel_grid import T
 
 
 def _triton_present() -> bool:
@@ -33,3 +38,31 @@ def backends_present(op: str) -> list[str]:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def sched():
+    """The linear schedule of T steps, on the device the op tests run on."""
+    return NoiseSchedule(get_beta_schedule("linear", T)).to(device())
+
+
+@pytest.fixture
+def tensors_on_device():
+    """Every tensor a test makes lives on the test device (a module opts in with usefixtures)."""
+    if device().type == "cpu":
+        yield
+        return
+    with torch.device(device()):
+        yield
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched while it is active (what a dispatch mode sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -4,17 +4,14 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import _extension, reference
 from fastddpm.ops import reverse_step
 from fastddpm.ops.q_sample import philox_noise_like
 from fastddpm.ops.reverse_step import ddim_step, p_sample_step
-from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from ..kernel_grid import (
     OBJECTIVES,
-    T,
     check_step,
     close_to_stream,
     data,
@@ -23,7 +20,7 @@ from ..kernel_grid import (
     on_grid,
     timesteps,
 )
-from .conftest import backends_present, device
+from .conftest import OpLog, backends_present, device
 
 BACKENDS = backends_present("ddim_step")
 DEVICE = device()
@@ -31,19 +28,7 @@ needs_ops = pytest.mark.skipif(not _extension.cpu_built(),
                                reason="fastddpm._C is not built: the op does not exist")
 
 
-@pytest.fixture(scope="module")
-def sched():
-    return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
-
-
-@pytest.fixture(autouse=True)
-def on_device():
-    """Every tensor a test makes lives on DEVICE."""
-    if DEVICE.type == "cpu":
-        yield
-        return
-    with torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("tensors_on_device")
 
 
 def impl(backend):
@@ -179,16 +164,6 @@ def test_compile_fullgraph_traces_the_entry_points(sched):
     x, o, t = data((2, 3, 6, 6)), data((2, 3, 6, 6)), timesteps(2)
     compiled = torch.compile(sample, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(o, x, t), sample(o, x, t))
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton here (no GPU, no TRITON_INTERPRET=1)")

@@ -10,7 +10,7 @@ from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from ..conftest import rel_err
 from ..kernel_grid import T, close_to_stream, data, in_low_precision, layouts, on_grid, timesteps, tolerance
-from .conftest import backends_present, device
+from .conftest import OpLog, backends_present, device
 
 BACKENDS = backends_present("q_sample")
 DEVICE = device()
@@ -18,11 +18,6 @@ needs_op = pytest.mark.skipif(_extension.load() is None, reason="fastddpm._C is 
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="no C++ kernel of q_sample for this device")
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 by_backend = pytest.mark.parametrize("backend", BACKENDS)
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
 
 
 def tables(sched):
@@ -326,17 +321,6 @@ def test_triton_eager_path_equals_the_autograd_path(sched):
 def test_cuda_eager_path_equals_the_op_and_what_must_see_the_op_goes_through_it(sched):
     """On a GPU the op's kernel is the Triton implementation: called directly in eager mode (no dispatcher),
     it gives the op's values; under a dispatch mode the call goes through the op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, n, t, seed = (data((3, 2, 5, 7)).cuda(), data((3, 2, 5, 7)).cuda(), timesteps(3).cuda(),
                      torch.tensor([11], device="cuda"))
     ops = torch.ops.fastddpm
