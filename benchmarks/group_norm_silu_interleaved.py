@@ -41,7 +41,8 @@ CASES = [  # (shape, memory format, dtype)
 
 
 def train_pair(x, num_groups, weight, bias):
-    """y of the CPU training variant (save_silu_grad: its forward also writes SiLU', which its backward reads)."""
+    """y of the CPU training variant (save_silu_grad: its forward also writes SiLU', which its backward
+    reads)."""
     return torch.ops.fastddpm.group_norm_silu.default(x, num_groups, weight, bias, 1e-5, True)[0]
 
 
@@ -68,7 +69,8 @@ def main():
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's allocation thresholds")
     parser.add_argument("--train-pair", action="store_true",
                         help="also time the CPU training variant (group_norm_silu with save_silu_grad, whose "
-                             "forward saves SiLU'; what bfloat16 and float16 train with) as a fourth provider")
+                             "forward saves SiLU'; what bfloat16 and float16 train with) as a fourth "
+                             "provider")
     parser.add_argument("--scrub", action="store_true",
                         help="before every timed call, write a 64 MB buffer: each call then starts from the "
                              "same cache state (full of another layer's dirty lines) whatever ran before it")

@@ -42,11 +42,13 @@ LAYOUTS = ["contiguous", "channels_last", "strided", "permuted"]
 def applies(layout, shape):
     """Whether the layout differs from the plain one at this rank (channels_last needs 3-D or more, permuted
     swaps the last two spatial dimensions: 4-D or more)."""
-    return not (layout == "channels_last" and len(shape) <= 2) and not (layout == "permuted" and len(shape) < 4)
+    return (not (layout == "channels_last" and len(shape) <= 2)
+            and not (layout == "permuted" and len(shape) < 4))
 
 
 # Every (shape, groups, layout) where the layout is a layout of its own at that rank.
-LAYOUT_CASES = [(shape, groups, layout) for shape, groups in SHAPES for layout in LAYOUTS if applies(layout, shape)]
+LAYOUT_CASES = [(shape, groups, layout) for shape, groups in SHAPES for layout in LAYOUTS
+                if applies(layout, shape)]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -93,9 +95,10 @@ def in_layout(t, layout):
 
 
 def poison(*tensors):
-    """Fill freed blocks of the caching allocator, of the outputs' sizes, with 0xFF bytes (NaN in fp32, fp16 and
-    bf16), so that an output element the kernels never write comes out NaN and fails the comparison."""
-    blocks = [torch.full((t.numel() * t.element_size(),), 255, dtype=torch.uint8, device="cuda") for t in tensors]
+    """Fill freed blocks of the caching allocator, of the outputs' sizes, with 0xFF bytes (NaN in fp32, fp16
+    and bf16), so that an output element the kernels never write comes out NaN and fails the comparison."""
+    blocks = [torch.full((t.numel() * t.element_size(),), 255, dtype=torch.uint8, device="cuda")
+              for t in tensors]
     del blocks
 
 
@@ -170,7 +173,8 @@ def test_against_float64_reference(ops, shape, groups, layout, dtype):
 
     ref = reference(x, gy, groups, w, b)
     errs = {name: rel_err(out, r) for name, out, r in
-            zip(["y", "mean", "rstd", "grad_x", "grad_weight", "grad_bias"], [y, mean, rstd, gx, gw, gb], ref)}
+            zip(["y", "mean", "rstd", "grad_x", "grad_weight", "grad_bias"],
+                [y, mean, rstd, gx, gw, gb], ref)}
     assert errs["mean"] <= 1e-5 and errs["rstd"] <= 1e-5, errs
     if dtype == torch.float32:
         limits = {"y": 1e-5, "grad_x": 1e-4, "grad_weight": 1e-4, "grad_bias": 1e-4}
@@ -251,7 +255,8 @@ def test_empty(ops):
     assert y.shape == x.shape and mean.shape == rstd.shape == (0, 8)
     w = torch.ones(32, device="cuda")
     gx, gw, gb = ops.group_norm_silu_backward(x, x, mean, rstd, w, w, 8)
-    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(w))
+    assert (gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
+            and torch.equal(gb, torch.zeros_like(w)))
 
 
 @pytest.mark.isolated
@@ -301,9 +306,9 @@ def test_bad_inputs(ops):
 
 
 def test_float64_on_cuda_runs_the_reference():
-    """The CUDA kernels take no float64: fastddpm.functional.group_norm_silu (so GroupNormSiLU and the U-Net of
-    a model in .double()) runs the reference for it on "auto", forward and backward, and says so by name when
-    the C++ backend is asked for."""
+    """The CUDA kernels take no float64: fastddpm.functional.group_norm_silu (so GroupNormSiLU and the U-Net
+    of a model in .double()) runs the reference for it on "auto", forward and backward, and says so by name
+    when the C++ backend is asked for."""
     from fastddpm import functional
     from fastddpm.ops import group_norm_silu as op_slice
 

@@ -257,7 +257,8 @@ def test_every_output_element_is_written(layout):
     sched = NoiseSchedule(get_beta_schedule("cosine", 30))
     base = torch.randn(5, 4, 7, 6)
     x = {"contiguous": base, "channels_last": base.to(memory_format=torch.channels_last),
-         "permuted": base.transpose(0, 1).contiguous().transpose(0, 1), "strided": torch.randn(5, 8, 7, 6)[:, ::2]}[layout]
+         "permuted": base.transpose(0, 1).contiguous().transpose(0, 1),
+         "strided": torch.randn(5, 8, 7, 6)[:, ::2]}[layout]
     n = torch.randn(x.shape)
     t = torch.randint(0, 30, (x.shape[0],))
     old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory

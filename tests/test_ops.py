@@ -70,13 +70,15 @@ def test_backend_choice(monkeypatch, sched):
     assert choose_backend("q_sample", "cpu") == "cpp"
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=needs_triton_interpreter)])
+@pytest.mark.parametrize("backend", ["reference", "cpp",
+                                     pytest.param("triton", marks=needs_triton_interpreter)])
 def test_diffusion_backends_agree(backend):
     torch.manual_seed(0)
     d = Diffusion(TinyNet(timesteps=50), image_size=6, timesteps=50, beta_schedule="cosine", backend=backend)
     x0, noise = torch.randn(3, 3, 6, 6), torch.randn(3, 3, 6, 6)
     t = torch.tensor([0, 17, 49])
-    assert rel_err(d.q_sample(x0, t, noise), reference.q_sample(d.schedule, x0.double(), t, noise.double())) < 1e-6
+    assert rel_err(d.q_sample(x0, t, noise),
+                   reference.q_sample(d.schedule, x0.double(), t, noise.double())) < 1e-6
 
 
 def test_missing_extension_warns_once_and_falls_back():

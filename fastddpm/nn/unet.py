@@ -232,8 +232,8 @@ class UNet(nn.Module):
     @classmethod
     def from_diffusers(cls, model_or_folder) -> "UNet":
         """A diffusers ``UNet2DModel`` of the DDPM family (the object, or a folder written by its
-        ``save_pretrained``) as a UNet with the same weights, dtype and outputs. A config field the DDPM network
-        cannot represent raises ``ValueError`` naming it. Reading a folder does not need diffusers."""
+        ``save_pretrained``) as a UNet with the same weights, dtype and outputs. A config field the DDPM
+        network cannot represent raises ``ValueError`` naming it. Reading a folder does not need diffusers."""
         from fastddpm.nn.diffusers_unet import from_diffusers
 
         return from_diffusers(model_or_folder)

@@ -361,6 +361,6 @@ def check_triton_device(op: str, x: torch.Tensor) -> None:
                            f"or 'reference')")
 
 
-# Every op file registers its op's fake impl and autograd on import: importing the package imports them all (in
-# dependency order, after everything above that they use), so that no op is reachable half-registered.
+# Every op file registers its op's fake impl and autograd on import: importing the package imports them all
+# (in dependency order, after everything above that they use), so that no op is reachable half-registered.
 from fastddpm.ops import q_sample, diffusion_loss, reverse_step, group_norm_silu  # noqa: E402, F401, I001

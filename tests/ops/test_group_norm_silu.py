@@ -128,8 +128,8 @@ def poisoned():
 
 def silu_grad_fp64(x, num_groups, w, b, eps=1e-5):
     """dSiLU/dz at z = GroupNorm(x), in float64."""
-    z = F.group_norm(x.double(), num_groups, None if w is None else w.double(), None if b is None else b.double(),
-                     eps)
+    z = F.group_norm(x.double(), num_groups, None if w is None else w.double(),
+                     None if b is None else b.double(), eps)
     sig = torch.sigmoid(z)
     return sig * (1 + z * (1 - sig))
 
@@ -183,7 +183,8 @@ def check_pair(op, x, num_groups, w, b, dy, ref):
 
 
 def check_against_reference(x, num_groups, w, b, dy, y, grads, ref):
-    """y and the gradients in `grads` (keys x, w, b) within DESIGN.md's tolerances of ref = fp64_reference(...)."""
+    """y and the gradients in `grads` (keys x, w, b) within DESIGN.md's tolerances of
+    ref = fp64_reference(...)."""
     dtype = x.dtype
     ref_y, ref_grads = ref
     errors = {"y": rel_err(y, ref_y), **{k: rel_err(grads[k], ref_grads[k]) for k in grads}}
@@ -766,7 +767,8 @@ def test_bad_inputs_backward_op_with_a_saved_tensor(name):
         (X6, 0, None, ValueError, "num_groups must be a positive int, got 0"),
         # (bfloat16 x: the training-pair test reads weight.requires_grad first)
         (X6.bfloat16(), 3, [1.0] * 6, TypeError, "weight must be a torch.Tensor or None, got list"),
-        # a problem only the op itself checks (the reference's F.group_norm: "parameter"): its error, unchanged
+        # a problem only the op itself checks (the reference's F.group_norm: "parameter"): its error,
+        # unchanged
         (X6, 3, torch.ones(6, dtype=torch.float64), RuntimeError, "weight|parameter"),
     ],
 )

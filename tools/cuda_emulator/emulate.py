@@ -37,7 +37,8 @@ def transform(src: str) -> str:
     def launch(m):
         name, targs, cfg = m.group(1), m.group(2) or "", m.group(3)
         if targs:
-            label = (f'(std::string("{name}<") + ::emu::type_name<{targs[1:-1].split(",")[0].strip()}>() + "," + '
+            label = (f'(std::string("{name}<") + '
+                     f'::emu::type_name<{targs[1:-1].split(",")[0].strip()}>() + "," + '
                      f'std::to_string({targs[1:-1].split(",")[1].strip()}) + ">").c_str()')
         else:
             label = f'"{name}"'
@@ -58,12 +59,13 @@ def build(workdir: str, asan: bool) -> str:
              "-I", HERE, "-I", os.path.join(ROOT, "csrc", "cuda"), "-isystem", CUDA_INCLUDE,
              f'-DGN_SOURCE="{emu_src}"']
     if asan:
-        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer"]
     cmd = ["g++", *flags, os.path.join(HERE, "gn_driver.cpp"), "-o", lib]
     t0 = time.time()
     subprocess.run(cmd, check=True)
-    print(f"emulate: built {os.path.basename(lib)} in {time.time() - t0:.0f}s ({'ASan+UBSan' if asan else 'plain'})",
-          flush=True)
+    print(f"emulate: built {os.path.basename(lib)} in {time.time() - t0:.0f}s "
+          f"({'ASan+UBSan' if asan else 'plain'})", flush=True)
     return lib
 
 
@@ -137,8 +139,8 @@ def check(lib_path: str, quick: bool) -> int:
         gx = torch.empty_like(xr)
         gw = torch.empty(C) if w is not None else None
         gb = torch.empty(C) if b is not None else None
-        err = lib.emu_backward(N, C, HW, groups, layout, codes[dtype], ptr(gyr), ptr(xr), ptr(mean), ptr(rstd),
-                               ptr(w), ptr(b), ptr(gx), ptr(gw), ptr(gb), num_sms, off)
+        err = lib.emu_backward(N, C, HW, groups, layout, codes[dtype], ptr(gyr), ptr(xr), ptr(mean),
+                               ptr(rstd), ptr(w), ptr(b), ptr(gx), ptr(gw), ptr(gb), num_sms, off)
         assert err == 0, f"backward returned cudaError {err}"
 
         x64 = x.double().requires_grad_()
@@ -159,7 +161,8 @@ def check(lib_path: str, quick: bool) -> int:
             pairs.append(("grad_bias", gb, b64.grad, 1e-4))
         for name, out, ref, limit in pairs:
             errs[name] = rel(out, ref)
-            if dtype != torch.float32 and name in ("y", "grad_x"):  # outputs in dtype: vs rounding the reference
+            # outputs in dtype: against the error of rounding the reference to it
+            if dtype != torch.float32 and name in ("y", "grad_x"):
                 limit = 2 * rel(ref.to(dtype), ref) + 1e-6
             limits[name] = limit
         bad = {k: (f"{errs[k]:.2e}", f"{limits[k]:.2e}") for k in errs if not errs[k] <= limits[k]}
@@ -177,7 +180,8 @@ def check(lib_path: str, quick: bool) -> int:
                 continue
             cases.append((shape, groups, torch.float16, layout, 1000, 0, "both"))
             cases.append((shape, groups, torch.float32, layout, 7, 0, "weight"))
-            cases.append((shape, groups, torch.bfloat16, layout, 1, 1, "bias"))  # misaligned x: narrower vectors
+            # misaligned x: the narrower vector paths
+            cases.append((shape, groups, torch.bfloat16, layout, 1, 1, "bias"))
             cases.append((shape, groups, torch.float32, layout, 1000, 2, "none"))
     failures = 0
     t0 = time.time()
@@ -185,8 +189,8 @@ def check(lib_path: str, quick: bool) -> int:
         lib.emu_clear_log()
         bad, errs = run_case(*case)
         shape, groups, dtype, layout, num_sms, offset, affine = case
-        label = (f"{str(shape):18} G={groups:<3} {str(dtype)[6:]:8} {'NHWC' if layout else 'NCHW'} sms={num_sms:<4} "
-                 f"offset={offset} affine={affine:6}")
+        label = (f"{str(shape):18} G={groups:<3} {str(dtype)[6:]:8} {'NHWC' if layout else 'NCHW'} "
+                 f"sms={num_sms:<4} offset={offset} affine={affine:6}")
         launches = " ".join(line.split(" ")[0].replace("gn_", "") + line.split(" ")[1][4:]
                             for line in lib.emu_log().decode().strip().splitlines())
         if bad:
@@ -195,7 +199,8 @@ def check(lib_path: str, quick: bool) -> int:
         else:
             worst = max(errs.values())
             print(f"ok   {label} worst {worst:.1e}  {launches}", flush=True)
-    print(f"emulate: {len(cases) - failures} passed, {failures} failed in {time.time() - t0:.0f}s", flush=True)
+    print(f"emulate: {len(cases) - failures} passed, {failures} failed in {time.time() - t0:.0f}s",
+          flush=True)
     return 1 if failures else 0
 
 
