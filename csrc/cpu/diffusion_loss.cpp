@@ -194,8 +194,8 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
 // ---------------------------------------------------------------- the autograd of CPU tensors
 // The op's autograd on CPU tensors (AutogradCPU, which takes precedence there over the Python
 // register_autograd of fastddpm/ops/diffusion_loss.py, the autograd of every other device): the same saved
-// tensors and backward, as a C++ graph node. The CPU training step's loss and backward are a few
-// microseconds of kernel at small sizes; the Python autograd's frames would cost several times that.
+// tensors and backward, as a C++ graph node. At the CPU training step's small sizes the Python autograd's
+// frames would cost several times the loss's kernels.
 // torch.compile traces through it as through any C++ autograd formula (the ops are dispatched below
 // autograd, to their fake kernels when tracing). torch.func transforms refuse C++ Functions: under them,
 // fastddpm.ops.choose_backend picks the reference.
@@ -282,7 +282,8 @@ struct DiffusionLossFunction : torch::autograd::Function<DiffusionLossFunction> 
       return out;
     }
     // Grad mode is on inside a backward only with create_graph=True: the fused backward is not differentiable,
-    // and its result would be a constant (silently wrong second derivatives).
+    // and its result would be a constant (silently wrong second derivatives). (The message: the Python
+    // autograd's DOUBLE_BACKWARD_ERROR.)
     TORCH_CHECK(!at::GradMode::is_enabled(), "diffusion_loss: the fused loss has no double backward (a backward "
                 "with create_graph=True); use backend='reference' for higher-order gradients");
     const c10::List<int64_t> args = ctx->saved_data["args"].toIntList();

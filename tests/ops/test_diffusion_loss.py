@@ -218,6 +218,9 @@ def test_cpu_autograd_is_the_cpp_node_and_equals_the_python_autograd_bit_for_bit
     for keep_grad in (False, True):
         loss, _ = ops.diffusion_loss(p, None, t, *tables(sched), None, seed, 0, 0, None, 1, keep_grad)
         assert loss.grad_fn.name() == node
+        with pytest.raises(RuntimeError) as refused:  # the Python autograd's message
+            torch.autograd.grad(loss, p, create_graph=True)
+        assert loss_module.DOUBLE_BACKWARD_ERROR in str(refused.value)
     dtypes = ((torch.float32,) * 3, (torch.float64,) * 3, (torch.bfloat16, torch.float32, torch.float64))
     wrts = ((True, False, False), (True, True, False), (True, False, True), (False, True, True))
     for (pd, xd, nd), objective, reduction, keep_grad, given, wrt in itertools.product(
