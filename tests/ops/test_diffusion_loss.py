@@ -249,6 +249,21 @@ def test_cpu_autograd_is_the_cpp_node_and_equals_the_python_autograd_bit_for_bit
         assert not wrt[0] or grads[0].dtype == pd
 
 
+@needs_cpp
+def test_cpu_autograd_node_under_compiled_autograd(sched):
+    """Compiled autograd traces the C++ node's backward (the kept gradient leaves it detached, not marked
+    non-differentiable, which compiled autograd refuses): the eager gradients, kept or recomputed."""
+    x, n, t = data((2, 3, 4)), data((2, 3, 4)), timesteps(2)
+    for reduction, x_start_grad in (("mean", False), ("none", False), ("mean", True)):
+        p, x0 = data((2, 3, 4)).requires_grad_(True), x.clone().requires_grad_(x_start_grad)
+        loss = diffusion_loss(sched, p, x0, t, n, objective="pred_v", reduction=reduction, backend="cpp")
+        loss = loss.sum()
+        expected = torch.autograd.grad(loss, (p, x0) if x_start_grad else (p,), retain_graph=True)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+        assert torch.equal(p.grad, expected[0]) and (not x_start_grad or torch.equal(x0.grad, expected[1]))
+
+
 @needs_triton_interpreter
 def test_keep_grad_on_the_triton_implementation(sched):
     """The Triton implementation honours keep_grad too (the schema's contract on every device): the
