@@ -9,8 +9,10 @@
 //
 // The loss is float32 (float64 for float64 pred); per-task partial sums are combined in a fixed order.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -189,11 +191,176 @@ at::Tensor diffusion_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   });
 }
 
+// ---------------------------------------------------------------- the autograd of CPU tensors
+// The op's autograd on CPU tensors (AutogradCPU, which takes precedence there over the Python
+// register_autograd of fastddpm/ops/diffusion_loss.py, the autograd of every other device): the same saved
+// tensors and backward, as a C++ graph node. At the CPU training step's small sizes the Python autograd's
+// frames would cost several times the loss's kernels.
+// torch.compile traces through it as through any C++ autograd formula (the ops are dispatched below
+// autograd, to their fake kernels when tracing). torch.func transforms refuse C++ Functions: under them,
+// fastddpm.ops.choose_backend picks the reference.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+using LossSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
+                                           std::optional<double>, int64_t, bool);
+using BackwardSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
+                           std::optional<double>, int64_t);
+
+const c10::TypedOperatorHandle<LossSig>& loss_op() {
+  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("fastddpm::diffusion_loss", "")
+                                 .typed<LossSig>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastddpm::diffusion_loss_backward", "").typed<BackwardSig>();
+  return handle;
+}
+
+bool requires_grad(const OptTensor& x) { return x.has_value() && x->defined() && x->requires_grad(); }
+
+OptTensor optional(const Tensor& x) { return x.defined() ? OptTensor(x) : std::nullopt; }
+
+// Whether an incoming gradient is an ordinary CPU tensor, whose value can be read here: not a fake or
+// functional tensor of a torch.compile trace, a functorch wrapper, nor a tensor subclass.
+bool readable_on_host(const Tensor& grad) {
+  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                    c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                    c10::DispatchKey::FuncTorchGradWrapper});
+  return grad.device().is_cpu() && grad.layout() == at::kStrided && !grad.key_set().has_any(traced);
+}
+
+// table[t] (t clamped into [0, T), as fastddpm.reference.extract) shaped [B, 1, ..., 1] in x's compute dtype.
+Tensor extract(const Tensor& table, const Tensor& t, const Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[0] = t.size(0);
+  return table.index_select(0, t.clamp(0, table.size(0) - 1))
+      .to(at::promote_types(x.scalar_type(), at::kFloat))
+      .reshape(shape);
+}
+
+// Saves what the backward reads: the inputs; or, with keep_grad, the gradient the forward wrote (a constant of
+// the node) and what ∂L/∂x_0 and ∂L/∂ε are formed from (t and the tables). The backward scales the kept
+// gradient by the incoming one (row b by grad[b] for per-sample losses), or returns it as it is for the
+// usual loss.backward() of a mean loss (grad exactly 1, read on the host: free for a CPU tensor); else it
+// calls diffusion_loss_backward.
+struct DiffusionLossFunction : torch::autograd::Function<DiffusionLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& model_output, const OptTensor& x_start,
+                               const Tensor& t, const Tensor& sqrt_ac, const Tensor& sqrt_1m_ac,
+                               const OptTensor& noise, const OptTensor& seed, int64_t offset, int64_t objective,
+                               std::optional<double> min_snr_gamma, int64_t reduction, bool keep_grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, kept] = loss_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset,
+                                       objective, min_snr_gamma, reduction, keep_grad);
+    ctx->set_materialize_grads(false);
+    // (one entry: each saved_data entry is a hash-map insert)
+    ctx->saved_data["args"] = c10::List<int64_t>(
+        {offset, objective, reduction, static_cast<int64_t>(keep_grad),
+         static_cast<int64_t>(model_output.scalar_type()),
+         x_start.has_value() ? static_cast<int64_t>(x_start->scalar_type()) : -1,
+         noise.has_value() ? static_cast<int64_t>(noise->scalar_type()) : -1});
+    ctx->saved_data["min_snr_gamma"] = min_snr_gamma;
+    if (keep_grad) {
+      ctx->save_for_backward({kept, t, sqrt_ac, sqrt_1m_ac});
+    } else {
+      ctx->save_for_backward({model_output, x_start.value_or(Tensor()), t, sqrt_ac, sqrt_1m_ac,
+                              noise.value_or(Tensor()), seed.value_or(Tensor())});
+    }
+    return {loss, kept};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(12);  // one per forward argument
+    const Tensor& grad = grads[0];
+    if (!grad.defined()) {  // only the kept gradient (a constant) reached the output
+      return out;
+    }
+    // Grad mode is on inside a backward only with create_graph=True: the fused backward is not differentiable,
+    // and its result would be a constant (silently wrong second derivatives). (The message: the Python
+    // autograd's DOUBLE_BACKWARD_ERROR.)
+    TORCH_CHECK(!at::GradMode::is_enabled(), "diffusion_loss: the fused loss has no double backward (a backward "
+                "with create_graph=True); use backend='reference' for higher-order gradients");
+    const c10::List<int64_t> args = ctx->saved_data["args"].toIntList();
+    const int64_t offset = args.get(0), objective = args.get(1), reduction = args.get(2);
+    const bool keep_grad = args.get(3) != 0, has_x_start = args.get(5) >= 0, has_noise = args.get(6) >= 0;
+    const auto pred_dtype = static_cast<at::ScalarType>(args.get(4));
+    const variable_list s = ctx->get_saved_variables();
+    Tensor grad_pred, t, sqrt_ac, sqrt_1m_ac;
+    if (keep_grad) {  // ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
+      const Tensor& kept = s[0];
+      t = s[1];
+      sqrt_ac = s[2];
+      sqrt_1m_ac = s[3];
+      if (reduction == contracts::REDUCTION_NONE) {
+        std::vector<int64_t> shape(kept.dim(), 1);
+        shape[0] = -1;
+        grad_pred = kept.mul(grad.to(kept.scalar_type()).reshape(shape));
+      } else if (readable_on_host(grad) && grad.item<double>() == 1.0) {
+        grad_pred = kept;
+      } else {
+        grad_pred = kept.mul(grad.to(kept.scalar_type()));
+      }
+    } else {
+      t = s[2];
+      sqrt_ac = s[3];
+      sqrt_1m_ac = s[4];
+      grad_pred = backward_op().call(grad, s[0], optional(s[1]), t, sqrt_ac, sqrt_1m_ac, optional(s[5]),
+                                     optional(s[6]), offset, objective,
+                                     ctx->saved_data["min_snr_gamma"].toOptional<double>(), reduction);
+    }
+    // The target depends on ε and x_0: ∂L/∂target = −∂L/∂pred; ε (ε objective) or x_0 (x_0 objective)
+    // directly, v = √ᾱ ε − √(1 − ᾱ) x_0 through its coefficients; formed only where an input needs it (a
+    // full pass over the data). Edges: model_output 0, x_start 1 where given, then t and the tables, noise.
+    if (has_x_start && objective != contracts::PRED_NOISE && ctx->needs_input_grad(1)) {
+      out[1] = (objective == contracts::PRED_X0 ? grad_pred.neg() : extract(sqrt_1m_ac, t, grad_pred).mul(grad_pred))
+                   .to(static_cast<at::ScalarType>(args.get(5)));
+    }
+    if (has_noise && objective != contracts::PRED_X0 && ctx->needs_input_grad(has_x_start ? 5 : 4)) {
+      out[5] = (objective == contracts::PRED_NOISE ? grad_pred.neg()
+                                                   : extract(sqrt_ac, t, grad_pred).neg().mul(grad_pred))
+                   .to(static_cast<at::ScalarType>(args.get(6)));
+    }
+    out[0] = grad_pred.scalar_type() == pred_dtype ? grad_pred : grad_pred.to(pred_dtype);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> diffusion_loss_autograd(
+    const Tensor& model_output, const OptTensor& x_start, const Tensor& t, const Tensor& sqrt_ac,
+    const Tensor& sqrt_1m_ac, const OptTensor& noise, const OptTensor& seed, int64_t offset, int64_t objective,
+    std::optional<double> min_snr_gamma, int64_t reduction, bool keep_grad) {
+  // A graph node only where a gradient can flow (as the Python autograd): Function::apply would still build
+  // one and wrap every output.
+  if (!(at::GradMode::is_enabled() &&
+        (model_output.requires_grad() || requires_grad(x_start) || t.requires_grad() || sqrt_ac.requires_grad() ||
+         sqrt_1m_ac.requires_grad() || requires_grad(noise) || requires_grad(seed)))) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return loss_op().call(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective,
+                          min_snr_gamma, reduction, keep_grad);
+  }
+  const variable_list out = DiffusionLossFunction::apply(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise,
+                                                         seed, offset, objective, min_snr_gamma, reduction,
+                                                         keep_grad);
+  // The kept gradient leaves the node detached (a constant), rather than through mark_non_differentiable,
+  // whose record compiled autograd refuses.
+  return {out[0], out[1].detach()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("diffusion_loss", &diffusion_loss_cpu);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastddpm, AutogradCPU, m) {
+  m.impl("diffusion_loss", &diffusion_loss_autograd);
 }
 
 }  // namespace fastddpm

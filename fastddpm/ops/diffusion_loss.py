@@ -6,8 +6,17 @@ and its backward op ``fastddpm::diffusion_loss_backward``, one sweep that recomp
 given (``noise``) or regenerated from the (``seed``, ``offset``) q_sample drew it with (``noised`` below
 decides which). With ``keep_grad`` (a CPU loss whose gradient goes to the prediction alone) the forward also
 returns ∂loss/∂pred for an incoming gradient of one, written by the pass that sums the loss; the backward
-then scales or returns it. One autograd (``_setup_context``, ``_make_backward``): registered on the op, and
-reached without the dispatcher by the eager paths (``_autograd_function``).
+then scales or returns it.
+
+Which autograd runs where:
+  * CPU tensors (the C++ kernels): the op's C++ autograd kernel (AutogradCPU, in csrc/cpu/diffusion_loss.cpp),
+    which takes precedence there over the Python one; the entry point calls the op. It saves and computes
+    what the Python autograd does, without its Python frames: those cost several times the CPU training
+    step's loss forward and backward at small sizes, so the C++ node is what keeps that step's per-call cost.
+    (torch.func refuses C++ autograd nodes: under its transforms, choose_backend picks the reference.)
+  * Every other device (CUDA) and the eager Triton path: one Python autograd (``_setup_context``,
+    ``_make_backward``), registered on the op and reached without the dispatcher by the eager paths
+    (``_autograd_function``).
 """
 
 from __future__ import annotations
@@ -266,12 +275,11 @@ _TritonLoss = _autograd_function("_TritonLoss", _diffusion_loss_triton, _setup_c
                                  _make_backward(_diffusion_loss_backward_triton), tensor_args=7)
 
 
-def _register() -> None:
-    """Without the extension the ops do not exist: CUDA tensors take the Triton implementation directly."""
-    global _CppLoss
+def _register() -> bool:
+    """Registers the op's kernels, fake impls and autograd. False without the extension, where the ops do not
+    exist: CUDA tensors take the Triton implementation directly."""
     if _extension.load() is None:
-        return
-    op = torch.ops.fastddpm.diffusion_loss.default
+        return False
     backward_op = torch.ops.fastddpm.diffusion_loss_backward.default
     for name, triton_fn, cpu_fn in (("diffusion_loss", _diffusion_loss_triton, _diffusion_loss_cpu),
                                     ("diffusion_loss_backward", _diffusion_loss_backward_triton,
@@ -281,22 +289,13 @@ def _register() -> None:
             torch.library.register_kernel(f"fastddpm::{name}", "cpu", cpu_fn)
     register_fake("fastddpm::diffusion_loss", _fake_loss)
     register_fake("fastddpm::diffusion_loss_backward", _fake_backward)
+    # (every device but the CPU, whose C++ autograd kernel takes precedence: see the module docstring)
     torch.library.register_autograd("fastddpm::diffusion_loss", _make_backward(backward_op),
                                     setup_context=_setup_context)
-    # the op's kernel for the device, below autograd (the eager paths: nothing traces)
-    _CppLoss = _autograd_function("_CppLoss", _below_autograd(op), _setup_context,
-                                  _make_backward(_below_autograd(backward_op)), tensor_args=7)
+    return True
 
 
-def _below_autograd(op):
-    def run(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    return run
-
-
-_CppLoss = None
-_register()
+_HAS_OP = _register()
 
 
 # ----------------------------------------------------------------------------- the Python entry point
@@ -357,14 +356,12 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     # device.
     if backend == "triton":
         # (CPU tensors: the interpreter, as the op's CPU kernel is C++; a build without the op: no other way)
-        if model_output.device.type != "cuda" or _CppLoss is None or _eager(model_output, x_start, noise):
+        if model_output.device.type != "cuda" or not _HAS_OP or _eager(model_output, x_start, noise):
             return _run_directly(_TritonLoss, (*args, False), model_output, x_start, noise)
         return call_op(torch.ops.fastddpm.diffusion_loss.default, *args, False)[0]
-    if backend == "cpp" and _extension.cpu_built():
-        args = (*args, _keep_grad(model_output, x_start, noise))
-        if _eager(model_output, x_start, noise):
-            return _run_directly(_CppLoss, args, model_output, x_start, noise)
-        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args)[0]
+    if backend == "cpp" and _HAS_OP:  # CPU tensors: the C++ kernel, and the C++ autograd if a gradient flows
+        return call_op(torch.ops.fastddpm.diffusion_loss.default, *args,
+                       _keep_grad(model_output, x_start, noise))[0]
     if seed is not None:
         check_seed(NAME, seed, model_output)
         noise = philox_noise_like(dense(model_output), seed, offset)

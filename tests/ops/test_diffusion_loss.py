@@ -195,6 +195,75 @@ def test_keep_grad_only_where_the_gradient_goes_to_the_prediction_alone(sched, m
     assert not keeps(o.detach().bfloat16().requires_grad_(True), x.bfloat16(), n.detach().bfloat16())
 
 
+def below_autograd(op):
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return run
+
+
+@needs_cpp
+def test_cpu_autograd_is_the_cpp_node_and_equals_the_python_autograd_bit_for_bit(sched):
+    """On CPU tensors the op's autograd is its C++ node (AutogradCPU, csrc/cpu/diffusion_loss.cpp), also for
+    the entry point. Its gradients to the prediction, x_0 and ε equal those of the Python autograd (the other
+    devices' one, run here over the same C++ kernels) bit for bit: kept or recomputed, any incoming gradient,
+    mixed dtypes; and again from a retained graph."""
+    python_autograd = loss_module._autograd_function(
+        "PythonLoss", below_autograd(ops.diffusion_loss.default), loss_module._setup_context,
+        loss_module._make_backward(below_autograd(ops.diffusion_loss_backward.default)), tensor_args=7)
+    shape, t, seed = (3, 2, 5, 7), timesteps(3), torch.tensor([29])
+    p = data(shape).requires_grad_(True)
+    node = diffusion_loss(sched, p, data(shape), t, data(shape), backend="cpp").grad_fn.name()
+    assert "DiffusionLossFunction" in node
+    for keep_grad in (False, True):
+        loss, _ = ops.diffusion_loss(p, None, t, *tables(sched), None, seed, 0, 0, None, 1, keep_grad)
+        assert loss.grad_fn.name() == node
+        with pytest.raises(RuntimeError) as refused:  # the Python autograd's message
+            torch.autograd.grad(loss, p, create_graph=True)
+        assert loss_module.DOUBLE_BACKWARD_ERROR in str(refused.value)
+    dtypes = ((torch.float32,) * 3, (torch.float64,) * 3, (torch.bfloat16, torch.float32, torch.float64))
+    wrts = ((True, False, False), (True, True, False), (True, False, True), (False, True, True))
+    for (pd, xd, nd), objective, reduction, keep_grad, given, wrt in itertools.product(
+            dtypes, (0, 1, 2), (0, 1), (False, True), (True, False), wrts):
+        o, x, n = data(shape, pd), data(shape, xd), data(shape, nd)
+        if not given and wrt[2]:
+            continue
+        g = torch.ones(()) if reduction == 1 and given else torch.rand(() if reduction == 1 else (3,)) + 0.5
+        results = []
+        for run in (ops.diffusion_loss, python_autograd.run):
+            leaves = [v.clone().requires_grad_(w) for v, w in zip((o, x, n), wrt)]
+            args = (leaves[0], leaves[1], t, *tables(sched), leaves[2] if given else None,
+                    None if given else seed, 3, objective, 5.0 if given else None, reduction, keep_grad)
+            loss, kept = run(*args)
+            wanted = [v for v in leaves if v.requires_grad]
+            grads = torch.autograd.grad(loss, wanted, g.to(loss.dtype), allow_unused=True,
+                                        retain_graph=run is ops.diffusion_loss)
+            if run is ops.diffusion_loss:  # the retained graph gives the same gradients again
+                again = torch.autograd.grad(loss, wanted, g.to(loss.dtype), allow_unused=True)
+                assert all(a is b is None or torch.equal(a, b) for a, b in zip(grads, again))
+            results.append((loss, kept, grads))
+        (loss, kept, grads), (py_loss, py_kept, py_grads) = results
+        assert torch.equal(loss, py_loss) and torch.equal(kept, py_kept) and not kept.requires_grad
+        for a, b in zip(grads, py_grads):
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b)))
+        assert not wrt[0] or grads[0].dtype == pd
+
+
+@needs_cpp
+def test_cpu_autograd_node_under_compiled_autograd(sched):
+    """Compiled autograd traces the C++ node's backward (the kept gradient leaves it detached, not marked
+    non-differentiable, which compiled autograd refuses): the eager gradients, kept or recomputed."""
+    x, n, t = data((2, 3, 4)), data((2, 3, 4)), timesteps(2)
+    for reduction, x_start_grad in (("mean", False), ("none", False), ("mean", True)):
+        p, x0 = data((2, 3, 4)).requires_grad_(True), x.clone().requires_grad_(x_start_grad)
+        loss = diffusion_loss(sched, p, x0, t, n, objective="pred_v", reduction=reduction, backend="cpp")
+        loss = loss.sum()
+        expected = torch.autograd.grad(loss, (p, x0) if x_start_grad else (p,), retain_graph=True)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+        assert torch.equal(p.grad, expected[0]) and (not x_start_grad or torch.equal(x0.grad, expected[1]))
+
+
 @needs_triton_interpreter
 def test_keep_grad_on_the_triton_implementation(sched):
     """The Triton implementation honours keep_grad too (the schema's contract on every device): the
