@@ -24,9 +24,23 @@ from __future__ import annotations
 import torch
 
 from fastddpm import _extension, contracts, reference
-from fastddpm.ops import (as_layout_of, call_op, check_data, check_index, check_seed, check_table, check_timesteps,
-                          check_triton_device, choose_backend, dense, launcher, new_seed, register_fake, require,
-                          runs_eagerly)
+from fastddpm.ops import (
+    as_layout_of,
+    call_op,
+    check_data,
+    check_index,
+    check_seed,
+    check_table,
+    check_timesteps,
+    check_triton_device,
+    choose_backend,
+    dense,
+    launcher,
+    new_seed,
+    register_fake,
+    require,
+    runs_eagerly,
+)
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
@@ -84,9 +98,9 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     partial = torch.empty(pred.shape[0], chunks(pred), dtype=dtype, device=pred.device)
     per_sample = torch.empty(pred.shape[0], dtype=dtype, device=pred.device)
     mean = torch.empty((), dtype=dtype, device=pred.device)
-    launch_loss(pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial, per_sample, mean,
-                objective=objective, noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
-                wrap=launcher(pred))
+    launch_loss(pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, partial,
+                per_sample, mean, objective=objective, noise=eps, seed=seed, offset=offset,
+                min_snr_gamma=min_snr_gamma, wrap=launcher(pred))
     loss = mean if reduction == contracts.REDUCTION_MEAN else per_sample
     if not keep_grad:
         return loss, model_output.new_empty(0)
@@ -97,8 +111,9 @@ def _diffusion_loss_triton(model_output: torch.Tensor, x_start: torch.Tensor | N
     return loss, grad
 
 
-def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tensor, x_start: torch.Tensor | None,
-                                    t: torch.Tensor, sqrt_alphas_cumprod: torch.Tensor,
+def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tensor,
+                                    x_start: torch.Tensor | None, t: torch.Tensor,
+                                    sqrt_alphas_cumprod: torch.Tensor,
                                     sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
                                     seed: torch.Tensor | None, offset: int, objective: int,
                                     min_snr_gamma: float | None, reduction: int) -> torch.Tensor:
@@ -108,9 +123,10 @@ def _diffusion_loss_backward_triton(grad: torch.Tensor, model_output: torch.Tens
                              noise, seed, objective, reduction, min_snr_gamma)
     check_triton_device(NAME, pred)
     grad_pred = torch.empty_like(pred)
-    launch_loss_backward(grad.contiguous(), pred, x0, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                         grad_pred, objective=objective, reduction=reduction, noise=eps, seed=seed, offset=offset,
-                         min_snr_gamma=min_snr_gamma, wrap=launcher(pred))
+    launch_loss_backward(grad.contiguous(), pred, x0, t.contiguous(), sqrt_alphas_cumprod,
+                         sqrt_one_minus_alphas_cumprod, grad_pred, objective=objective, reduction=reduction,
+                         noise=eps, seed=seed, offset=offset, min_snr_gamma=min_snr_gamma,
+                         wrap=launcher(pred))
     return grad_pred
 
 
@@ -187,7 +203,8 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     if inputs[11]:
         # (an attribute, not save_for_backward, whose bookkeeping costs more than this backward's work: kept
-        # is a non-differentiable output, with no grad_fn to hold ctx in a cycle; the backward drops it)
+        # is a non-differentiable output, with no grad_fn to hold ctx in a cycle; freed with the graph, and
+        # still there for a second backward of a retained graph)
         ctx.kept = (kept, t, sqrt_ac, sqrt_1m_ac)
     else:
         ctx.save_for_backward(model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed)
@@ -198,8 +215,8 @@ DOUBLE_BACKWARD_ERROR = ("diffusion_loss: the fused loss has no double backward 
 
 
 def _refuse_double_backward() -> None:
-    """Inside a backward, grad mode is on only with create_graph=True: the fused backward is not differentiable,
-    and its result would be a constant (silently wrong second derivatives)."""
+    """Inside a backward, grad mode is on only with create_graph=True: the fused backward is not
+    differentiable, and its result would be a constant (silently wrong second derivatives)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
@@ -221,7 +238,7 @@ def _make_backward(backward_impl):
         offset, objective, min_snr_gamma, reduction, keep_grad = ctx.args
         pred_dtype, x_start_dtype, noise_dtype = ctx.dtypes
         if keep_grad:  # ∂L/∂pred for a gradient of one, times the gradient that came (per sample for none)
-            (kept, t, sqrt_ac, sqrt_1m_ac), ctx.kept = ctx.kept, None
+            kept, t, sqrt_ac, sqrt_1m_ac = ctx.kept
             if reduction == contracts.REDUCTION_NONE:
                 grad_pred = kept * grad.to(kept.dtype).reshape((-1,) + (1,) * (kept.dim() - 1))
             else:
@@ -365,7 +382,8 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
     if seed is not None:
         check_seed(NAME, seed, model_output)
         noise = philox_noise_like(dense(model_output), seed, offset)
-    return reference.diffusion_loss(schedule, model_output, x_start if x_start is not None else model_output, t,
+    return reference.diffusion_loss(schedule, model_output,
+                                    x_start if x_start is not None else model_output, t,
                                     noise if noise is not None else model_output, objective, min_snr_gamma,
                                     reduction)
 
@@ -373,13 +391,14 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
 # ----------------------------------------------------------------------------- q_sample → loss: where ε lives
 def noised(schedule, x_start: torch.Tensor, t: torch.Tensor, *, backend: str = "auto",
            generator: torch.Generator | None = None, check: bool = True) -> tuple[torch.Tensor, dict]:
-    """x_t = q_sample(x_0, t) with ε drawn in-kernel, and how the loss gets that same ε: ``(x_t, noise_kwargs)``,
-    to be passed on as ``diffusion_loss(schedule, model(x_t, t), x_start, t, **noise_kwargs)``.
+    """x_t = q_sample(x_0, t) with ε drawn in-kernel, and how the loss gets that same ε:
+    ``(x_t, noise_kwargs)``, to be passed on as
+    ``diffusion_loss(schedule, model(x_t, t), x_start, t, **noise_kwargs)``.
 
     The one place that decides whether ε is stored or regenerated (Diffusion and the benchmarks call it):
-      * ``{"noise": ε}``: q_sample writes ε and the loss forward and backward read it. On the CPU (C++ kernels,
-        or the reference) drawing ε (Philox + Box–Muller) costs several times streaming it, so one draw and
-        two reads beat three draws.
+      * ``{"noise": ε}``: q_sample writes ε and the loss forward and backward read it. On the CPU (C++
+        kernels, or the reference) drawing ε (Philox + Box–Muller) costs several times streaming it, so one
+        draw and two reads beat three draws.
       * ``{"seed": key}``: the loss regenerates ε from the Philox key q_sample drew it with. The Triton
         kernels (GPUs: bandwidth-bound, where recomputing is cheaper than a round trip through memory), and
         float16/bfloat16 x_0 on any backend: a stored ε would be rounded to x_0's dtype and change the loss

@@ -6,29 +6,22 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import _extension, contracts, reference
-from fastddpm.ops import new_seed
 from fastddpm.ops import diffusion_loss as loss_module
+from fastddpm.ops import new_seed
 from fastddpm.ops.diffusion_loss import diffusion_loss, noised
 from fastddpm.ops.q_sample import philox_noise_like, q_sample
-from fastddpm.schedules import NoiseSchedule, get_beta_schedule
 
 from .. import kernel_grid as grid
 from ..conftest import needs_triton_interpreter, rel_err
-from ..kernel_grid import OBJECTIVES, T, data, in_low_precision, layouts, timesteps, tolerance
-from .conftest import backends_present, device
+from ..kernel_grid import OBJECTIVES, data, in_low_precision, layouts, timesteps, tolerance
+from .conftest import OpLog, backends_present, device
 
 BACKENDS = backends_present("diffusion_loss")
 DEVICE = device()
 ops = torch.ops.fastddpm
 needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="fastddpm._C without the C++ CPU kernels")
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return NoiseSchedule(get_beta_schedule("linear", T)).to(DEVICE)
 
 
 def tables(sched):
@@ -278,6 +271,22 @@ def test_keep_grad_on_the_triton_implementation(sched):
         assert torch.equal(g, loss_module._diffusion_loss_backward_triton(ones, *args))
 
 
+@needs_triton_interpreter
+def test_python_autograd_with_keep_grad_backpropagates_a_retained_graph_twice(sched):
+    """The Python autograd (what CUDA tensors and the eager Triton path run) with keep_grad: a retained graph
+    gives the same gradient on a second backward (the kept gradient stays with the node until it is freed)."""
+    x, t = data((3, 2, 5, 7)), timesteps(3)
+    for reduction in (0, 1):
+        p = data((3, 2, 5, 7)).requires_grad_(True)
+        args = (p, x, t, *tables(sched), None, torch.tensor([7]), 3, 2, 5.0, reduction, True)
+        loss = loss_module._TritonLoss.run(*args)[0]
+        g = torch.rand_like(loss)
+        first = torch.autograd.grad(loss, p, g, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, p, g)[0]
+        want = loss_module._diffusion_loss_backward_triton(g, *args[:-1])
+        assert torch.equal(first, second) and rel_err(first, want) < 1e-6  # (g scales after or inside)
+
+
 # ----------------------------------------------------------------------------- ε stored or regenerated
 @needs_cpp
 def test_noised_stores_eps_on_cpp_and_the_loss_equals_the_regenerated_one_bit_for_bit(sched):
@@ -401,16 +410,6 @@ def test_eager_triton_gradient_to_x_start(sched):
         grads.append(torch.autograd.grad(loss, x0)[0])
     assert grads[0].abs().sum() > 0
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() <= 1e-4
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS and "triton" not in BACKENDS, reason="no fused backend here")
