@@ -1,12 +1,39 @@
+"""Diffusion: its settings, checks, losses, samplers and save/load. The tests whose numbers come from the ops
+(losses, q_sample, the ancestral and DDIM chains, seeded sampling, a save/load round trip that samples) run on
+every backend present for CPU tensors; those of argument checks, tables, configs and keys run once."""
+import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from fastddpm import Diffusion, UNet, reference
+from fastddpm import Diffusion, UNet, _extension, reference
+from fastddpm.ops import IMPLEMENTATIONS
 
 from .conftest import TinyNet, rel_err
+
+_OPS = ("q_sample", "diffusion_loss", "p_sample_step", "ddim_step")  # the ops Diffusion runs
+
+
+def _cpu_backends() -> list[str]:
+    """The backends that run Diffusion's ops on CPU tensors here: the reference, the C++ kernels where
+    fastddpm._C is built, Triton where its interpreter runs CPU tensors (TRITON_INTERPRET=1, which conftest.py
+    sets on machines without a GPU)."""
+    present = ["reference"]
+    if all("cpu" in IMPLEMENTATIONS[op]["cpp"] for op in _OPS) and _extension.cpu_built():
+        present.append("cpp")
+    if (all("cpu" in IMPLEMENTATIONS[op]["triton"] for op in _OPS)
+            and os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None):
+        present.append("triton")
+    return present
+
+
+@pytest.fixture(params=_cpu_backends())
+def backend(request):
+    """Each backend present, passed as Diffusion(..., backend=backend)."""
+    return request.param
 
 
 def make(timesteps=20, **kw):
@@ -28,8 +55,8 @@ def test_defaults_follow_the_paper():
 
 @pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
 @pytest.mark.parametrize("min_snr", [False, True])
-def test_loss_backward_and_matches_reference(objective, min_snr):
-    d = make(objective=objective, min_snr_loss_weight=min_snr)
+def test_loss_backward_and_matches_reference(objective, min_snr, backend):
+    d = make(objective=objective, min_snr_loss_weight=min_snr, backend=backend)
     x0 = torch.rand(4, 3, 6, 6) * 2 - 1
     t = torch.tensor([0, 3, 11, 19])
     noise = torch.randn_like(x0)
@@ -44,8 +71,8 @@ def test_loss_backward_and_matches_reference(objective, min_snr):
     assert per.shape == (4,) and rel_err(per.mean(), loss) < 1e-6
 
 
-def test_forward_draws_t_and_noise():
-    d = make()
+def test_forward_draws_t_and_noise(backend):
+    d = make(backend=backend)
     img = torch.rand(8, 3, 6, 6)
     torch.manual_seed(1)
     a = d(img)
@@ -55,8 +82,8 @@ def test_forward_draws_t_and_noise():
     assert torch.isfinite(a) and a.item() == b.item() and a.item() != c.item()
 
 
-def test_q_sample_uses_given_noise():
-    d = make()
+def test_q_sample_uses_given_noise(backend):
+    d = make(backend=backend)
     x0 = torch.randn(3, 3, 6, 6)
     t = torch.tensor([0, 10, 19])
     noise = torch.randn_like(x0)
@@ -65,8 +92,8 @@ def test_q_sample_uses_given_noise():
 
 
 @pytest.mark.parametrize("sampling_timesteps", [None, 5])
-def test_sample_is_seeded_and_in_range(sampling_timesteps):
-    d = make(sampling_timesteps=sampling_timesteps)
+def test_sample_is_seeded_and_in_range(sampling_timesteps, backend):
+    d = make(sampling_timesteps=sampling_timesteps, backend=backend)
     a = d.sample(3, generator=torch.Generator().manual_seed(0), progress=False)
     b = d.sample(3, generator=torch.Generator().manual_seed(0), progress=False)
     c = d.sample(3, generator=torch.Generator().manual_seed(1), progress=False)
@@ -78,8 +105,8 @@ def test_sample_is_seeded_and_in_range(sampling_timesteps):
     assert torch.equal(g1, d.sample(2, progress=False))
 
 
-def test_sample_loop_equals_manual_p_sample_chain():
-    d = make()
+def test_sample_loop_equals_manual_p_sample_chain(backend):
+    d = make(backend=backend)
     gen = torch.Generator().manual_seed(3)
     out = d.sample(2, generator=gen, progress=False)
     gen = torch.Generator().manual_seed(3)
@@ -89,36 +116,39 @@ def test_sample_loop_equals_manual_p_sample_chain():
     assert torch.equal(out, d.unnormalize(x))
 
 
-def test_return_all_timesteps():
-    d = make(sampling_timesteps=4)
+def test_return_all_timesteps(backend):
+    d = make(sampling_timesteps=4, backend=backend)
     traj = d.sample(2, return_all_timesteps=True, progress=False)
     assert traj.shape == (2, 5, 3, 6, 6)
-    assert make().sample(1, return_all_timesteps=True, progress=False).shape == (1, 21, 3, 6, 6)
+    full = make(backend=backend).sample(1, return_all_timesteps=True, progress=False)
+    assert full.shape == (1, 21, 3, 6, 6)
 
 
-def test_ddim_full_steps_eta1_matches_ancestral_sampling():
+def test_ddim_full_steps_eta1_matches_ancestral_sampling(backend):
     # sampling_timesteps == timesteps uses the ancestral loop; DDIM over all T steps with η = 1 draws the
     # same noise and is the same chain (fixed_small), so the images agree within float tolerance.
-    d = make(timesteps=20)
+    d = make(timesteps=20, backend=backend)
     anc = d.sample(2, generator=torch.Generator().manual_seed(9), progress=False)
     from fastddpm import sampling
-    ddim = Diffusion(d.model, image_size=6, timesteps=20, beta_schedule="cosine", ddim_sampling_eta=1.0)
+    ddim = Diffusion(d.model, image_size=6, timesteps=20, beta_schedule="cosine", ddim_sampling_eta=1.0,
+                     backend=backend)
     x = sampling.ddim_loop(ddim, (2, 3, 6, 6), generator=torch.Generator().manual_seed(9), progress=False)
     assert rel_err(ddim.unnormalize(x), anc) < 1e-5
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip(tmp_path, backend):
     torch.manual_seed(0)
     model = UNet(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                  dropout=0.0, image_size=8)
-    d = Diffusion(model, image_size=8, timesteps=10, objective="pred_v", beta_schedule="cosine")
+    d = Diffusion(model, image_size=8, timesteps=10, objective="pred_v", beta_schedule="cosine",
+                  backend=backend)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # away from the zero init
     d.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["diffusion"]["objective"] == "pred_v" and cfg["model"]["class"] == "UNet"
-    e = Diffusion.from_pretrained(tmp_path)
+    e = Diffusion.from_pretrained(tmp_path, backend=backend)  # (the backend is a setting of this process)
     assert e.config == d.config
     assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), e.state_dict().values()))
     a = d.eval().sample(2, generator=torch.Generator().manual_seed(0), progress=False)
@@ -171,8 +201,8 @@ def test_bad_construction(kwargs, err, match):
         make(**kwargs)
 
 
-def test_zero_terminal_snr_ok_with_v():
-    d = make(beta_schedule="jsd", objective="pred_v")
+def test_zero_terminal_snr_ok_with_v(backend):
+    d = make(beta_schedule="jsd", objective="pred_v", backend=backend)
     assert torch.isfinite(d.sample(2, progress=False)).all()
 
 
@@ -235,8 +265,8 @@ def test_table_attributes_like_gaussian_diffusion():
 
 
 @pytest.mark.parametrize("objective", ["pred_v", "pred_x0"])
-def test_zero_terminal_snr_ddim_is_finite(objective):
-    d = make(beta_schedule="jsd", objective=objective, sampling_timesteps=5)
+def test_zero_terminal_snr_ddim_is_finite(objective, backend):
+    d = make(beta_schedule="jsd", objective=objective, sampling_timesteps=5, backend=backend)
     assert torch.isfinite(d.sample(2, progress=False)).all()
 
 
@@ -260,14 +290,15 @@ def test_p_mean_variance_follows_variance():
     assert torch.allclose(logvar_l.flatten()[0], logvar_s.flatten()[0])
 
 
-def test_sampling_with_fixed_large_and_pred_x0():
+def test_sampling_with_fixed_large_and_pred_x0(backend):
     for kw in [dict(variance="fixed_large"), dict(objective="pred_x0"), dict(objective="pred_v")]:
-        out = make(**kw).sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+        out = make(**kw, backend=backend).sample(2, generator=torch.Generator().manual_seed(0),
+                                                 progress=False)
         assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
-def test_low_precision_model_keeps_float32_tables_and_samples():
-    d = make().to(torch.bfloat16)
+def test_low_precision_model_keeps_float32_tables_and_samples(backend):
+    d = make(backend=backend).to(torch.bfloat16)
     assert d.betas.dtype == torch.float32 and d.model.conv_in.weight.dtype == torch.bfloat16
     assert d.alphas_cumprod[-1].item() == make().alphas_cumprod[-1].item()
     out = d.sample(2, progress=False, generator=torch.Generator().manual_seed(0))
@@ -314,20 +345,20 @@ def test_user_betas_set_timesteps():
         Diffusion(TinyNet(), image_size=6, beta_schedule=[[0.1, 0.2], [0.3, 0.4]])
 
 
-def test_offset_noise_changes_the_loss_only_when_drawn():
-    d = make(offset_noise_strength=0.1)
+def test_offset_noise_changes_the_loss_only_when_drawn(backend):
+    d = make(offset_noise_strength=0.1, backend=backend)
     x0, t = torch.rand(4, 3, 6, 6) * 2 - 1, torch.tensor([1, 2, 3, 4])
     noise = torch.randn_like(x0)
     # given noise is used as is
-    assert d.p_losses(x0, t, noise).item() == make().p_losses(x0, t, noise).item()
+    assert d.p_losses(x0, t, noise).item() == make(backend=backend).p_losses(x0, t, noise).item()
     assert torch.isfinite(d(torch.rand(4, 3, 6, 6)))
 
 
-def test_loss_weight_and_aliases():
-    d = make(min_snr_loss_weight=True)
+def test_loss_weight_and_aliases(backend):
+    d = make(min_snr_loss_weight=True, backend=backend)
     assert d.loss_weight.shape == (20,) and (d.loss_weight <= 1).all()
     assert d.p_sample_loop((1, 3, 6, 6), progress=False).shape == (1, 3, 6, 6)
-    assert make(sampling_timesteps=4).ddim_sample((1, 3, 6, 6), return_all_timesteps=True,
+    assert make(sampling_timesteps=4, backend=backend).ddim_sample((1, 3, 6, 6), return_all_timesteps=True,
                                                   progress=False).shape == (1, 5, 3, 6, 6)
 
 
@@ -340,8 +371,12 @@ def test_from_pretrained_keeps_a_given_model_where_it_is(tmp_path):
     assert d.model is other and other.conv_in.weight.dtype == torch.float64
 
 
-def test_cuda_graph_request_on_cpu_warns_once_and_samples_eagerly():
-    d = make()
+def test_cuda_graph_request_on_cpu_warns_once_and_samples_eagerly(backend, monkeypatch):
+    from fastddpm import sampling
+
+    # (the warning is given once a process: a fresh record lets each backend's run see it)
+    monkeypatch.setattr(sampling, "_graph_warnings", set())
+    d = make(backend=backend)
     g = torch.Generator().manual_seed(3)
     with pytest.warns(RuntimeWarning, match="cuda_graph=True needs CUDA tensors"):
         a = d.sample(2, generator=g, progress=False, cuda_graph=True)
