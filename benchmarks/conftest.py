@@ -1,12 +1,18 @@
 """Shared pieces of the benchmark suite: providers, devices, and the bytes-moved bookkeeping."""
 import math
 import os
+import tempfile
 import time
 
 import pytest
 import torch  # (imports no triton)
 
+from fastddpm import _extension
+
 os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
+# torch.compile's cache in a folder of this build (fastddpm._extension.build_digest says why)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"fastddpm-inductor-{_extension.build_digest()}"))
 if not torch.cuda.is_available():  # Triton on CPU tensors through its interpreter (as tests/conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

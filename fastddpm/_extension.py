@@ -42,6 +42,24 @@ def load() -> ModuleType | None:
     return _ext
 
 
+def build_digest() -> str:
+    """A short hash of the built fastddpm._C (and of torch's version), found without loading it; "none"
+    without a build. torch.compile's on-disk caches key a graph on its Python-visible ops, not on the C++
+    autograd kernels behind them: a cache folder per digest keeps graphs of one build from being loaded for
+    another."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastddpm._C")
+    if spec is None or spec.origin is None:
+        return "none"
+    digest = hashlib.sha256(importlib.metadata.version("torch").encode())
+    with open(spec.origin, "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def cpu_built() -> bool:
     """Whether the C++ CPU kernels are available."""
     return load() is not None

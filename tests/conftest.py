@@ -1,11 +1,17 @@
 import os
+import tempfile
 
 import pytest
 import torch  # (imports no triton)
 
+from fastddpm import _extension
+
 from .isolation import register as _register_isolation
 
 os.environ.setdefault("FASTDDPM_NO_PROGRESS", "1")
+# torch.compile's cache in a folder of this build (fastddpm._extension.build_digest says why)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"fastddpm-inductor-{_extension.build_digest()}"))
 # Without a GPU, the Triton kernels run on CPU tensors through the interpreter (set before triton is
 # imported). With one, they compile for it: the interpreter would replace the compiler for CUDA tensors too,
 # and the tests of Triton on CPU tensors skip (CI runs them).

@@ -1,5 +1,6 @@
 """The C++ extension fastddpm._C: that it is built, and its CPU q_sample against a float64 reference."""
 
+import os
 import sys
 import warnings
 import zlib
@@ -272,3 +273,13 @@ def test_every_output_element_is_written(layout):
         torch.use_deterministic_algorithms(old[0])
         torch.utils.deterministic.fill_uninitialized_memory = old[1]
     assert torch.isfinite(out).all()
+
+
+def test_build_digest_names_this_build_and_keys_the_compile_cache():
+    """build_digest: a stable 16-hex-digit hash of the built extension, found without loading it; the tests'
+    torch.compile cache folder is keyed by it (tests/conftest.py)."""
+    digest = _extension.build_digest()
+    assert digest == _extension.build_digest()
+    if _extension.cpu_built():
+        assert len(digest) == 16 and int(digest, 16) >= 0
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(f"fastddpm-inductor-{digest}")
