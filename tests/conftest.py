@@ -70,6 +70,25 @@ class TinyNet(torch.nn.Module):
 
 
 @pytest.fixture
+def poisoned():
+    """Every new tensor (torch.empty*, and at::empty* in the C++ kernels; CPU and CUDA) is filled with NaN
+    while the test runs, so an output element a kernel leaves unwritten shows. Deterministic mode is on (that
+    is what fills), in warn-only form: an op without a deterministic kernel warns instead of failing the
+    test."""
+    old = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(8)).all()  # the poison is on
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.utils.deterministic.fill_uninitialized_memory = old[2]
+
+
+@pytest.fixture
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet
