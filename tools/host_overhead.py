@@ -5,7 +5,8 @@
 For the Triton path (the ops' CUDA implementation), the kernel launchers of kernels/ are replaced by no-ops
 and the ops run on CPU tensors of the CIFAR-10 batch (128×3×32×32): what is left is fastddpm's Python, torch's
 dispatcher and torch.library's layers, i.e. the host's work before Triton's own launch. The C++ CPU path is
-timed whole, kernels included, at a small size (8×1×8×8), as a reference point. Each line is the median of 5
+timed whole, kernels included, at a small size (8×1×8×8; GroupNorm+SiLU, whose CUDA kernel is C++, at 8×32×4×4
+with 8 groups, fp32 and bf16, through fastddpm.functional), as a reference point. Each line is the median of 5
 runs of N back-to-back calls, in µs per call. Numbers depend on the machine and its load: compare lines of one
 run.
 """
@@ -79,6 +80,21 @@ def cases(backend: str, shape):
     }
 
 
+def group_norm_silu_cases():
+    from fastddpm.functional import group_norm_silu
+
+    out = {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        x = torch.randn(8, 32, 4, 4, dtype=dtype)
+        w, b = torch.randn(32, dtype=dtype), torch.randn(32, dtype=dtype)
+        xg = x.clone().requires_grad_(True)
+        wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out[f"group_norm_silu forward, {name}"] = lambda x=x, w=w, b=b: group_norm_silu(x, 8, w, b)
+        out[f"group_norm_silu forward + backward, {name}"] = (
+            lambda x=xg, w=wg, b=bg: torch.autograd.grad(group_norm_silu(x, 8, w, b).sum(), (x, w, b)))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -91,6 +107,8 @@ def main() -> int:
     stub_launchers()
     for name, fn in cases("triton", (128, 3, 32, 32)).items():
         print(f"| {name} | {per_call_us(fn, args.calls):.1f} | {cpp[name]:.1f} |", flush=True)
+    for name, fn in group_norm_silu_cases().items():  # (no Triton path: its CUDA kernel is C++)
+        print(f"| {name} | — | {per_call_us(fn, args.calls):.1f} |", flush=True)
     return 0
 
 
