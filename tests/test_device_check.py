@@ -26,7 +26,7 @@ FAKE_PYTHON = textwrap.dedent('''\
 
     args = sys.argv[1:]
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps(args) + "\\n")
+        f.write(json.dumps(args + ["PYTHONPATH=" + os.environ.get("PYTHONPATH", "")]) + "\\n")
     if args[0] == "-c":
         code = args[1]
         if "pytest_timeout" in code:
@@ -65,11 +65,11 @@ def run_script(tmp_path, **env):
     out.mkdir()
     calls = tmp_path / "calls"
     environment = dict(os.environ, PYTHON=str(fake), OUT=str(out), FAKE_CALLS=str(calls),
-                       COMPUTE_SANITIZER="")
+                       COMPUTE_SANITIZER="", DEVICE_CHECK_WHEELS=str(tmp_path / "no-wheels"))
     environment.update(env)
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=environment, capture_output=True,
                           text=True, timeout=120)
-    return proc, out, [json.loads(line) for line in calls.read_text().splitlines()]
+    return proc, out, [json.loads(line)[:-1] for line in calls.read_text().splitlines()]
 
 
 def test_all_steps(tmp_path):
@@ -139,3 +139,19 @@ def test_steps_chosen(tmp_path):
     assert re.search(r"^memcheck +skipped: no compute-sanitizer", summary, re.M)
     assert sorted(p.name for p in out.iterdir()) == ["bench_ops.json", "bench_table.md", "device_check.log",
                                                      "summary.txt"]
+
+
+def test_carried_wheels_are_installed_first_and_seen_by_every_step(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
+    proc, out, _ = run_script(tmp_path, DEVICE_CHECK_WHEELS=str(wheels), DEVICE_CHECK_STEPS="bench_ops")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^wheels +rc=0 ", summary, re.M), summary
+    calls = [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    install = next(i for i, c in enumerate(calls) if c[:3] == ["-m", "pip", "install"] and "--target" in c)
+    target = calls[install][calls[install].index("--target") + 1]
+    assert str(wheels / "diffusers-0.42.1-py3-none-any.whl") in calls[install]
+    assert all(c[-1].startswith(f"PYTHONPATH={target}") for c in calls[install + 1:]), calls
+    assert any(c[:2] == ["-m", "pytest"] for c in calls[install + 1:])

@@ -5,6 +5,10 @@
 #   bash tools/device_check.sh            # env: OUT (where results go), PYTHON, DEVICE_CHECK_BUDGET (s, 480)
 #   DEVICE_CHECK_STEPS="triton_kernels bench_ops memcheck" bash tools/device_check.sh   # build + only these
 #
+# Wheels in .whl/ (DEVICE_CHECK_WHEELS; tools/device_wheels.sh fills it with diffusers, which the machine lacks,
+# and the device call carries it) are installed first, beside the machine's packages (pip --target, on
+# PYTHONPATH), so that the diffusers providers of the benchmark table and the tests against diffusers run.
+#
 # The whole run keeps within DEVICE_CHECK_BUDGET seconds (the device tool's per-call limit is 600): each step
 # runs under `timeout` with the smaller of its own cap and the time left (plus 10 s to die after a TERM), and a
 # step with under DEVICE_CHECK_MIN_STEP (20) seconds left is skipped and named so. Steps run in the order of
@@ -23,6 +27,7 @@ PY=${PYTHON:-python3}
 BUDGET=${DEVICE_CHECK_BUDGET:-480}  # the issue asks for under 8 minutes
 MIN_STEP=${DEVICE_CHECK_MIN_STEP:-20}  # a step with less time than this left is skipped
 STEPS=${DEVICE_CHECK_STEPS:-}  # empty: all; else the steps to run after the build (which always runs)
+WHEELS=${DEVICE_CHECK_WHEELS:-.whl}
 export PYTHONUNBUFFERED=1 FASTDDPM_NO_PROGRESS=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0
 LOG=$OUT/device_check.log
 SUMMARY=$OUT/summary.txt
@@ -49,8 +54,8 @@ record() {  # record NAME TEXT: one line of the summary
   write_summary
 }
 
-asked() {  # asked NAME: whether DEVICE_CHECK_STEPS lets the step run (build and info always do)
-  [ -z "$STEPS" ] || [ "$1" = build ] || [ "$1" = info ] || [[ " $STEPS " == *" $1 "* ]] && return 0
+asked() {  # asked NAME: whether DEVICE_CHECK_STEPS lets the step run (wheels, build and info always do)
+  [ -z "$STEPS" ] || [[ " wheels build info $STEPS " == *" $1 "* ]] && return 0
   record "$1" "not asked for (DEVICE_CHECK_STEPS)"
   return 1
 }
@@ -96,6 +101,10 @@ e2e=benchmarks/test_end_to_end.py
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 
 write_summary
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  step wheels 60 "$PY" -m pip install -q --no-deps --no-compile --target "$TMP/site" "$WHEELS"/*.whl \
+    && export PYTHONPATH="$TMP/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if step build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps \
     && step info 30 "$PY" -m fastddpm info; then
   # Calls that must raise, each in a process of its own; a crash gets its backtrace (gdb or cuda-gdb).
