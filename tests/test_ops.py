@@ -70,6 +70,35 @@ def test_backend_choice(monkeypatch, sched):
     assert choose_backend("q_sample", "cpu") == "cpp"
 
 
+def test_launcher_under_dispatch_modes():
+    """A Triton kernel launches through wrap_triton where a dispatch mode builds a graph (make_fx, fake
+    tensors), and directly on plain tensors outside modes (and, before torch 2.13, whose wrap_triton refuses
+    the interpreter's kernels, on CPU tensors under a mode that builds none)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.library import wrap_triton
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastddpm.ops import _dispatch, launcher
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3)
+    assert launcher(x) is not wrap_triton and not _dispatch.graph_building_mode_active()
+    with Watch():
+        assert not _dispatch.graph_building_mode_active()
+        assert (launcher(x) is wrap_triton) == _dispatch.WRAP_TRITON_TAKES_INTERPRETED
+    with FakeTensorMode() as mode:
+        assert _dispatch.graph_building_mode_active()
+        assert launcher(mode.from_tensor(x)) is wrap_triton
+        assert launcher(x) is wrap_triton
+    traced = []
+    torch.fx.experimental.proxy_tensor.make_fx(
+        lambda t: traced.append((_dispatch.graph_building_mode_active(), launcher(t))) or t * 2)(x)
+    assert traced == [(True, wrap_triton)]
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp",
                                      pytest.param("triton", marks=needs_triton_interpreter)])
 def test_diffusion_backends_agree(backend):

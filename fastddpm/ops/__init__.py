@@ -19,9 +19,11 @@ import torch
 
 from fastddpm import _extension
 from fastddpm.ops._dispatch import (
+    WRAP_TRITON_TAKES_INTERPRETED,
     BelowAutograd,
     backend_environment,
     dispatch_mode_depth,
+    graph_building_mode_active,
     peek_interpreter_stack,
 )
 
@@ -172,9 +174,12 @@ def _launch_directly(kernel):
 def launcher(x: torch.Tensor):
     """How an implementation launches its Triton kernel for data x: through torch.library.wrap_triton while
     the op is traced (fake or functional tensors, a dispatch mode), so that the launch becomes a node of the
-    graph; else directly. (wrap_triton's eager path is a plain launch behind more Python, and before torch
-    2.13 it refuses the interpreter's kernels.)"""
-    if type(x) is torch.Tensor and not dispatch_mode_depth():
+    graph; else directly. (wrap_triton's eager path is a plain launch behind more Python.) Before torch
+    2.13 wrap_triton refuses the interpreter's kernels (CPU tensors): there a dispatch mode that builds no
+    graph gets the direct launch too."""
+    if type(x) is torch.Tensor and (not dispatch_mode_depth() or (
+            not WRAP_TRITON_TAKES_INTERPRETED and x.device.type == "cpu"
+            and not graph_building_mode_active())):
         return _launch_directly
     from torch.library import wrap_triton
 

@@ -39,6 +39,24 @@ peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 # How many TorchDispatchModes are active (0: none).
 dispatch_mode_depth = torch._C._len_torch_dispatch_stack
 
+# Whether torch.library.wrap_triton takes the Triton interpreter's kernels (TRITON_INTERPRET=1, CPU tensors):
+# before torch 2.13 it refuses them.
+WRAP_TRITON_TAKES_INTERPRETED = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
+
+def graph_building_mode_active() -> bool:
+    """Whether an active TorchDispatchMode builds a graph from the ops it sees (make_fx's proxy mode, fake or
+    functional tensors): a Triton kernel launched under it must go through wrap_triton to become a node. Other
+    modes (a logger, a FLOP counter) watch real tensors, which a direct launch computes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    building = (ProxyTorchDispatchMode, FakeTensorMode, FunctionalTensorMode)
+    return any(isinstance(mode, building) for mode in _get_current_dispatch_mode_stack())
+
+
 # ---- the dispatcher below its autograd layer
 # A context manager under which an op call skips the autograd kernel and runs the backend kernel directly.
 BelowAutograd = torch._C._AutoDispatchBelowAutograd
