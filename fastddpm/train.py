@@ -187,8 +187,10 @@ class Trainer:
         self.optimizer.param_groups[0]["lr"] = self._lr
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.ema = AveragedModel(self.diffusion.model, multi_avg_fn=ema_with_warmup(ema_decay),
-                                 use_buffers=True)
+        # device=: AveragedModel keeps its counter n_averaged on the CPU otherwise, which ema_update_ updates
+        # on the device with the step's skip decision.
+        self.ema = AveragedModel(self.diffusion.model, device=self.device,
+                                 multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         # What ema_update_ averages: the floating-point parameters and buffers, paired as update_parameters
         # pairs them.
         ema_module, model = self.ema.module, self.diffusion.model
@@ -362,6 +364,9 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"checkpoint {ckpt} does not fit this trainer, or {state_path.name} is damaged: "
                              f"{str(e)[:300]}") from e
+        # A graph captured before holds the optimizer state tensors load_state_dict replaced: the fast path
+        # warms up and captures again.
+        self._graph, self._eager_fast_steps = None, 0
         if self.world_size > 1:  # the saved RNG state is rank 0's: every rank needs its own stream
             torch.manual_seed(derive_seed(self.seed, SEED_RESUME, self.step, self.rank))
         metrics = self.out / "metrics.jsonl"
