@@ -41,6 +41,7 @@ from fastddpm.ops import (
     require,
     runs_eagerly,
 )
+from fastddpm.ops._dispatch import buffers
 from fastddpm.ops.q_sample import _Tables, philox_noise_like, q_sample
 
 NAME = "diffusion_loss"
@@ -362,12 +363,13 @@ def diffusion_loss(schedule, model_output: torch.Tensor, x_start: torch.Tensor |
         contracts.objective_code(objective), contracts.reduction_code(reduction)
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"{NAME}: min_snr_gamma must be > 0 (or None), got {min_snr_gamma}")
+    sqrt_ac, sqrt_1m_ac = buffers(schedule, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
     if check:
-        check_timesteps(NAME, t, schedule.sqrt_alphas_cumprod.shape[0])
+        check_timesteps(NAME, t, sqrt_ac.shape[0])
     if objective_code == contracts.PRED_X0:
         noise = seed = None  # the target is x_0 alone
-    args = (model_output, x_start, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-            noise, seed, offset, objective_code, min_snr_gamma, reduction_code)
+    args = (model_output, x_start, t, sqrt_ac, sqrt_1m_ac, noise, seed, offset, objective_code, min_snr_gamma,
+            reduction_code)
     backend = choose_backend(NAME, model_output.device, backend)
     # The eager paths call the implementation directly; otherwise the op, whose kernel the dispatcher picks by
     # device.

@@ -64,17 +64,24 @@ def _q_sample_triton(x_start: torch.Tensor, t: torch.Tensor, sqrt_alphas_cumprod
                      sqrt_one_minus_alphas_cumprod: torch.Tensor, noise: torch.Tensor | None,
                      seed: torch.Tensor | None, offset: int,
                      write_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, noise_out = _launch_triton(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise,
+                                    seed, offset, write_noise)
+    return out, (noise_out if noise_out is not None else out.new_empty(0))
+
+
+def _launch_triton(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed, offset,
+                   write_noise) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton implementation's work: (x_t, ε or None where it is not written)."""
     from fastddpm.kernels.q_sample import launch_q_sample
 
     _check(x_start, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise, seed)
     check_triton_device(NAME, x_start)
     x = dense(x_start)
     out = torch.empty_like(x)
-    writes_noise = write_noise and noise is None
-    noise_out = torch.empty_like(x) if writes_noise else x.new_empty(0)
+    noise_out = torch.empty_like(x) if write_noise and noise is None else None
     launch_q_sample(x, t.contiguous(), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
                     noise=None if noise is None else as_layout_of(noise.to(x.dtype), x), seed=seed,
-                    offset=offset, noise_out=noise_out if writes_noise else None, wrap=launcher(x))
+                    offset=offset, noise_out=noise_out, wrap=launcher(x))
     return out, noise_out
 
 
@@ -160,6 +167,8 @@ def q_sample(schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tens
         out = call_op(torch.ops.fastddpm.q_sample.default, *args)
     elif backend == "triton":
         if runs_eagerly(x_start, noise):
+            if noise is not None:  # (x_t alone: no empty ε to allocate)
+                return _launch_triton(*args)[0]
             out = _q_sample_triton(*args)
         elif x_start.is_cuda and _extension.load() is not None:
             out = call_op(torch.ops.fastddpm.q_sample.default, *args)  # its CUDA kernel is _q_sample_triton
