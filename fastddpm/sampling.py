@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastddpm import ops
+from fastddpm.cuda_graphs import host_syncs_raise
 from fastddpm.ops import reverse_step
 
 
@@ -180,9 +181,11 @@ def _graph_step(diffusion, x0, step_fn, net_dtype):
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        # warm-up before capture (allocator, autotuning, lazy init)
+        # warm-up before capture (allocator, autotuning, lazy init); the second step raises where the step
+        # syncs with the host, before a capture that would fail (cuda_graphs.host_syncs_raise says why)
         with torch.cuda.stream(side), uncached_autocast():
-            for _ in range(2):
+            step()
+            with host_syncs_raise():
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from fastddpm.cuda_graphs import host_syncs_raise
 from fastddpm.data import save_image_grid
 from fastddpm.diffusion import Diffusion, changed_settings, state_dict_mismatch
 
@@ -219,6 +220,7 @@ class Trainer:
         self._static_images = self._static_out = self._graph = None  # the fast path's buffers and graph
         self._graph_failed = False
         self._eager_fast_steps = 0  # the warm-up before a capture
+        self._side_stream = None  # where the eager fast steps run on a GPU (one stream: its cached memory)
 
     # ------------------------------------------------------------------ data
     def _batches(self):
@@ -472,10 +474,15 @@ class Trainer:
             self._graph.replay()
         else:
             if self.device.type == "cuda":  # eager steps before a capture run on a side stream, as torch asks
-                side = torch.cuda.Stream(self.device)
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(self.device)
+                side = self._side_stream
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    self._fast_step_fn()
+                    if self._wants_graph() and self._eager_fast_steps == FAST_PATH_WARMUP - 1:
+                        self._last_warmup_step()
+                    else:
+                        self._fast_step_fn()
                 torch.cuda.current_stream(self.device).wait_stream(side)
             else:
                 self._fast_step_fn()
@@ -484,6 +491,28 @@ class Trainer:
         out = self._static_out.clone()
         self._schedule_lr()
         return out[0], out[1]
+
+    def _last_warmup_step(self) -> None:
+        """The warm-up step before the capture, run where a host sync raises: a step that syncs is never
+        captured (a failed capture breaks torch's CUDA state for the process; cuda_graphs.host_syncs_raise);
+        the fast path warns once, runs this step again eagerly and stays eager."""
+        try:
+            with host_syncs_raise():
+                self._fast_step_fn()
+            return
+        except RuntimeError as e:
+            self._give_up_graph(f"it synchronises with the host ({type(e).__name__}: {e})")
+        self._fast_step_fn()
+
+    def _give_up_graph(self, why: str) -> None:
+        """Forget what a step stopped midway left (gradients, the scaler's unscale_), warn, stay eager."""
+        torch.cuda.synchronize(self.device)
+        self._graph_failed = True
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():  # forget the unscale_ the aborted step recorded
+            self.scaler._per_optimizer_states.clear()
+        warnings.warn(f"capturing the training step in a CUDA graph failed: {why}; the fast path runs it "
+                      f"eagerly", RuntimeWarning, stacklevel=4)
 
     def _wants_graph(self) -> bool:
         return self.cuda_graph and self.device.type == "cuda" and not self._graph_failed
@@ -500,14 +529,8 @@ class Trainer:
             # thread_local: CUDA work of other threads (a DataLoader's pin-memory thread) does not break it
             with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._fast_step_fn()
-        except Exception as e:  # noqa: BLE001 — any capture failure (a model that syncs, an unsupported op)
-            torch.cuda.synchronize(self.device)
-            self._graph_failed = True
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():  # forget the unscale_ the aborted capture recorded
-                self.scaler._per_optimizer_states.clear()
-            warnings.warn(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
-                          f"the fast path runs it eagerly", RuntimeWarning, stacklevel=3)
+        except Exception as e:  # noqa: BLE001 — any capture failure (an unsupported op, out of memory)
+            self._give_up_graph(f"{type(e).__name__}: {e}")
             return
         self._graph = graph
 

@@ -25,7 +25,8 @@ MARKER = "isolated"
 
 
 def register(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{MARKER}: run in a child process (a crash fails this test only)")
+    config.addinivalue_line("markers", f"{MARKER}(alone=False): run in a child process (a crash fails this "
+                                       "test only); alone=True: in a child of its own")
     path = os.environ.get(CHILD_ENV)
     config.pluginmanager.register(_Child(config, path) if path else _Parent(config), "fastddpm-isolation")
 
@@ -85,11 +86,15 @@ class _Parent:
         return True
 
     def _batch(self, item) -> list:
-        """item and the isolated tests of its module after it (as this process will run them)."""
+        """item and the isolated tests of its module after it (as this process will run them); a test marked
+        ``isolated(alone=True)`` (one that leaves its process unusable even when it passes, e.g. after a CUDA
+        device-side assert) runs in a child of its own."""
+        if _alone(item):
+            return [item]
         items = item.session.items
         start = items.index(item)
         return [i for i in items[start:]
-                if i.path == item.path and self._isolated(i) and i.nodeid not in self.done]
+                if i.path == item.path and self._isolated(i) and not _alone(i) and i.nodeid not in self.done]
 
     def _run_batch(self, item) -> None:
         pending = {i.nodeid: i for i in self._batch(item)}
@@ -141,3 +146,8 @@ class _Parent:
                     "before the test finished. Its output:\n" + "\n".join(shown))
         keywords = {k: 1 for k in item.keywords}
         return TestReport(item.nodeid, item.location, keywords, "failed", longrepr, "call")
+
+
+def _alone(item) -> bool:
+    marker = item.get_closest_marker(MARKER)
+    return bool(marker and marker.kwargs.get("alone"))

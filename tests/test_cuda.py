@@ -49,7 +49,7 @@ def test_training_step_never_syncs(backend):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.isolated  # a device-side assert ends the process's CUDA context
+@pytest.mark.isolated(alone=True)  # a device-side assert ends the process's CUDA context
 @pytest.mark.parametrize("case", ["t", "images"])
 def test_bad_values_fail_on_the_device(case):
     d = small_diffusion()
@@ -220,6 +220,7 @@ def test_a_diffusion_that_sampled_with_a_graph_copies_and_saves():
     torch.testing.assert_close(_sample(twin, True), _sample(d, True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.isolated  # (were a capture to fail, torch's CUDA state would stay broken for the process)
 def test_a_model_that_syncs_falls_back_to_the_eager_loop_with_one_warning():
     import warnings
 

@@ -330,6 +330,7 @@ def test_graph_replays_never_sync_and_skip_a_non_finite_step(tmp_path, data):
     assert int(t.skipped) == 1 and not torch.equal(weights[0], next(t.diffusion.model.parameters()))
 
 
+@pytest.mark.isolated  # (were a capture to fail, torch's CUDA state would stay broken for the process)
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp", ["off", "fp16"])
 def test_a_model_that_syncs_trains_eagerly_with_one_warning(tmp_path, data, amp):
