@@ -73,7 +73,9 @@ step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output
   fi
   local t0=$SECONDS rc
   printf '\n===== %s (limit %ss): %s\n' "$name" "$cap" "$*" >>"$LOG"
-  timeout -k 10 "$cap" "$@" >"$TMP/step.log" 2>&1
+  # SIGINT first: pytest stops as after Ctrl-C and still writes what it has (pytest-benchmark's JSON of the
+  # cases timed so far); a step that ignores it is killed 20 s later
+  timeout -s INT -k 20 "$cap" "$@" >"$TMP/step.log" 2>&1
   rc=$?
   cat "$TMP/step.log" >>"$LOG"
   local last
@@ -90,12 +92,16 @@ step() {  # step NAME CAP_S COMMAND...: run with a time limit, append its output
 # it runs whole, in one process. --max-worker-restart 0: a crashed worker is not replaced by one that would
 # crash the same way; the tests of bad input run in child processes of their own, tests/isolation.py.)
 pytest=("$PY" -m pytest -q -p no:cacheprovider)
-"$PY" -c 'import pytest_timeout' 2>/dev/null && pytest+=(--timeout 120)
+no_test_timeout=()  # the benchmark steps: a cold torch.compile of a U-Net's step may take minutes
+if "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+  pytest+=(--timeout 120)
+  no_test_timeout=(--timeout 0)
+fi
 parallel=()
 "$PY" -c 'import xdist' 2>/dev/null && parallel=(-n "${DEVICE_CHECK_WORKERS:-4}" --dist loadfile --max-worker-restart 0)
 # Fewer, shorter rounds than pytest-benchmark's defaults: each case has been warmed up by benchmarks/conftest.run,
 # and on a GPU a round is already ≥ 1 ms of back-to-back calls.
-bench=("${pytest[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
+bench=("${pytest[@]}" "${no_test_timeout[@]}" --benchmark-max-time 0.5 --benchmark-min-rounds 3 --benchmark-columns median,rounds)
 e2e=benchmarks/test_end_to_end.py
 # The offline machine: pip must not look for a newer pip or an index.
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
