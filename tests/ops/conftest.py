@@ -66,3 +66,20 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def check_triton_path(monkeypatch, kernels, launcher: str, call, op: str) -> None:
+    """call() (an entry with backend='triton') launches the Triton kernel ``kernels.<launcher>`` once, eagerly
+    and under a dispatch mode, where on CUDA tensors it goes through torch.ops.fastddpm.<op>, whose CUDA
+    kernel is the same implementation: the same results either way."""
+    launches = []
+    launch = getattr(kernels, launcher)
+    monkeypatch.setattr(kernels, launcher, lambda *a, **k: launches.append(1) or launch(*a, **k))
+    eager = call()
+    assert len(launches) == 1
+    with OpLog() as log:
+        seen = call()
+    assert len(launches) == 2
+    assert any(f"fastddpm.{op}" in name for name in log.ops) == (device().type == "cuda")
+    for a, b in zip(eager, seen):
+        assert torch.equal(a, b)

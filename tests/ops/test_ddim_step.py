@@ -20,10 +20,9 @@ from ..kernel_grid import (
     on_grid,
     timesteps,
 )
-from .conftest import OpLog, backends_present, device
+from .conftest import backends_present, check_triton_path
 
 BACKENDS = backends_present("ddim_step")
-DEVICE = device()
 needs_ops = pytest.mark.skipif(not _extension.cpu_built(),
                                reason="fastddpm._C is not built: the op does not exist")
 
@@ -158,19 +157,10 @@ def test_triton_backend_runs_the_triton_kernel(sched, monkeypatch):
     the op, whose CUDA kernel is the same implementation: the same results either way."""
     from fastddpm.kernels import reverse_step as kernels
 
-    launches = []
-    launch = kernels.launch_ddim
-    monkeypatch.setattr(kernels, "launch_ddim", lambda *a, **k: launches.append(1) or launch(*a, **k))
     x, o, t = data((3, 2, 5, 7)), data((3, 2, 5, 7)), timesteps(3)
     t_prev = (t - 5).clamp_min(-1)
-    eager = ddim_step(sched, o, x, t, t_prev, backend="triton")
-    assert len(launches) == 1
-    with OpLog() as log:
-        seen = ddim_step(sched, o, x, t, t_prev, backend="triton")
-    assert len(launches) == 2
-    assert any("fastddpm.ddim_step" in op for op in log.ops) == (DEVICE.type == "cuda")
-    for a, b in zip(eager, seen):
-        assert torch.equal(a, b)
+    check_triton_path(monkeypatch, kernels, "launch_ddim",
+                      lambda: ddim_step(sched, o, x, t, t_prev, backend="triton"), "ddim_step")
 
 
 # ----------------------------------------------------------------------------- bad input
