@@ -467,6 +467,10 @@ class Trainer:
             if batch.shape != buffer.shape:
                 raise ValueError(f"the fast path's batches all have one shape: {list(buffer.shape)} (the "
                                  f"first batch's), got {list(batch.shape)}")
+            if buffer.is_cuda and batch.device.type == "cpu" and not batch.is_pinned():
+                # from pageable memory CUDA waits for the stream before copying, i.e. for the step before:
+                # through pinned memory (torch's caching host allocator) the copy waits for nothing
+                batch = batch.pin_memory()
             buffer.copy_(batch, non_blocking=True)
         if self._graph is None and self._wants_graph() and self._eager_fast_steps >= FAST_PATH_WARMUP:
             self._capture()
