@@ -298,7 +298,8 @@ class _Scheduler(ConfigMixin):
 
     def _prev_host(self) -> np.ndarray:
         """Previous timestep of every t ∈ [0, T) under the current schedule (−1: the end)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not say which timestep follows which: a "
+                                  f"scheduler subclass defines _prev_host (DDPMScheduler, DDIMScheduler do)")
 
     def _on_schedule(self):
         """bool [T]: which timesteps the current inference schedule holds; None when every timestep is
